@@ -1,0 +1,1 @@
+"""idm_jax: Improved Distribution Matching for dataset condensation, in JAX."""
