@@ -1,0 +1,166 @@
+"""Every knob of an idm_jax run, with the authors' release default.
+
+Other configs import `get_config()` from here and override a few fields, so a
+config file reads like a row of the paper's hyperparameter table. Where the
+paper's text and the release differ, the release value is the default and the
+paper's is named in the comment (see ../shared/REFERENCE.md).
+"""
+
+import ml_collections
+
+# Valid values of the string options; checked by idm_jax.config.validate().
+METHODS = ("idm", "dm")
+UPDATE_MODES = ("per_class", "joint")
+INITS = ("real", "noise")
+QUEUE_TRAIN_IMPLS = ("auto", "vmap", "map")
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.ipc = 10  # images per class
+  # "idm" = the full method; "dm" = Distribution Matching (fresh net every
+  # step, no queue, no partition, no CE). Ablations toggle the idm.* switches.
+  c.method = "idm"
+
+  c.data = ml_collections.ConfigDict()
+  # "digits" (embedded, no network), "tfds:<name>", or a folder / .tar.gz of
+  # <split>/<class>/<image> files.
+  c.data.source = "digits"
+  c.data.normalization = ""  # "" = infer from the dataset name
+  c.data.image_size = 0  # 0 = native resolution
+  c.data.cache_dir = ""  # "" = $IDM_CACHE_DIR or ~/.cache/idm_jax
+
+  c.model = "ConvNet"  # network used for matching (idm_jax.models.MODEL_NAMES)
+
+  c.idm = ml_collections.ConfigDict()
+  c.idm.iterations = 20000
+  c.idm.init = "real"  # "real": (packed) real images of the class; "noise"
+  c.idm.dsa_strategy = "color_crop_cutout_flip_scale_rotate"
+  c.idm.partition_factor = 2  # l in the paper; 1 = no partition/expansion
+  c.idm.batch_real = 256  # real images per class per iteration
+  c.idm.lr_img = 0.2  # SGD on synthetic images (DM: 1.0)
+  c.idm.momentum_img = 0.5
+  # "per_class": one SGD step per class, one shared momentum buffer (release).
+  # "joint": sum class losses, one step per iteration (one fused update).
+  c.idm.update_mode = "per_class"
+  # CE regularizer weight lambda_reg (paper: 0.5 for IPC 1/10, 0.1 for 50).
+  # The release multiplies it by the matching net's training accuracy in
+  # percent (0-100); its meter reports 100 for a net at exactly 0 % - we
+  # treat 0 % as 0.
+  c.idm.ce_weight = 0.5
+  c.idm.use_ce = True  # ablation switch for the CE regularizer
+  c.idm.use_queue = True  # False: fresh random net every iteration (as DM)
+  c.idm.net_num = 100  # N_max, queue capacity
+  c.idm.net_init_num = 3  # nets in the queue at iteration 0 (before the push)
+  c.idm.net_generate_interval = 30  # push a new net every this many its
+  c.idm.train_net_num = 1  # nets drawn for the matching loss
+  c.idm.fetch_net_num = 2  # nets drawn for training each iteration
+  c.idm.model_train_steps = 10  # SGD steps per fetched net (paper: K=100)
+  c.idm.batch_train = 256  # real images per queue-training step
+  c.idm.model_lr = 0.01
+  c.idm.model_momentum = 0.9
+  c.idm.model_weight_decay = 5e-4
+  c.idm.meter_reset_interval = 100  # release: eval_interval; meters reset
+  # Queue members trained with jax.vmap (fast on GPU/TPU) or lax.map (fast
+  # on CPU, where vmapped convs become grouped convs). "auto": by backend.
+  c.idm.queue_train_impl = "auto"
+  c.idm.real_chunk_size = 1024  # real images per forward chunk (memory)
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.archs = "ConvNet"  # comma-separated, e.g. "ConvNet,AlexNet,VGG11,ResNet18"
+  c.eval.num_seeds = 5  # independently initialised nets, trained together
+  c.eval.epochs = 1000  # lr x0.1 at epochs // 2
+  c.eval.batch_size = 256
+  c.eval.lr = 0.01
+  c.eval.momentum = 0.9
+  c.eval.weight_decay = 5e-4
+  c.eval.dsa = True  # per-image DSA while training evaluation nets
+  c.eval.test_batch_size = 1000
+  c.eval.interval = 0  # evaluate during condensation every N its (0 = off)
+  c.eval.interval_epochs = 300  # epochs for those periodic evaluations
+  c.eval.at_end = True  # full evaluation of the final synthetic set
+
+  c.baseline = ml_collections.ConfigDict()
+  c.baseline.method = "random"  # "random" | "herding" | "forgetting" | "whole"
+  c.baseline.train_epochs = 30  # epochs of the feature/forgetting network
+
+  c.log_every = 10  # iterations between progress lines / metrics rows
+  c.checkpoint_every = 500  # iterations between orbax checkpoints
+  c.keep_checkpoints = 2
+  return c
+
+
+def apply_method(c: ml_collections.ConfigDict, method: str) -> None:
+  """Sets the switches that define `method` ("idm" or "dm") in place."""
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+  c.method = method
+  if method == "dm":
+    # DM (Zhao & Bilen 2023): fresh random net each iteration, no queue,
+    # no partition, no regularizer, synthetic lr 1.0, one step on the summed
+    # class losses.
+    c.idm.use_queue = False
+    c.idm.partition_factor = 1
+    c.idm.use_ce = False
+    c.idm.ce_weight = 0.0
+    c.idm.lr_img = 1.0
+    c.idm.batch_real = 256
+    c.idm.update_mode = "joint"
+
+
+def parse_arg(arg: str | None, default_ipc: int = 10) -> tuple[int, str]:
+  """Parses a config argument "<ipc>[,<method>]", e.g. "10" or "1,dm"."""
+  parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+  ipc, method = default_ipc, "idm"
+  for part in parts:
+    if part.isdigit():
+      ipc = int(part)
+    elif part in METHODS:
+      method = part
+    else:
+      raise ValueError(
+          f"bad config argument {arg!r}: {part!r} is neither an IPC number "
+          f"nor a method in {METHODS}; e.g. 'cifar10.py:10' or "
+          "'cifar10.py:1,dm'")
+  if ipc < 1:
+    raise ValueError(f"IPC must be >= 1, got {ipc} (config argument {arg!r})")
+  return ipc, method
+
+
+def first_existing(paths, fallback: str) -> str:
+  """The first path that exists, else `fallback` (e.g. a tfds name)."""
+  import os  # pylint: disable=g-import-not-at-top
+  for p in paths:
+    if p and os.path.exists(os.path.expanduser(p)):
+      return os.path.abspath(os.path.expanduser(p))
+  return fallback
+
+
+def make_config(arg, dataset_settings, per_ipc, default_ipc=10):
+  """Builds a dataset config: base, then dataset fields, then IPC row.
+
+  Args:
+    arg: the ":<ipc>[,<method>]" string from --config=configs/x.py:<arg>.
+    dataset_settings: {dotted key: value} applied for every IPC.
+    per_ipc: {ipc: {dotted key: value}} - the release's command table.
+    default_ipc: IPC when the argument is empty.
+  """
+  ipc, method = parse_arg(arg, default_ipc)
+  c = get_config()
+  c.ipc = ipc
+  # IPCs outside the table (e.g. 20) take the nearest row's settings.
+  row = per_ipc[min(per_ipc, key=lambda k: (abs(k - ipc), k))]
+  for key, value in {**dataset_settings, **row}.items():
+    _set_dotted(c, key, value)
+  apply_method(c, method)
+  return c
+
+
+def _set_dotted(c, dotted_key, value):
+  *parents, leaf = dotted_key.split(".")
+  for p in parents:
+    c = c[p]
+  if leaf not in c:
+    raise KeyError(f"config has no field {dotted_key!r}")
+  c[leaf] = value

@@ -1,0 +1,34 @@
+"""CIFAR-10 (10 classes, 32x32x3).
+
+Usage: --config=configs/cifar10.py:<ipc>[,dm], e.g. configs/cifar10.py:10 or
+configs/cifar10.py:1,dm. Without ":<ipc>" the IPC is 10. The per-IPC rows are
+the release's command table (../shared/REFERENCE.md); every other field is
+configs/base.py's default.
+"""
+
+import os
+
+from configs.base import first_existing, make_config  # pylint: disable=unused-import
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _source() -> str:
+  return first_existing([os.environ.get("IDM_CIFAR10", ""), os.path.join(_REPO_ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz")], "tfds:cifar10")
+
+
+DATASET = {
+    "data.source": _source(),
+    "data.normalization": "cifar10",
+    "model": "ConvNet",
+}
+
+PER_IPC = {
+    1: {"idm.batch_real": 5000, "idm.ce_weight": 0.5, "idm.net_generate_interval": 5},
+    10: {"idm.ce_weight": 0.5, "idm.net_generate_interval": 30},
+    50: {"idm.ce_weight": 0.1, "idm.meter_reset_interval": 500},
+}
+
+
+def get_config(arg: str | None = None):
+  return make_config(arg, DATASET, PER_IPC)

@@ -1,0 +1,35 @@
+"""Minutes on a laptop CPU: IDM on the embedded 8x8 digits (resized to 16x16).
+
+No network, no data files: scikit-learn ships the digits. Usage:
+  python main.py --config=configs/quick.py --workdir=runs/quick
+  python main.py --config=configs/quick.py:1,dm --workdir=runs/quick_dm
+"""
+
+from configs.base import make_config
+
+DATASET = {
+    "data.source": "digits",
+    "model": "ConvNetD2",  # 16x16 -> 2 blocks -> 4x4x128 embedding
+    "idm.iterations": 200,
+    "idm.batch_real": 64,  # the digits have ~140 training images per class
+    "idm.batch_train": 128,
+    "idm.net_num": 20,
+    "idm.net_generate_interval": 10,
+    "idm.model_train_steps": 5,
+    "idm.meter_reset_interval": 50,
+    "eval.epochs": 300,
+    "eval.num_seeds": 3,
+    "eval.interval": 0,
+    "log_every": 20,
+    "checkpoint_every": 100,
+}
+
+PER_IPC = {
+    1: {"idm.ce_weight": 0.5},
+    10: {"idm.ce_weight": 0.5},
+    50: {"idm.ce_weight": 0.1},
+}
+
+
+def get_config(arg: str | None = None):
+  return make_config(arg, DATASET, PER_IPC, default_ipc=1)
