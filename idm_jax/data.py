@@ -153,8 +153,10 @@ def load_dataset(
             f"unknown normalization {normalization!r}: expected one of "
             f"{sorted(NORMALIZATION)}, {COMPUTED!r} (statistics of the train images) or None (infer)"
         )
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
-        raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
+    if image_size is not None:
+        if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
+            raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
+        image_size = int(image_size)  # also a JSON-able cache key
 
     if source == "digits":
         name, arrays = "digits", _load_digits(image_size or DIGITS_SIZE)
