@@ -1,8 +1,16 @@
 """Tests for idm_jax.augment: DSA families, Siamese/per-image draws, partition and expansion.
 
-tests/data/grid_sample_reference.npz holds outputs of PyTorch 2.13 (affine_grid +
-grid_sample with their defaults, and F.interpolate bilinear align_corners=False) on
-small random images; see the report of issue 9 for how it was made.
+tests/data/grid_sample_reference.npz holds outputs of PyTorch 2.13.0 (CPU) on small
+standard-normal images (NCHW there, stored NHWC): `images` [2, 8, 10, 3] and
+`images12` [2, 12, 12, 3];
+  rotate_out[i] = grid_sample(x, affine_grid(theta_i, x.shape)) with the defaults
+    (bilinear, zeros, align_corners=False), theta_i = [[cos, -sin, 0], [sin, cos, 0]]
+    at rotate_degrees[i]; scale_out[i] likewise with [[sx, 0, 0], [0, sy, 0]] = scales[i];
+  partition2_out = the 4 quadrants of `images` (TL, BL, TR, BR) each through
+    F.interpolate(size=(8, 10), mode="bilinear", align_corners=False), concatenated;
+  partition3_out = the 9 4x4 blocks of `images12`, row by row, resized to 12x12 the same way;
+  down2_out = F.interpolate(images, scale_factor=0.5, bilinear, align_corners=False);
+  down3_out = `images12` resized to 4x4 the same way (no antialiasing in either).
 """
 
 import functools
