@@ -1,0 +1,186 @@
+"""Coreset baselines of the paper's Table 1, and whole-dataset training.
+
+* random:     `ipc` training images per class, uniformly without replacement;
+* herding:    greedy mean matching in the embedding of a network trained on the real data
+              (Welling 2009; Chen et al. 2010): per class, repeatedly add the image that brings
+              the running mean of the chosen embeddings closest to the class mean;
+* forgetting: the examples forgotten least often while a network trains on the real data
+              (Toneva et al. 2019; a forgetting event is a correct -> incorrect change of an
+              example's prediction between consecutive epochs; examples never learned count as
+              forgotten most often). Ties are broken at random;
+* whole:      the evaluation network trained on the whole training set (results only).
+
+Each coreset is written with `export.save_synthetic(..., partition_factor=1, method=<name>)`, so
+the evaluator scores it exactly like a condensed set.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from idm_jax import data, evaluate, export, models
+
+BASELINES = ("random", "herding", "forgetting", "whole")
+
+
+def _class_indices(labels: Any, num_classes: int, ipc: int) -> list[np.ndarray]:
+    """Indices of every class's examples; raises when a class has fewer than `ipc`."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+    if isinstance(ipc, bool) or not isinstance(ipc, (int, np.integer)) or ipc < 1:
+        raise ValueError(f"images per class must be a positive integer, got {ipc!r}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
+    per_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    for c, idx in enumerate(per_class):
+        if idx.size < ipc:
+            raise ValueError(f"class {c} has {idx.size} examples, fewer than the {ipc} images per class asked for")
+    return per_class
+
+
+def select_random(key: jax.Array, labels: Any, num_classes: int, ipc: int) -> np.ndarray:
+    """`ipc` distinct random indices per class, class by class: int64[num_classes * ipc].
+
+    labels: int[N]. Class c's picks are entries [c * ipc, (c + 1) * ipc).
+    """
+    picks = []
+    for c, idx in enumerate(_class_indices(labels, num_classes, ipc)):
+        order = np.asarray(jax.random.permutation(jax.random.fold_in(key, c), idx.size))
+        picks.append(idx[order[:ipc]])
+    return np.concatenate(picks).astype(np.int64)
+
+
+def herding_order(features: np.ndarray, count: int) -> np.ndarray:
+    """Greedy herding of one class: int64[count] row indices of `features`: f[n, D].
+
+    Step k adds the unused row that makes the mean of the k chosen rows closest (L2) to the mean
+    of all rows.
+    """
+    feats = np.asarray(features, np.float64)
+    target = feats.mean(axis=0)
+    chosen: list[int] = []
+    running = np.zeros_like(target)
+    available = np.ones(feats.shape[0], bool)
+    for k in range(1, count + 1):
+        dist = np.sum((target - (running + feats) / k) ** 2, axis=1)
+        dist[~available] = np.inf
+        i = int(np.argmin(dist))
+        chosen.append(i)
+        available[i] = False
+        running += feats[i]
+    return np.asarray(chosen, np.int64)
+
+
+def select_herding(features: Any, labels: Any, num_classes: int, ipc: int) -> np.ndarray:
+    """Herding per class (see `herding_order`): int64[num_classes * ipc], class by class.
+
+    features: f32[N, D] embeddings of the training images; labels: int[N].
+    """
+    features = np.asarray(features)
+    if features.ndim != 2 or features.shape[0] != np.asarray(labels).shape[0]:
+        raise ValueError(f"features must be [N, D] with one row per label, got {features.shape} "
+                         f"for {np.asarray(labels).shape[0]} labels")
+    picks = [idx[herding_order(features[idx], ipc)]
+             for idx in _class_indices(labels, num_classes, ipc)]
+    return np.concatenate(picks).astype(np.int64)
+
+
+def select_forgetting(forget_counts: Any, labels: Any, num_classes: int, ipc: int, key: jax.Array,
+                      *, most_forgotten: bool = False) -> np.ndarray:
+    """Per class, the `ipc` examples forgotten least often (most often with most_forgotten).
+
+    forget_counts: int[N] forgetting events per example; labels: int[N]; ties are broken by a
+    random order drawn from `key`. Returns int64[num_classes * ipc], class by class.
+    """
+    counts = np.asarray(forget_counts)
+    if counts.shape != np.asarray(labels).shape:
+        raise ValueError(f"forget_counts {counts.shape} must match labels {np.asarray(labels).shape}")
+    picks = []
+    for c, idx in enumerate(_class_indices(labels, num_classes, ipc)):
+        tiebreak = np.asarray(jax.random.uniform(jax.random.fold_in(key, c), (idx.size,)))
+        primary = -counts[idx] if most_forgotten else counts[idx]
+        order = np.lexsort((tiebreak, primary))  # last key is the primary one
+        picks.append(idx[order[:ipc]])
+    return np.concatenate(picks).astype(np.int64)
+
+
+def _feature_network(config: Any, dataset: Any, key: jax.Array) -> tuple[Any, evaluate.TrainedNets]:
+    """One config.model network trained on the whole real training set, no augmentation,
+    for config.baseline.train_epochs epochs (lr x 0.1 half way)."""
+    model = models.get_model(config.model, dataset.num_classes, dataset.channels)
+    nets = evaluate.train_networks(
+        model, dataset.train_images, dataset.train_labels, key=key, num_seeds=1,
+        epochs=int(config.baseline.train_epochs), batch_size=int(config.eval.batch_size),
+        lr=float(config.eval.lr), momentum=float(config.eval.momentum),
+        weight_decay=float(config.eval.weight_decay), dsa_strategy="", mean=dataset.mean,
+        std=dataset.std, seed_parallel="auto", loop=str(config.eval.get("loop", "auto")),
+        schedule="paper", name=f"{config.model} (baseline features)")
+    return model, nets
+
+
+def select_coreset(method: str, config: Any, dataset: Any, key: jax.Array) -> tuple[np.ndarray, dict]:
+    """Indices of the `method` coreset (config.ipc per class) and facts about how it was chosen."""
+    ipc, k = int(config.ipc), dataset.num_classes
+    if method == "random":
+        return select_random(key, dataset.train_labels, k, ipc), {}
+    net_key, pick_key = jax.random.split(key)
+    model, nets = _feature_network(config, dataset, net_key)
+    info = {"feature_net": str(config.model), "feature_net_epochs": int(config.baseline.train_epochs),
+            "feature_net_train_accuracy": float(nets.train_accuracy[0]),
+            "feature_net_seconds": float(nets.seconds)}
+    if method == "herding":
+        variables = jax.tree.map(lambda a: a[0], nets.variables)
+        features = evaluate.embed_images(model, variables, dataset.train_images, mean=dataset.mean,
+                                         std=dataset.std)
+        return select_herding(features, dataset.train_labels, k, ipc), info
+    return select_forgetting(nets.forget_counts[0], dataset.train_labels, k, ipc, pick_key), info
+
+
+def run_baseline(config: Any, workdir: str) -> dict[str, Any]:
+    """main.py --mode=baseline: config.baseline.method at config.ipc images per class.
+
+    Coresets are saved as workdir/synthetic.npz (+ synthetic.png) and evaluated with every arch
+    in config.eval.archs; "whole" trains those archs on the whole training set. Writes
+    results.json / results.md and returns the results dict.
+    """
+    method = str(config.baseline.method)
+    if method not in BASELINES:
+        raise ValueError(f"unknown baseline {method!r}; valid: {', '.join(BASELINES)}")
+    archs = evaluate.parse_archs(config.eval.archs)
+    dataset = evaluate.load_config_dataset(config)
+    key = jax.random.PRNGKey(int(config.seed))
+    select_key, eval_key = jax.random.split(key)
+    os.makedirs(workdir, exist_ok=True)
+    results: dict[str, Any] = {"method": method, "dataset": dataset.name, "partition_factor": 1,
+                               "train_arch": str(config.model)}
+    if method == "whole":
+        logging.info("whole-dataset training: %d images, %d epochs, %d seeds per arch",
+                     len(dataset.train_labels), config.eval.epochs, config.eval.num_seeds)
+        results.update(ipc=None, num_images=int(len(dataset.train_labels)))
+        images, labels = dataset.train_images, dataset.train_labels  # uint8: normalized per batch
+    else:
+        t = time.perf_counter()
+        idx, info = select_coreset(method, config, dataset, select_key)
+        labels = dataset.train_labels[idx].astype(np.int32)
+        images = np.asarray(data.normalize(dataset.train_images[idx], dataset.mean, dataset.std))
+        path = export.save_synthetic(
+            os.path.join(workdir, "synthetic.npz"), images, labels, mean=dataset.mean,
+            std=dataset.std, class_names=dataset.class_names, partition_factor=1, method=method,
+            dataset=dataset.name, config_json=config.to_json_best_effort())
+        export.save_grid_png(os.path.join(workdir, "synthetic.png"),
+                             dataset.train_images[idx].astype(np.float32) / 255.0, labels,
+                             dataset.num_classes)
+        logging.info("%s coreset: %d images per class -> %s (%.1f s)", method, config.ipc, path,
+                     time.perf_counter() - t)
+        results.update(ipc=int(config.ipc), num_images=int(len(idx)), synthetic=os.path.abspath(path),
+                       selected_indices=idx.tolist(), selection_seconds=time.perf_counter() - t, **info)
+    results["archs"] = evaluate.evaluate_archs(images, labels, dataset, config.eval, archs=archs,
+                                               key=eval_key, partition_factor=1)
+    return evaluate.finish_results(workdir, results)

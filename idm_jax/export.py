@@ -1,0 +1,385 @@
+"""The files a run leaves behind: synthetic.npz, synthetic.png, results.json, results.md.
+
+`synthetic.npz` is the one format every part shares (condensation, coreset baselines,
+evaluation). Its keys:
+
+* ``images``            f32[N, H, W, C] pixel space, denormalized and clipped to [0, 1]
+                        (for viewing and for other tools);
+* ``images_normalized`` f32[N, H, W, C] the exact values the evaluator trains on
+                        (synthetic images may leave [0, 1], so ``images`` alone would lose them);
+* ``labels``            int32[N];
+* ``mean``, ``std``     f32[C], the normalization of ``images_normalized``;
+* ``class_names``       str[K];
+* ``partition_factor``  int, l of the paper: the evaluator cuts each image into l x l pieces
+                        (1 = use the images as they are; coresets);
+* ``method``, ``dataset``, ``config_json``  str.
+
+Files are written atomically (a temporary file in the same folder, then `os.replace`), so a
+reader never sees a half-written file. The paper's numbers that `results_markdown` prints beside
+measured accuracies live in one data file, ``idm_jax/paper_results.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import importlib.resources
+import json
+import math
+import os
+import re
+import tempfile
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+REQUIRED_KEYS = ("images", "labels", "mean", "std", "class_names", "partition_factor",
+                 "method", "dataset")
+OPTIONAL_KEYS = ("images_normalized", "config_json")
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSet:
+    """A labelled image set as stored in synthetic.npz (see the module docstring).
+
+    images: f32[N, H, W, C] in [0, 1]; images_normalized: f32[N, H, W, C]; labels: int32[N];
+    mean, std: f32[C].
+    """
+
+    images: np.ndarray
+    images_normalized: np.ndarray
+    labels: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    class_names: tuple[str, ...]
+    partition_factor: int
+    method: str
+    dataset: str
+    config_json: str = "{}"
+    path: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    @property
+    def ipc(self) -> int:
+        """Images per class (the largest class count; the sets we write are balanced)."""
+        return int(np.bincount(self.labels, minlength=self.num_classes).max()) if len(self.labels) else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+@contextlib.contextmanager
+def _atomic_file(path: str, suffix: str) -> Iterator[Any]:
+    """Yields a binary file in `path`'s folder; on success it replaces `path` in one step."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# synthetic.npz
+
+
+def _check_set(where: str, images: np.ndarray, labels: np.ndarray, mean: np.ndarray,
+               std: np.ndarray, num_classes: int, partition_factor: int) -> None:
+    """Raises ValueError naming `where` (a file or function) when the arrays do not form a set."""
+    if images.ndim != 4:
+        raise ValueError(f"{where}: images must be 4-D [N, H, W, C], got shape {images.shape}")
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise ValueError(f"{where}: labels must be 1-D with one label per image; got labels shape "
+                         f"{labels.shape} for {images.shape[0]} images")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{where}: labels must be integers, got dtype {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{where}: labels must lie in [0, {num_classes}) ({num_classes} class "
+                         f"names), got range [{labels.min()}, {labels.max()}]")
+    channels = images.shape[-1]
+    if mean.shape != (channels,) or std.shape != (channels,):
+        raise ValueError(f"{where}: mean and std must have one value per channel ({channels}), "
+                         f"got shapes {mean.shape} and {std.shape}")
+    if not np.all(std > 0):
+        raise ValueError(f"{where}: std must be positive, got {std.tolist()}")
+    if partition_factor < 1:
+        raise ValueError(f"{where}: partition_factor must be >= 1, got {partition_factor}")
+
+
+def save_synthetic(path: str, images_normalized: Any, labels: Any, *, mean: Sequence[float],
+                   std: Sequence[float], class_names: Sequence[str], partition_factor: int,
+                   method: str, dataset: str, config_json: str = "{}") -> str:
+    """Writes a synthetic (or coreset) image set to `path` (.npz) atomically; returns `path`.
+
+    images_normalized: f32[N, H, W, C] in the normalized space the evaluator uses;
+    labels: int[N]; mean, std: [C]; class_names: K names; partition_factor: l >= 1.
+    """
+    images_normalized = np.asarray(images_normalized, np.float32)
+    labels = np.asarray(labels)
+    mean = np.asarray(mean, np.float32).reshape(-1)
+    std = np.asarray(std, np.float32).reshape(-1)
+    class_names = [str(n) for n in class_names]
+    _check_set(f"save_synthetic({path!r})", images_normalized, labels, mean, std,
+               len(class_names), int(partition_factor))
+    pixels = np.clip(images_normalized * std + mean, 0.0, 1.0).astype(np.float32)
+    arrays = {
+        "images": pixels,
+        "images_normalized": images_normalized,
+        "labels": labels.astype(np.int32),
+        "mean": mean,
+        "std": std,
+        "class_names": np.asarray(class_names, dtype=str),
+        "partition_factor": np.asarray(int(partition_factor), np.int64),
+        "method": np.asarray(str(method)),
+        "dataset": np.asarray(str(dataset)),
+        "config_json": np.asarray(str(config_json)),
+    }
+    with _atomic_file(path, ".tmp") as f:
+        np.savez(f, **arrays)
+    return path
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """All arrays of an .npz file, with errors that name the file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"synthetic set {path!r} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"synthetic set {path!r} is a directory, expected an .npz file")
+    try:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise ValueError("it holds a single .npy array, not an .npz archive")
+        with npz:
+            return {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise ValueError(f"synthetic set {path!r} is not a readable .npz file (corrupted or "
+                         f"another format): {type(e).__name__}: {e}") from e
+    except Exception as e:  # zlib.error and friends from a damaged member
+        raise ValueError(f"synthetic set {path!r} is corrupted: {type(e).__name__}: {e}") from e
+
+
+def _scalar(path: str, arrays: Mapping[str, np.ndarray], key: str, kind: type) -> Any:
+    value = arrays[key]
+    if value.ndim != 0:
+        raise ValueError(f"synthetic set {path!r}: key {key!r} must be a scalar, got shape {value.shape}")
+    try:
+        return kind(value.item())
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"synthetic set {path!r}: key {key!r} must be {kind.__name__}, "
+                         f"got {value.item()!r}") from e
+
+
+def load_synthetic(path: str) -> SyntheticSet:
+    """Reads and validates a synthetic.npz written by `save_synthetic`.
+
+    Raises FileNotFoundError when `path` is missing and ValueError (naming the file and the
+    problem) when it is corrupted, lacks a key, or its arrays are inconsistent. When
+    ``images_normalized`` is absent it is recomputed as (images - mean) / std.
+    """
+    arrays = _read_npz(path)
+    missing = [k for k in REQUIRED_KEYS if k not in arrays]
+    if missing:
+        raise ValueError(f"synthetic set {path!r} lacks key(s) {missing}; it has {sorted(arrays)}")
+    images = np.asarray(arrays["images"], np.float32)
+    labels = arrays["labels"]
+    mean = np.asarray(arrays["mean"], np.float32).reshape(-1)
+    std = np.asarray(arrays["std"], np.float32).reshape(-1)
+    class_names = tuple(str(n) for n in np.atleast_1d(arrays["class_names"]))
+    partition_factor = _scalar(path, arrays, "partition_factor", int)
+    _check_set(f"synthetic set {path!r}", images, labels, mean, std, len(class_names),
+               partition_factor)
+    if "images_normalized" in arrays:
+        images_normalized = np.asarray(arrays["images_normalized"], np.float32)
+        if images_normalized.shape != images.shape:
+            raise ValueError(f"synthetic set {path!r}: images_normalized has shape "
+                             f"{images_normalized.shape} but images has {images.shape}")
+    else:
+        images_normalized = ((images - mean) / std).astype(np.float32)
+    return SyntheticSet(
+        images=images, images_normalized=images_normalized, labels=labels.astype(np.int32),
+        mean=mean, std=std, class_names=class_names, partition_factor=partition_factor,
+        method=_scalar(path, arrays, "method", str), dataset=_scalar(path, arrays, "dataset", str),
+        config_json=_scalar(path, arrays, "config_json", str) if "config_json" in arrays else "{}",
+        path=str(path))
+
+
+def check_compatible(synset: SyntheticSet, dataset: Any) -> None:
+    """Raises ValueError when `synset` cannot be evaluated on `dataset` (an ArrayDataset).
+
+    Compares image shape (H, W, C) and class count, naming both sides.
+    """
+    where = f"synthetic set {synset.path!r}" if synset.path else "synthetic set"
+    data_shape = tuple(int(d) for d in dataset.image_shape)
+    if synset.image_shape != data_shape:
+        raise ValueError(f"{where} has images of shape {synset.image_shape} (H, W, C) but dataset "
+                         f"{dataset.name!r} has {data_shape}")
+    if synset.num_classes != int(dataset.num_classes):
+        raise ValueError(f"{where} has {synset.num_classes} classes but dataset {dataset.name!r} "
+                         f"has {dataset.num_classes}")
+
+
+# ----------------------------------------------------------------------------------------------
+# synthetic.png
+
+
+def save_grid_png(path: str, images_pixel: Any, labels: Any, num_classes: int, *,
+                  min_cell: int = 64, gap: int = 2) -> str:
+    """Saves a grid with one row per class (images in label order) as a PNG; returns `path`.
+
+    images_pixel: f32[N, H, W, C] in [0, 1] (C = 1 or 3); labels: int[N]. Cells are upscaled by
+    an integer factor (nearest neighbour) to at least `min_cell` pixels so 8x8 digits are visible.
+    """
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+
+    images = np.asarray(images_pixel, np.float32)
+    labels = np.asarray(labels)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"save_grid_png({path!r}): images must be [N, H, W, 1 or 3], got {images.shape}")
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"save_grid_png({path!r}): {labels.shape} labels for {images.shape[0]} images")
+    if num_classes < 1 or (labels.size and (labels.min() < 0 or labels.max() >= num_classes)):
+        raise ValueError(f"save_grid_png({path!r}): labels must lie in [0, {num_classes})")
+    _, h, w, c = images.shape
+    scale = max(1, math.ceil(min_cell / max(h, w)))
+    cols = max(1, int(np.bincount(labels, minlength=num_classes).max()) if labels.size else 1)
+    cell_h, cell_w = h * scale + gap, w * scale + gap
+    grid = np.ones((num_classes * cell_h - gap, cols * cell_w - gap, c), np.float32)
+    for k in range(num_classes):
+        for j, i in enumerate(np.flatnonzero(labels == k)):
+            cell = np.repeat(np.repeat(images[i], scale, axis=0), scale, axis=1)
+            grid[k * cell_h:k * cell_h + h * scale, j * cell_w:j * cell_w + w * scale] = cell
+    pixels = np.round(np.clip(grid, 0.0, 1.0) * 255).astype(np.uint8)
+    image = Image.fromarray(pixels[..., 0] if c == 1 else pixels, mode="L" if c == 1 else "RGB")
+    with _atomic_file(path, ".tmp") as f:
+        image.save(f, format="PNG")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# results.json / results.md and the paper's numbers
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if hasattr(value, "tolist"):  # jax arrays
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def write_results(workdir: str, results: Mapping[str, Any], name: str = "results.json") -> str:
+    """Writes `results` as indented JSON to `workdir`/`name` atomically; returns the path."""
+    path = os.path.join(workdir, name)
+    text = json.dumps(results, indent=2, sort_keys=False, default=_to_json)
+    with _atomic_file(path, ".tmp") as f:
+        f.write(text.encode() + b"\n")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def paper_results() -> dict:
+    """The paper's numbers (idm_jax/paper_results.json), parsed once."""
+    text = importlib.resources.files("idm_jax").joinpath("paper_results.json").read_text()
+    return json.loads(text)
+
+
+def _squash(name: str) -> str:
+    name = name.lower()
+    name = name.split(":", 1)[1] if name.startswith("tfds:") else name
+    name = os.path.basename(name.rstrip("/"))
+    name = re.sub(r"\.(tar\.gz|tgz|tar|zip)$", "", name)
+    return re.sub(r"[^a-z0-9]", "", name)
+
+
+def paper_dataset_key(dataset: str) -> str | None:
+    """The paper_results.json key of a dataset name ('cifar10', 'tfds:cifar10', 'cifar10-jpeg', ...)."""
+    squashed = _squash(dataset)
+    for key, entry in paper_results()["datasets"].items():
+        if squashed in entry["aliases"]:
+            return key
+    return None
+
+
+def paper_accuracy(dataset: str, method: str, ipc: int | None, arch: str, *,
+                   partition_factor: int = 2, train_arch: str = "ConvNet"
+                   ) -> tuple[float, float, str] | None:
+    """The paper's (mean, std, where) for a setting, or None when the paper has no such number.
+
+    dataset: a dataset name; method: idm | dm | random | herding | forgetting | whole;
+    ipc: images per class (ignored for whole); arch: evaluation network; partition_factor: the
+    l the synthetic set is evaluated with; train_arch: the network it was condensed with.
+    """
+    paper = paper_results()
+    key = paper_dataset_key(dataset)
+    if key is None:
+        return None
+    entry = paper["datasets"][key]
+    method = method.lower()
+    if method == "whole":
+        if arch == entry["arch"]:
+            return (*entry["whole"], f"Table 1, {entry['display']}, whole dataset")
+        return None
+    cross = paper["cross_arch"]
+    if (method in ("idm", "dm") and key == cross["dataset"] and ipc == cross["ipc"]
+            and partition_factor == cross["partition_factor"]
+            and arch in cross[method].get(train_arch, {})):
+        mean, std = cross[method][train_arch][arch]
+        return mean, std, f"Table 5, {method.upper()} {train_arch} -> {arch}, l=1"
+    # Table 1: ConvNet-family evaluation; IDM with partition l=2, everything else without.
+    expected_partition = 2 if method == "idm" else 1
+    row = entry["table1"].get(method, {}).get(str(ipc))
+    if row is None or arch != entry["arch"] or partition_factor != expected_partition:
+        return None
+    if method in ("idm", "dm") and train_arch != entry["arch"]:
+        return None
+    return (*row, f"Table 1, {entry['display']} IPC {ipc}")
+
+
+def _fmt(mean: float, std: float, digits: int) -> str:
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def results_markdown(results: Mapping[str, Any]) -> str:
+    """A markdown table of measured accuracy (mean ± std over seeds) beside the paper's number.
+
+    results: {'method', 'dataset', 'ipc', 'partition_factor', 'train_arch', 'archs': {arch:
+    {'mean', 'std', 'accuracies', 'epochs', 'train_seconds', ...}}} as written by
+    `idm_jax.evaluate.run_evaluation` and `idm_jax.baselines.run_baseline`.
+    """
+    method = str(results.get("method", "?"))
+    dataset = str(results.get("dataset", "?"))
+    ipc = results.get("ipc")
+    partition = int(results.get("partition_factor", 1))
+    train_arch = str(results.get("train_arch", "ConvNet"))
+    title = f"{method} on {dataset}" + (f", {ipc} images per class" if ipc else "")
+    lines = [f"### {title} (partition l={partition})", "",
+             "| eval arch | seeds | epochs | train images | measured acc. (%) | paper (%) | paper setting |",
+             "|---|---|---|---|---|---|---|"]
+    for arch, r in results.get("archs", {}).items():
+        paper = paper_accuracy(dataset, method, ipc, arch, partition_factor=partition,
+                               train_arch=train_arch)
+        paper_text, where = (_fmt(paper[0], paper[1], 1), paper[2]) if paper else ("—", "—")
+        lines.append(f"| {arch} | {r.get('num_seeds', len(r.get('accuracies', [])))} | "
+                     f"{r.get('epochs', '?')} | {r.get('num_train_images', '?')} | "
+                     f"{_fmt(r['mean'], r['std'], 2)} | {paper_text} | {where} |")
+    return "\n".join(lines) + "\n"
