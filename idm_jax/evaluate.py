@@ -168,18 +168,6 @@ def make_optimizer(lr: Any, momentum: float, weight_decay: float) -> optax.Gradi
                        optax.sgd(learning_rate=lr, momentum=momentum))
 
 
-def masked_mean_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """Mean softmax cross-entropy over the examples where `mask` is true (all when None).
-
-    logits: f32[B, K]; labels: int[B]; mask: bool[B].
-    """
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    if mask is None:
-        return losses.mean()
-    mask = mask.astype(losses.dtype)
-    return jnp.sum(losses * mask) / jnp.maximum(mask.sum(), 1.0)
-
-
 def _to_float(images: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
     """uint8 pixels are normalized; float images are taken as already normalized."""
     if images.dtype == jnp.uint8:
@@ -208,7 +196,7 @@ def _train_step(spec: _Spec, data, lr, state: NetState, idx: jax.Array, key: jax
 
     def loss_fn(params):
         logits, new_vars = models.apply_model(spec.model, {**state.variables, "params": params}, x, train=True)
-        return masked_mean_cross_entropy(logits, y), (logits, new_vars)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), (logits, new_vars)
 
     params = state.variables["params"]
     (loss, (logits, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
