@@ -6,13 +6,11 @@ paper's text and the release differ, the release value is the default and the
 paper's is named in the comment (see ../shared/REFERENCE.md).
 """
 
+import os
+
 import ml_collections
 
-# Valid values of the string options; checked by idm_jax.config.validate().
-METHODS = ("idm", "dm")
-UPDATE_MODES = ("per_class", "joint")
-INITS = ("real", "noise")
-QUEUE_TRAIN_IMPLS = ("auto", "vmap", "map")
+from idm_jax.config_check import METHODS  # values are checked there, before any compute
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -66,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
   # on CPU, where vmapped convs become grouped convs). "auto": by backend.
   c.idm.queue_train_impl = "auto"
   c.idm.real_chunk_size = 1024  # real images per forward chunk (memory)
+  c.idm.class_batch = 0  # classes vectorised together; 0 = auto (memory)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.archs = "ConvNet"  # comma-separated, e.g. "ConvNet,AlexNet,VGG11,ResNet18"
@@ -80,6 +79,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.interval = 0  # evaluate during condensation every N its (0 = off)
   c.eval.interval_epochs = 300  # epochs for those periodic evaluations
   c.eval.at_end = True  # full evaluation of the final synthetic set
+  # The seeds' networks train together with jax.vmap (GPU/TPU) or lax.map
+  # (CPU, where vmapped convs are slow grouped convs). "auto": by backend.
+  c.eval.seed_parallel = "auto"
 
   c.baseline = ml_collections.ConfigDict()
   c.baseline.method = "random"  # "random" | "herding" | "forgetting" | "whole"
@@ -130,7 +132,6 @@ def parse_arg(arg: str | None, default_ipc: int = 10) -> tuple[int, str]:
 
 def first_existing(paths, fallback: str) -> str:
   """The first path that exists, else `fallback` (e.g. a tfds name)."""
-  import os  # pylint: disable=g-import-not-at-top
   for p in paths:
     if p and os.path.exists(os.path.expanduser(p)):
       return os.path.abspath(os.path.expanduser(p))

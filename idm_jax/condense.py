@@ -1,0 +1,347 @@
+"""IDM condensation: the state pytree, the one jitted step, and its parts.
+
+`CondenseState` (step, base PRNG key, synthetic set, model queue) is all
+that changes during a run; `make_step` builds `step(state, data) -> (state,
+metrics)`, jitted once with the state donated. The real data lives on the
+device (`DeviceData`: uint8 images + per-class index tables), so real
+batches are drawn inside the jit and the host only loops and logs.
+The run loop (logging, checkpoints, outputs) lives in `idm_jax.train`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from idm_jax import augment
+from idm_jax import data as data_lib
+from idm_jax import loss as loss_lib
+from idm_jax import models
+from idm_jax import queue as queue_lib
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class SynSet:
+    """The learnable synthetic images and their SGD momentum buffer."""
+
+    images: Array  # f32[classes, ipc, H, W, C], normalized pixel space
+    momentum: Array  # f32[classes, ipc, H, W, C]
+    labels: Array  # int32[classes], the class of each group
+
+
+@flax.struct.dataclass
+class CondenseState:
+    step: Array  # int32[]: iterations done
+    key: Array  # uint32[2]: base key; step t uses fold_in(key, t)
+    syn: SynSet
+    queue: queue_lib.ModelQueue | None  # None when the queue is off (DM)
+    nonfinite_step: Array  # int32[]: first iteration whose loss was not finite, -1 if none
+
+
+@flax.struct.dataclass
+class DeviceData:
+    """Real training data on the device (never donated)."""
+
+    images: Array  # uint8[N, H, W, C]
+    labels: Array  # int32[N]
+    class_table: Array  # int32[classes, max_count]: example indices per class
+    class_counts: Array  # int32[classes]
+    mean: Array  # f32[C]
+    std: Array  # f32[C]
+
+
+def device_data(ds: data_lib.ArrayDataset) -> DeviceData:
+    table, counts = data_lib.class_index_table(ds.train_labels, ds.num_classes)
+    return DeviceData(
+        images=jnp.asarray(ds.train_images), labels=jnp.asarray(ds.train_labels, jnp.int32),
+        class_table=jnp.asarray(table), class_counts=jnp.asarray(counts),
+        mean=jnp.asarray(ds.mean, jnp.float32), std=jnp.asarray(ds.std, jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """Everything static about the step (hashable), derived from a config."""
+
+    num_classes: int
+    ipc: int
+    image_shape: tuple[int, int, int]
+    model_name: str
+    loss: loss_lib.LossOptions
+    batch_real: int
+    class_batch: int  # classes per vectorised chunk (memory bound)
+    lr_img: float
+    momentum_img: float
+    per_class_update: bool
+    use_queue: bool
+    net_num: int
+    net_init_num: int
+    net_generate_interval: int
+    train_net_num: int
+    fetch_net_num: int
+    model_train_steps: int
+    batch_train: int
+    model_lr: float
+    model_momentum: float
+    model_weight_decay: float
+    meter_reset_interval: int
+    queue_train_impl: str  # "vmap" | "map"
+    # XLA:CPU runs a weight-gradient conv inside a while loop ~40x slower than
+    # unrolled (measured, jax 0.10): on CPU the queue's SGD steps are unrolled.
+    unroll_train_steps: bool = False
+
+    @functools.cached_property
+    def model(self):
+        return models.get_model(self.model_name, self.num_classes, self.image_shape[-1])
+
+    def model_optimizer(self) -> optax.GradientTransformation:
+        # torch SGD(weight_decay=wd): the decay is added to the gradient.
+        return optax.chain(optax.add_decayed_weights(self.model_weight_decay),
+                           optax.sgd(self.model_lr, momentum=self.model_momentum))
+
+
+def settings_from_config(config, ds: data_lib.ArrayDataset) -> StepSettings:
+    """Static step settings; batch sizes clipped to what the data holds."""
+    idm = config.idm
+    min_count = int(np.bincount(ds.train_labels, minlength=ds.num_classes).min())
+    expanded = config.ipc * idm.partition_factor ** 2
+    chunk = min(idm.batch_real, min_count, idm.real_chunk_size)
+    class_batch = idm.class_batch or max(1, 4096 // (expanded + chunk))
+    impl = idm.queue_train_impl
+    if impl == "auto":
+        impl = "map" if jax.default_backend() == "cpu" else "vmap"
+    return StepSettings(
+        num_classes=ds.num_classes, ipc=config.ipc, image_shape=ds.image_shape,
+        model_name=config.model,
+        loss=loss_lib.LossOptions(
+            partition_factor=idm.partition_factor, dsa_strategy=idm.dsa_strategy,
+            ce_weight=idm.ce_weight, use_ce=idm.use_ce, real_chunk_size=idm.real_chunk_size),
+        # The release takes a random subset of min(batch_real, class size).
+        batch_real=min(idm.batch_real, min_count),
+        class_batch=min(class_batch, ds.num_classes),
+        lr_img=idm.lr_img, momentum_img=idm.momentum_img,
+        per_class_update=idm.update_mode == "per_class",
+        use_queue=idm.use_queue, net_num=idm.net_num, net_init_num=idm.net_init_num,
+        net_generate_interval=idm.net_generate_interval, train_net_num=idm.train_net_num,
+        fetch_net_num=idm.fetch_net_num, model_train_steps=idm.model_train_steps,
+        batch_train=min(idm.batch_train, len(ds.train_labels)),
+        model_lr=idm.model_lr, model_momentum=idm.model_momentum,
+        model_weight_decay=idm.model_weight_decay,
+        meter_reset_interval=idm.meter_reset_interval, queue_train_impl=impl,
+        unroll_train_steps=jax.default_backend() == "cpu")
+
+
+# ----------------------------------------------------------------------------
+# Networks
+
+
+def make_apply_fn(model):
+    """(params, images) -> (embedding, logits): the loss's view of a network."""
+    return lambda params, x: model.apply({"params": params}, x, method="embed_and_logits")
+
+
+def make_init_fn(s: StepSettings):
+    """key -> (params, optimizer state) of a fresh queue member."""
+    tx = s.model_optimizer()
+
+    def init(key):
+        params = models.init_variables(s.model, key, s.image_shape)["params"]
+        return params, tx.init(params)
+
+    return init
+
+
+def make_member_train_fn(s: StepSettings, data: DeviceData):
+    """(params, opt_state, key) -> trained for K steps on random real batches.
+
+    Plain supervised SGD without augmentation, as the release trains its
+    queue; returns the correct/seen counts for the accuracy meter.
+    """
+    tx = s.model_optimizer()
+    model = s.model
+
+    def ce_loss(params, x, y):
+        logits = model.apply({"params": params}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
+
+    def sgd_step(carry, key):
+        params, opt_state, correct = carry
+        idx = data_lib.sample_batch(key, data.labels.shape[0], s.batch_train)
+        x = data_lib.normalize(data.images[idx], data.mean, data.std)
+        y = data.labels[idx]
+        (_, logits), grads = jax.value_and_grad(ce_loss, has_aux=True)(params, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        correct = correct + jnp.sum(jnp.argmax(logits, -1) == y)
+        return (optax.apply_updates(params, updates), opt_state, correct), None
+
+    def train(params, opt_state, key):
+        keys = jax.random.split(key, s.model_train_steps)
+        (params, opt_state, correct), _ = jax.lax.scan(
+            sgd_step, (params, opt_state, jnp.zeros((), jnp.int32)), keys,
+            unroll=s.unroll_train_steps)
+        seen = jnp.asarray(s.model_train_steps * s.batch_train, jnp.float32)
+        return params, opt_state, correct.astype(jnp.float32), seen
+
+    return train
+
+
+# ----------------------------------------------------------------------------
+# Synthetic set
+
+
+def init_synset(s: StepSettings, ds: data_lib.ArrayDataset, seed: int, init: str) -> SynSet:
+    """Synthetic images from real ones ("real": l*l downscaled real images packed
+    into each image, as the release does) or from N(0, 1) ("noise")."""
+    shape = (s.num_classes, s.ipc) + s.image_shape
+    if init == "noise":
+        images = jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
+    elif init == "real":
+        factor = s.loss.partition_factor
+        needed = s.ipc * factor * factor
+        rng = np.random.default_rng(seed)
+        groups = []
+        for c in range(s.num_classes):
+            pool = np.flatnonzero(ds.train_labels == c)
+            # Classes smaller than ipc*l*l reuse images (the release would fail).
+            idx = rng.choice(pool, needed, replace=len(pool) < needed)
+            real = data_lib.normalize(ds.train_images[idx], ds.mean, ds.std)
+            groups.append(augment.init_from_real(jnp.asarray(real), factor))
+        images = jnp.stack(groups)
+    else:
+        raise ValueError(f"unknown init {init!r}; expected 'real' or 'noise'")
+    return SynSet(images=images.astype(jnp.float32), momentum=jnp.zeros(shape, jnp.float32),
+                  labels=jnp.arange(s.num_classes, dtype=jnp.int32))
+
+
+def momentum_sgd_update(x: Array, buf: Array, grad_fn, lr: float, mu: float,
+                        steps_before: Array, steps_after: Array):
+    """One SGD-with-momentum step on x inside a sequence of steps on other slices.
+
+    The release steps the whole synthetic tensor once per class with one
+    shared momentum buffer (torch SGD: buf = mu*buf + g; x -= lr*buf). A
+    class's slice gets zero gradient on the other classes' steps, so it just
+    coasts: before its own step it moves `steps_before` times, after it
+    `steps_after` times. Since a class's loss reads only its own slice, the
+    whole sequence is exact in closed form and all classes can run in
+    parallel. steps_before = steps_after = 0 is the plain single step.
+    Returns (new_x, new_buf, aux) where grad_fn(x) -> (grad, aux).
+    """
+    geo = lambda n: mu * (1.0 - mu ** n) / (1.0 - mu) if mu != 1.0 else n  # sum_{i=1..n} mu^i
+    x = x - lr * geo(steps_before) * buf
+    buf = mu ** steps_before * buf
+    grad, aux = grad_fn(x)
+    buf = mu * buf + grad
+    x = x - lr * buf
+    x = x - lr * geo(steps_after) * buf
+    buf = mu ** steps_after * buf
+    return x, buf, aux
+
+
+# ----------------------------------------------------------------------------
+# The step
+
+
+def init_state(s: StepSettings, ds: data_lib.ArrayDataset, seed: int, init: str) -> CondenseState:
+    k_queue, k_run = jax.random.split(jax.random.PRNGKey(seed))
+    queue = None
+    if s.use_queue:
+        queue = queue_lib.create(make_init_fn(s), k_queue, s.net_num, s.net_init_num)
+    return CondenseState(step=jnp.zeros((), jnp.int32), key=k_run,
+                         syn=init_synset(s, ds, seed, init), queue=queue,
+                         nonfinite_step=jnp.asarray(-1, jnp.int32))
+
+
+def _matching_net(s: StepSettings, state: CondenseState, key: Array, init_fn):
+    """(queue, params, acc): the network the loss is matched in, this step."""
+    queue = state.queue
+    if not s.use_queue:
+        params, _ = init_fn(key)
+        return None, params, jnp.zeros((), jnp.float32)
+    k_push, k_pick = jax.random.split(key)
+    reset = (state.step > 0) & (state.step % s.meter_reset_interval == 0)
+    queue = jax.lax.cond(reset, queue_lib.reset_meters, lambda q: q, queue)
+    queue = jax.lax.cond(state.step % s.net_generate_interval == 0,
+                         lambda q: queue_lib.push(q, init_fn, k_push, state.step),
+                         lambda q: q, queue)
+    slot = queue_lib.sample(queue, k_pick, s.train_net_num)[0]
+    return queue, queue_lib.member(queue, slot), queue_lib.accuracy(queue, slot)
+
+
+def _update_synset(s: StepSettings, syn: SynSet, params, acc, key: Array,
+                   data: DeviceData, apply_fn):
+    """Per-class loss, gradient and momentum-SGD update, mapped over classes."""
+    k_real, k_dsa = jax.random.split(key)
+    classes = syn.labels
+    real_keys = jax.random.split(k_real, s.num_classes)
+    dsa_keys = jax.random.split(k_dsa, s.num_classes)
+    if s.per_class_update:
+        before = jnp.arange(s.num_classes)
+        after = s.num_classes - 1 - before
+    else:
+        before = after = jnp.zeros(s.num_classes, jnp.int32)
+
+    def one_class(args):
+        images, buf, cls, k_r, k_d, n_before, n_after = args
+        idx = data_lib.sample_class_batch(k_r, data.class_table, data.class_counts, cls, s.batch_real)
+        real = data_lib.normalize(data.images[idx], data.mean, data.std)
+        real_mean = loss_lib.mean_embedding(params, apply_fn, real, k_d, s.loss)
+
+        def grad_fn(x):
+            (value, parts), grad = jax.value_and_grad(loss_lib.synthetic_class_loss, argnums=2,
+                                                      has_aux=True)(
+                params, apply_fn, x, cls, real_mean, k_d, acc, s.loss)
+            return grad, (value, parts)
+
+        return momentum_sgd_update(images, buf, grad_fn, s.lr_img, s.momentum_img, n_before, n_after)
+
+    images, momentum, (losses, parts) = jax.lax.map(
+        one_class, (syn.images, syn.momentum, classes, real_keys, dsa_keys, before, after),
+        batch_size=s.class_batch)
+    metrics = {"loss": losses.mean(), "mmd": parts["mmd"].mean(), "ce": parts["ce"].mean()}
+    return syn.replace(images=images, momentum=momentum), metrics
+
+
+def make_step(s: StepSettings):
+    """The jitted condensation step: (state, data) -> (state, metrics). State is donated."""
+    apply_fn = make_apply_fn(s.model)
+    init_fn = make_init_fn(s)
+
+    def step(state: CondenseState, data: DeviceData):
+        key = jax.random.fold_in(state.key, state.step)
+        k_net, k_syn, k_train = jax.random.split(key, 3)
+        queue, params, acc = _matching_net(s, state, k_net, init_fn)
+        syn, metrics = _update_synset(s, state.syn, params, acc, k_syn, data, apply_fn)
+        if s.use_queue:
+            slots = queue_lib.sample(queue, k_train, s.fetch_net_num)
+            queue = queue_lib.train(queue, slots, make_member_train_fn(s, data), k_train,
+                                    s.queue_train_impl)
+            metrics["queue_acc"] = jnp.mean(jax.vmap(lambda i: queue_lib.accuracy(queue, i))(slots))
+            metrics["queue_size"] = queue.size
+        metrics["match_acc"] = acc
+        new = state.replace(step=state.step + 1, syn=syn, queue=queue)
+        # A non-finite loss freezes the state at the last good iteration; the
+        # host sees nonfinite_step >= 0 and stops without checkpointing garbage.
+        finite = jnp.isfinite(metrics["loss"]) & jnp.all(jnp.isfinite(syn.images))
+        ok = finite & (state.nonfinite_step < 0)
+        new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
+        new = new.replace(nonfinite_step=jnp.where(
+            (state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step))
+        return new, metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def synthetic_arrays(state: CondenseState) -> tuple[np.ndarray, np.ndarray]:
+    """(images f32[classes*ipc, H, W, C] normalized, labels int32[classes*ipc])."""
+    images = np.asarray(state.syn.images)
+    k, ipc = images.shape[:2]
+    labels = np.repeat(np.asarray(state.syn.labels), ipc).astype(np.int32)
+    return images.reshape((k * ipc,) + images.shape[2:]), labels

@@ -1,0 +1,86 @@
+"""Checks a run's config before any compute, naming each bad value.
+
+Key typos are caught by ml_collections itself (configs are locked when
+loaded through --config); this module checks values and combinations.
+"""
+
+from __future__ import annotations
+
+from idm_jax import augment
+from idm_jax import models
+
+METHODS = ("idm", "dm")
+UPDATE_MODES = ("per_class", "joint")
+INITS = ("real", "noise")
+QUEUE_TRAIN_IMPLS = ("auto", "vmap", "map")
+SEED_PARALLEL = ("auto", "vmap", "map")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(f"invalid config: {message}")
+
+
+def _positive_ints(section, prefix: str, names: list[str]) -> None:
+    for name in names:
+        value = section[name]
+        _require(isinstance(value, int) and value >= 1,
+                 f"{prefix}{name} must be an integer >= 1, got {value!r}")
+
+
+def validate(config) -> None:
+    """Raises ValueError("invalid config: <field> ... got <value>") on the first bad value."""
+    _require(isinstance(config.ipc, int) and config.ipc >= 1,
+             f"ipc must be an integer >= 1, got {config.ipc!r}")
+    _require(config.method in METHODS, f"method must be one of {METHODS}, got {config.method!r}")
+    _require(config.model in models.MODEL_NAMES,
+             f"model {config.model!r} is unknown; valid: {', '.join(models.MODEL_NAMES)}")
+    _require("BN" not in config.model,
+             f"model {config.model!r} uses batch norm, which the matching step does not "
+             "support; use it for evaluation (eval.archs) instead")
+    idm = config.idm
+    _positive_ints(idm, "idm.", [
+        "iterations", "partition_factor", "batch_real", "net_num", "net_init_num",
+        "net_generate_interval", "train_net_num", "fetch_net_num", "model_train_steps",
+        "batch_train", "meter_reset_interval", "real_chunk_size"])
+    _require(idm.update_mode in UPDATE_MODES,
+             f"idm.update_mode must be one of {UPDATE_MODES}, got {idm.update_mode!r}")
+    _require(idm.init in INITS, f"idm.init must be one of {INITS}, got {idm.init!r}")
+    _require(idm.queue_train_impl in QUEUE_TRAIN_IMPLS,
+             f"idm.queue_train_impl must be one of {QUEUE_TRAIN_IMPLS}, got {idm.queue_train_impl!r}")
+    _require(idm.class_batch >= 0, f"idm.class_batch must be >= 0 (0 = auto), got {idm.class_batch!r}")
+    _require(idm.lr_img > 0, f"idm.lr_img must be > 0, got {idm.lr_img!r}")
+    _require(0 <= idm.momentum_img < 1, f"idm.momentum_img must be in [0, 1), got {idm.momentum_img!r}")
+    _require(idm.ce_weight >= 0, f"idm.ce_weight must be >= 0, got {idm.ce_weight!r}")
+    if idm.use_queue:
+        _require(idm.net_init_num <= idm.net_num,
+                 f"idm.net_init_num ({idm.net_init_num}) must be <= idm.net_num ({idm.net_num})")
+        # At iteration 0 one more net is pushed, so the queue then holds net_init_num + 1.
+        held = min(idm.net_init_num + 1, idm.net_num)
+        for name in ("train_net_num", "fetch_net_num"):
+            _require(idm[name] <= held,
+                     f"idm.{name} ({idm[name]}) exceeds the {held} nets the queue holds at the start")
+    try:
+        augment.parse_strategy(idm.dsa_strategy)
+    except ValueError as e:
+        raise ValueError(f"invalid config: idm.dsa_strategy: {e}") from None
+    if config.method == "dm":
+        for name, dm_value in (("use_queue", False), ("partition_factor", 1), ("use_ce", False)):
+            _require(idm[name] == dm_value,
+                     f"method 'dm' needs idm.{name}={dm_value!r}, got {idm[name]!r} (load the "
+                     "DM preset with e.g. --config=configs/cifar10.py:10,dm)")
+
+    ev = config.eval
+    _positive_ints(ev, "eval.", ["num_seeds", "epochs", "batch_size", "test_batch_size", "interval_epochs"])
+    _require(ev.interval >= 0, f"eval.interval must be >= 0 (0 = off), got {ev.interval!r}")
+    for arch in eval_archs(config):
+        _require(arch in models.MODEL_NAMES,
+                 f"eval.archs names unknown model {arch!r}; valid: {', '.join(models.MODEL_NAMES)}")
+    _require(ev.seed_parallel in SEED_PARALLEL,
+             f"eval.seed_parallel must be one of {SEED_PARALLEL}, got {ev.seed_parallel!r}")
+    _positive_ints(config, "", ["log_every", "checkpoint_every", "keep_checkpoints"])
+
+
+def eval_archs(config) -> list[str]:
+    """The comma-separated eval.archs as a list."""
+    return [a.strip() for a in config.eval.archs.split(",") if a.strip()]

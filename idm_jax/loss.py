@@ -1,0 +1,164 @@
+"""The IDM and DM losses: pure, jittable, importable.
+
+Both compare, class by class, the mean embedding of a real batch with the
+mean embedding of the synthetic images of that class (MMD with a linear
+kernel), after the same Siamese DSA transform on both sides. IDM adds
+partition/expansion of the synthetic images and a cross-entropy regularizer
+weighted by the matching network's training accuracy (in percent, as the
+release does).
+
+`apply_fn(params, images) -> (embedding, logits)` is the network; with a flax
+module that is e.g.
+
+    apply_fn = lambda p, x: model.apply({"params": p}, x,
+                                        method="embed_and_logits")
+
+Embeddings of real images never need a gradient (only the synthetic images
+are optimised), so real batches are embedded under `stop_gradient` and in
+chunks, which keeps memory bounded for the 5000-image IPC-1 batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from idm_jax import augment
+
+Array = jax.Array
+ApplyFn = Callable[[object, Array], tuple[Array, Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+    """Static options of the matching loss (hashable: safe as a jit static)."""
+
+    partition_factor: int = 2  # l: each image -> l*l pieces; 1 = off
+    dsa_strategy: str = augment.DEFAULT_STRATEGY  # "" = no augmentation
+    ce_weight: float = 0.5  # lambda_reg; multiplied by accuracy in percent
+    use_ce: bool = True
+    real_chunk_size: int = 1024  # real images per forward pass
+    dsa_params: augment.DSAParams = augment.DSAParams()
+
+    def __post_init__(self):
+        if self.partition_factor < 1:
+            raise ValueError(f"partition_factor must be >= 1, got {self.partition_factor}")
+        if self.real_chunk_size < 1:
+            raise ValueError(f"real_chunk_size must be >= 1, got {self.real_chunk_size}")
+        augment.parse_strategy(self.dsa_strategy)  # raises on an unknown family
+
+
+DM_OPTIONS = LossOptions(partition_factor=1, ce_weight=0.0, use_ce=False)
+
+
+def largest_divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of n that is <= limit (chunk size with no remainder)."""
+    for d in range(min(n, max(limit, 1)), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def mean_embedding(params, apply_fn: ApplyFn, images: Array, key: Array,
+                   opts: LossOptions) -> Array:
+    """Mean embedding of one class's real images after Siamese DSA.
+
+    images: f32[B, H, W, C] -> f32[D]. No gradient flows back. Because the
+    Siamese transform draws one parameter set per call, augmenting chunk by
+    chunk with the same key gives exactly the transform of the whole batch.
+    """
+    chunk = largest_divisor_at_most(images.shape[0], opts.real_chunk_size)
+    chunks = images.reshape((-1, chunk) + images.shape[1:])
+
+    def chunk_sum(x):
+        x = augment.dsa(x, key, opts.dsa_strategy, params=opts.dsa_params)
+        emb, _ = apply_fn(params, x)
+        return emb.sum(axis=0)
+
+    sums = jax.lax.map(chunk_sum, chunks)
+    return jax.lax.stop_gradient(sums.sum(axis=0) / images.shape[0])
+
+
+def synthetic_class_loss(params, apply_fn: ApplyFn, syn_images: Array, label: Array,
+                         real_mean: Array, key: Array, acc: Array,
+                         opts: LossOptions) -> tuple[Array, dict[str, Array]]:
+    """Loss of one class given its real mean embedding.
+
+    syn_images: f32[ipc, H, W, C]; label: int32[]; real_mean: f32[D];
+    acc: f32[] the network's training accuracy in percent (0-100).
+    Returns (loss, {"mmd": ..., "ce": ...}).
+    """
+    expanded, _ = augment.partition_expand(syn_images, None, opts.partition_factor)
+    expanded = augment.dsa(expanded, key, opts.dsa_strategy, params=opts.dsa_params)
+    emb, logits = apply_fn(params, expanded)
+    mmd = jnp.sum((real_mean - emb.mean(axis=0)) ** 2)
+    if not opts.use_ce:
+        return mmd, {"mmd": mmd, "ce": jnp.zeros_like(mmd)}
+    labels = jnp.full((logits.shape[0],), label, jnp.int32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return mmd + opts.ce_weight * acc * ce, {"mmd": mmd, "ce": ce}
+
+
+def class_loss(params, apply_fn: ApplyFn, syn_images: Array, label: Array,
+               real_images: Array, key: Array, acc: Array,
+               opts: LossOptions) -> tuple[Array, dict[str, Array]]:
+    """IDM loss of one class: real f32[B,H,W,C] against synthetic f32[ipc,H,W,C]."""
+    real_mean = mean_embedding(params, apply_fn, real_images, key, opts)
+    return synthetic_class_loss(params, apply_fn, syn_images, label, real_mean, key, acc, opts)
+
+
+def idm_loss(params, apply_fn: ApplyFn, syn_images: Array, syn_labels: Array,
+             real_images: Array, real_labels: Array, key: Array, acc: Array | float,
+             opts: LossOptions = LossOptions()) -> tuple[Array, dict[str, Array]]:
+    """The IDM loss summed over classes.
+
+    Args:
+      params: the matching network's parameters.
+      apply_fn: (params, images) -> (embedding f32[N, D], logits f32[N, K]).
+      syn_images: f32[G, ipc, H, W, C] synthetic images, grouped by class.
+      syn_labels: int32[G] the class of each group.
+      real_images: f32[G, B, H, W, C] real images, same class order.
+      real_labels: int32[G] must equal syn_labels (checked when concrete).
+      key: PRNG key; each class gets its own Siamese DSA draw.
+      acc: the network's training accuracy in percent (0-100).
+      opts: LossOptions.
+    Returns:
+      (loss, {"mmd": f32[G], "ce": f32[G]}) with loss the sum over classes.
+    """
+    _check_groups(syn_images, syn_labels, real_images, real_labels)
+    keys = jax.random.split(key, syn_images.shape[0])
+    acc = jnp.asarray(acc, jnp.float32)
+    losses, parts = jax.vmap(
+        lambda s, y, r, k: class_loss(params, apply_fn, s, y, r, k, acc, opts)
+    )(syn_images, syn_labels, real_images, keys)
+    return losses.sum(), parts
+
+
+def dm_loss(params, apply_fn: ApplyFn, syn_images: Array, syn_labels: Array,
+            real_images: Array, real_labels: Array, key: Array,
+            opts: LossOptions = DM_OPTIONS) -> tuple[Array, dict[str, Array]]:
+    """The DM loss: IDM without partition and without the CE regularizer."""
+    opts = dataclasses.replace(opts, partition_factor=1, use_ce=False, ce_weight=0.0)
+    return idm_loss(params, apply_fn, syn_images, syn_labels, real_images, real_labels,
+                    key, 0.0, opts)
+
+
+def _check_groups(syn_images, syn_labels, real_images, real_labels) -> None:
+    if syn_images.ndim != 5 or real_images.ndim != 5:
+        raise ValueError(
+            "expected class-grouped images f32[classes, n, H, W, C]; got synthetic "
+            f"{syn_images.shape} and real {real_images.shape}")
+    if syn_images.shape[0] != real_images.shape[0] or syn_images.shape[2:] != real_images.shape[2:]:
+        raise ValueError(
+            f"synthetic {syn_images.shape} and real {real_images.shape} must have the "
+            "same number of class groups and the same image shape")
+    if syn_labels.shape != (syn_images.shape[0],) or real_labels.shape != syn_labels.shape:
+        raise ValueError(
+            f"labels must be int[classes]: got synthetic {syn_labels.shape}, real {real_labels.shape}")
+    if not isinstance(syn_labels, jax.core.Tracer) and not isinstance(real_labels, jax.core.Tracer):
+        if not bool(jnp.all(syn_labels == real_labels)):
+            raise ValueError("real_labels and syn_labels must list the same classes in the same order")

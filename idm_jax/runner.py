@@ -1,0 +1,259 @@
+"""The condensation run: load, resume, loop, log, checkpoint, export, evaluate.
+
+`run_condensation(config, workdir)` is what `main.py --mode=condense` calls.
+Rerunning the same command in the same workdir resumes from the newest
+orbax checkpoint and produces the same synthetic set as an uninterrupted
+run (every random draw derives from the seed and the iteration number).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from idm_jax import condense
+from idm_jax import config_check
+from idm_jax import data as data_lib
+from idm_jax import evaluate
+from idm_jax import export
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+class MetricsWriter:
+    """metrics.jsonl (one JSON object per row) + TensorBoard events in workdir."""
+
+    def __init__(self, workdir: str):
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        try:
+            from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:  # TensorBoard output is optional
+            self._tb = None
+
+    def write(self, step: int, row: dict[str, Any]) -> None:
+        row = {"step": int(step), **{k: _plain(v) for k, v in row.items()}}
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _plain(v):
+    v = np.asarray(v)
+    return v.item() if v.ndim == 0 else v.tolist()
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM so the loop can checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. under some test runners)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+
+def _save(mngr: ocp.CheckpointManager, state: condense.CondenseState) -> None:
+    step = int(state.step)
+    if mngr.latest_step() != step:
+        mngr.save(step, args=ocp.args.StandardSave(state))
+        mngr.wait_until_finished()
+
+
+def restore_or_init(mngr, s: condense.StepSettings, ds, config) -> condense.CondenseState:
+    """The newest checkpoint in workdir if any, else a fresh state."""
+    state = condense.init_state(s, ds, config.seed, config.idm.init)
+    latest = mngr.latest_step()
+    if latest is None:
+        return state
+    logging.info("resuming from checkpoint at iteration %d", latest)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    return mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
+
+
+def _check_resume_config(workdir: str, config_json: str) -> None:
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        new = json.loads(config_json)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if changed:
+            logging.warning("config differs from %s in %s; resuming anyway", path, changed)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(config_json)
+    os.replace(tmp, path)
+
+
+def _flat(config) -> dict[str, Any]:
+    out = {}
+    for k, v in config.items():
+        if hasattr(v, "items"):
+            out.update({f"{k}.{kk}": vv for kk, vv in _flat(v).items()})
+        else:
+            out[k] = v
+    return out
+
+
+def export_synthetic(workdir: str, state, ds, s: condense.StepSettings, config) -> str:
+    """synthetic.npz + synthetic.png in workdir; returns the .npz path."""
+    images, labels = condense.synthetic_arrays(state)
+    path = os.path.join(workdir, "synthetic.npz")
+    export.save_synthetic(path, images, labels, mean=ds.mean, std=ds.std,
+                          class_names=ds.class_names, partition_factor=s.loss.partition_factor,
+                          method=config.method, dataset=ds.name,
+                          config_json=json.dumps(_flat(config)))
+    pixels = np.clip(np.asarray(data_lib.denormalize(images, ds.mean, ds.std)), 0.0, 1.0)
+    export.save_grid_png(os.path.join(workdir, "synthetic.png"), pixels, labels, ds.num_classes)
+    return path
+
+
+def _progress_line(step, total, m, rate, eta) -> str:
+    parts = [f"it {step}/{total}", f"loss {m['loss']:.4f}", f"mmd {m['mmd']:.4f}",
+             f"ce {m['ce']:.3f}", f"acc {m['match_acc']:.1f}%"]
+    if "queue_acc" in m:
+        parts.append(f"queue {int(m['queue_size'])} nets, train acc {m['queue_acc']:.1f}%")
+    parts += [f"{rate:.2f} it/s", f"ETA {_hms(eta)}"]
+    return " | ".join(parts)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _evaluate(workdir, state, ds, s, config, *, epochs, step) -> dict:
+    images, labels = condense.synthetic_arrays(state)
+    return evaluate.evaluate_archs(
+        images, labels, ds, config.eval, archs=config_check.eval_archs(config),
+        key=jax.random.fold_in(jax.random.PRNGKey(config.seed), step),
+        partition_factor=s.loss.partition_factor, epochs=epochs)
+
+
+def run_condensation(config, workdir: str, *, max_steps: int | None = None) -> dict[str, Any]:
+    """Condenses config.data into config.ipc images per class in workdir.
+
+    max_steps stops after that many iterations in this call (the run stays
+    resumable); used by tests and benchmarks. Returns a summary dict.
+    """
+    config_check.validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    ds = evaluate.load_config_dataset(config)
+    s = condense.settings_from_config(config, ds)
+    _check_resume_config(workdir, config.to_json_best_effort(indent=2))
+    logging.info("dataset %s: %d train images %s, %d classes; %s IPC %d on %s (%s)",
+                 ds.name, len(ds.train_labels), ds.image_shape, ds.num_classes, config.method,
+                 config.ipc, jax.default_backend(), jax.devices()[0].device_kind)
+    logging.info("synthetic update: %s (lr %g, momentum %g); real batch %d per class",
+                 "one SGD step per class, shared momentum (release)" if s.per_class_update
+                 else "one joint step on the summed class losses", s.lr_img, s.momentum_img,
+                 s.batch_real)
+
+    mngr = checkpoint_manager(workdir, config.keep_checkpoints)
+    state = restore_or_init(mngr, s, ds, config)
+    data = condense.device_data(ds)
+    step_fn = condense.make_step(s)
+    writer = MetricsWriter(workdir)
+    total = config.idm.iterations
+    start = int(state.step)
+    stop_at = total if max_steps is None else min(total, start + max_steps)
+    summary = {"start_step": start}
+    t_window, steps_window = time.time(), 0
+    try:
+        with StopFlag() as stop:
+            t0 = time.time()
+            for it in range(start, stop_at):
+                state, metrics = step_fn(state, data)
+                steps_window += 1
+                done = it + 1
+                if it == start:
+                    jax.block_until_ready(state)
+                    summary["first_step_seconds"] = time.time() - t0
+                    logging.info("first iteration (incl. compilation) took %.1f s",
+                                 summary["first_step_seconds"])
+                    t_window, steps_window = time.time(), 0
+                log_now = done % config.log_every == 0 or done == stop_at
+                ckpt_now = done % config.checkpoint_every == 0 or done == stop_at
+                if log_now or ckpt_now or stop.signal:
+                    _check_finite(state, mngr)
+                if log_now:
+                    m = jax.device_get(metrics)
+                    rate = steps_window / max(time.time() - t_window, 1e-9) if steps_window else 0.0
+                    logging.info(_progress_line(done, total, m, rate,
+                                                (total - done) / rate if rate else 0.0))
+                    writer.write(done, {**m, "it_per_s": rate})
+                    t_window, steps_window = time.time(), 0
+                if ckpt_now or stop.signal:
+                    _save(mngr, state)
+                if config.eval.interval and done % config.eval.interval == 0 and done < total:
+                    res = _evaluate(workdir, state, ds, s, config,
+                                    epochs=config.eval.interval_epochs, step=done)
+                    writer.write(done, {f"eval/{a}/mean": r["mean"] for a, r in res.items()})
+                if stop.signal:
+                    logging.warning("stopped by signal %d at iteration %d; checkpoint saved, "
+                                    "rerun the same command to resume", stop.signal, done)
+                    summary.update(interrupted=True, step=done)
+                    return summary
+    finally:
+        writer.close()
+        mngr.close()
+
+    summary.update(step=int(state.step), synthetic=export_synthetic(workdir, state, ds, s, config))
+    if int(state.step) >= total and config.eval.at_end:
+        archs = _evaluate(workdir, state, ds, s, config, epochs=config.eval.epochs, step=total)
+        results = {"method": config.method, "dataset": ds.name, "ipc": config.ipc,
+                   "partition_factor": s.loss.partition_factor,
+                   "num_images": int(config.ipc * ds.num_classes), "train_arch": config.model,
+                   "iterations": total, "synthetic": summary["synthetic"], "archs": archs}
+        evaluate.finish_results(workdir, results)
+        summary["results"] = results
+    return summary
+
+
+def _check_finite(state, mngr) -> None:
+    bad = int(state.nonfinite_step)
+    if bad >= 0:
+        raise NonFiniteLossError(
+            f"the loss became non-finite (NaN/inf) at iteration {bad}; stopping. The synthetic "
+            f"set is kept as of iteration {bad}; the last checkpoint is at iteration "
+            f"{mngr.latest_step()}. Lower idm.lr_img or check the data.")

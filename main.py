@@ -1,0 +1,58 @@
+"""idm_jax command line: condense, evaluate a synthetic set, or run a baseline.
+
+  python main.py --config=configs/quick.py --workdir=runs/quick
+  python main.py --config=configs/cifar10.py:10 --workdir=runs/c10_ipc10
+  python main.py --config=configs/cifar10.py:10 --mode=evaluate \
+      --synthetic=runs/c10_ipc10/synthetic.npz --workdir=runs/c10_eval
+  python main.py --config=configs/cifar10.py:10 --mode=baseline \
+      --config.baseline.method=herding --workdir=runs/c10_herding
+
+The logic lives in the importable `idm_jax` package; this file only parses
+flags and dispatches, so everything it runs is testable.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from idm_jax import baselines
+from idm_jax import config_check
+from idm_jax import evaluate
+from idm_jax import runner
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py:10.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics, results).")
+_MODE = flags.DEFINE_enum("mode", "condense", ["condense", "evaluate", "baseline"], "What to run.")
+_SYNTHETIC = flags.DEFINE_string("synthetic", None, "synthetic.npz to score with --mode=evaluate.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    logging.info("JAX %s, devices: %s", jax.__version__, jax.devices())
+    try:
+        config_check.validate(config)
+        if _MODE.value == "condense":
+            runner.run_condensation(config, _WORKDIR.value)
+        elif _MODE.value == "evaluate":
+            if not _SYNTHETIC.value:
+                raise ValueError("--mode=evaluate needs --synthetic=<path to synthetic.npz>")
+            evaluate.run_evaluation(config, _WORKDIR.value, _SYNTHETIC.value)
+        else:
+            baselines.run_baseline(config, _WORKDIR.value)
+    except (ValueError, FileNotFoundError, runner.NonFiniteLossError) as e:
+        # Bad input: one clear line, not a traceback from deep inside JAX.
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)
