@@ -309,8 +309,13 @@ def _update_synset(s: StepSettings, syn: SynSet, params, acc, key: Array,
     return syn.replace(images=images, momentum=momentum), metrics
 
 
+@functools.lru_cache(maxsize=8)
 def make_step(s: StepSettings):
-    """The jitted condensation step: (state, data) -> (state, metrics). State is donated."""
+    """The jitted condensation step: (state, data) -> (state, metrics). State is donated.
+
+    Cached per settings, so runs in one process (tests, sweeps, resumes)
+    share one compilation.
+    """
     apply_fn = make_apply_fn(s.model)
     init_fn = make_init_fn(s)
 

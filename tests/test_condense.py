@@ -1,0 +1,179 @@
+"""The jitted condensation step and the resumable run, on the embedded digits.
+
+One tiny setting (ConvNet-D2 on 16x16 digits, IPC 1, small batches) so the
+step compiles once for the whole module (make_step is cached per settings).
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import quick
+from idm_jax import condense
+from idm_jax import data as data_lib
+from idm_jax import export
+from idm_jax import queue as queue_lib
+from idm_jax import runner
+
+
+def tiny_config(iterations=4):
+    c = quick.get_config("1")
+    c.idm.iterations = iterations
+    c.idm.batch_real = 8
+    c.idm.batch_train = 16
+    c.idm.model_train_steps = 2
+    c.idm.net_num = 4
+    c.idm.net_generate_interval = 2
+    c.idm.meter_reset_interval = 3
+    c.log_every = 1
+    c.checkpoint_every = 2
+    c.eval.epochs = 2
+    c.eval.num_seeds = 2
+    c.eval.test_batch_size = 364
+    return c
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data_lib.load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def setup(digits):
+    s = condense.settings_from_config(tiny_config(), digits)
+    return s, condense.device_data(digits), condense.make_step(s)
+
+
+def test_settings_follow_config_and_data(digits, setup):
+    s, _, _ = setup
+    assert s.num_classes == 10 and s.ipc == 1 and s.image_shape == (16, 16, 1)
+    assert s.batch_real == 8 and s.loss.partition_factor == 2 and s.per_class_update
+    big = tiny_config()
+    big.idm.batch_real = 5000  # as CIFAR-100 IPC 1: more than a class holds
+    min_count = int(np.bincount(digits.train_labels).min())
+    assert condense.settings_from_config(big, digits).batch_real == min_count
+
+
+def test_init_from_real_packs_real_images(digits, setup):
+    s, _, _ = setup
+    syn = condense.init_synset(s, digits, seed=0, init="real")
+    assert syn.images.shape == (10, 1, 16, 16, 1)
+    np.testing.assert_array_equal(syn.labels, np.arange(10))
+    assert float(jnp.abs(syn.momentum).max()) == 0.0
+    # Each quadrant is a downscaled real image of that class: its mean lies in
+    # the range of the real images' normalized means.
+    real = data_lib.normalize(digits.train_images, digits.mean, digits.std)
+    lo, hi = float(real.mean(axis=(1, 2, 3)).min()), float(real.mean(axis=(1, 2, 3)).max())
+    quadrant_means = syn.images[:, 0, :8, :8, 0].mean(axis=(1, 2))
+    assert bool(jnp.all((quadrant_means >= lo - 1e-4) & (quadrant_means <= hi + 1e-4)))
+
+
+def test_step_updates_state_queue_and_compiles_once(digits, setup):
+    s, data, step = setup
+    state = condense.init_state(s, digits, 0, "real")
+    images0 = np.asarray(state.syn.images)
+    sizes, accs = [], []
+    for _ in range(5):
+        state, m = step(state, data)
+        sizes.append(int(m["queue_size"]))
+        accs.append(float(m["match_acc"]))
+        assert np.isfinite(float(m["loss"])) and float(m["mmd"]) > 0
+    assert step._cache_size() == 1  # pylint: disable=protected-access
+    assert int(state.step) == 5
+    # 3 initial nets; pushes at iterations 0, 2, 4 (interval 2) into 4 slots.
+    assert sizes == [4, 4, 4, 4, 4]
+    np.testing.assert_array_equal(np.sort(np.asarray(state.queue.born)), [0, 0, 2, 4])
+    assert float(np.abs(np.asarray(state.syn.images) - images0).max()) > 0
+    # 2 nets trained x 2 steps x 16 images per iteration; meters reset at iteration 3.
+    assert float(state.queue.seen.sum()) == pytest.approx(2 * 2 * 2 * 16)
+    assert accs[0] == 0.0  # nothing trained before the first iteration's matching
+
+
+def test_nonfinite_loss_freezes_state(digits, setup):
+    s, data, step = setup
+    state = condense.init_state(s, digits, 0, "real")
+    state, _ = step(state, data)
+    good = np.asarray(state.syn.images)
+    bad = state.replace(syn=state.syn.replace(images=state.syn.images.at[0].set(jnp.nan)))
+    bad_images = np.asarray(bad.syn.images)
+    # (XLA:CPU's fused ReLU may turn NaN into 0, so the loss itself can look
+    # finite; the step also checks the updated images.)
+    frozen, _ = step(bad, data)
+    assert int(frozen.nonfinite_step) == 1 and int(frozen.step) == 1
+    np.testing.assert_array_equal(np.asarray(frozen.syn.images), bad_images)
+    frozen, _ = step(frozen, data)  # stays frozen, keeps the first bad iteration
+    assert int(frozen.nonfinite_step) == 1 and int(frozen.step) == 1
+    assert good.shape == bad_images.shape
+
+
+def test_dm_mode_uses_a_fresh_net_and_no_queue(digits):
+    c = tiny_config()
+    c.idm.use_queue, c.idm.partition_factor, c.idm.use_ce = False, 1, False
+    s = condense.settings_from_config(c, digits)
+    state = condense.init_state(s, digits, 0, "noise")
+    assert state.queue is None
+    state, m = condense.make_step(s)(state, condense.device_data(digits))
+    assert float(m["match_acc"]) == 0.0 and float(m["ce"]) == 0.0 and "queue_acc" not in m
+
+
+def _npz(path):
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_run_end_to_end_outputs_and_resume_equals_uninterrupted(tmp_path):
+    full_dir, split_dir = str(tmp_path / "full"), str(tmp_path / "split")
+    summary = runner.run_condensation(tiny_config(), full_dir)
+    for name in ("synthetic.npz", "synthetic.png", "config.json", "metrics.jsonl",
+                 "results.json", "results.md"):
+        assert os.path.exists(os.path.join(full_dir, name)), name
+    rows = [json.loads(l) for l in open(os.path.join(full_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) and "it_per_s" in r for r in rows)
+    results = json.load(open(os.path.join(full_dir, "results.json")))
+    assert results["ipc"] == 1 and 0.0 <= results["archs"]["ConvNet"]["mean"] <= 100.0
+    assert summary["step"] == 4
+
+    synset = export.load_synthetic(os.path.join(full_dir, "synthetic.npz"))
+    assert synset.images_normalized.shape == (10, 16, 16, 1) and synset.partition_factor == 2
+    np.testing.assert_array_equal(synset.labels, np.arange(10))
+    assert synset.images.min() >= 0.0 and synset.images.max() <= 1.0
+
+    # Interrupted after 2 iterations (checkpoint), then the same call resumes.
+    part = runner.run_condensation(tiny_config(), split_dir, max_steps=2)
+    assert part["step"] == 2
+    rest = runner.run_condensation(tiny_config(), split_dir)
+    assert rest["start_step"] == 2 and rest["step"] == 4
+    a = _npz(os.path.join(full_dir, "synthetic.npz"))
+    b = _npz(os.path.join(split_dir, "synthetic.npz"))
+    np.testing.assert_array_equal(a["images_normalized"], b["images_normalized"])
+    rows = [json.loads(l) for l in open(os.path.join(split_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_nonfinite_run_stops_with_clear_error_and_keeps_checkpoint(tmp_path, monkeypatch):
+    c = tiny_config()
+    workdir = str(tmp_path / "nan")
+    runner.run_condensation(c, workdir, max_steps=2)  # checkpoint at 2
+    real_init = condense.init_state
+
+    def poisoned(*args, **kwargs):  # the restored state is fine; poison it after restore
+        return real_init(*args, **kwargs)
+
+    monkeypatch.setattr(condense, "init_state", poisoned)
+    real_restore = runner.restore_or_init
+
+    def restore_then_poison(*args, **kwargs):
+        state = real_restore(*args, **kwargs)
+        return state.replace(syn=state.syn.replace(images=state.syn.images * jnp.inf))
+
+    monkeypatch.setattr(runner, "restore_or_init", restore_then_poison)
+    with pytest.raises(runner.NonFiniteLossError, match="non-finite .* at iteration 2"):
+        runner.run_condensation(c, workdir)
+    mngr = runner.checkpoint_manager(workdir, 2)
+    assert mngr.latest_step() == 2  # nothing newer was written
+    mngr.close()
