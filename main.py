@@ -54,5 +54,17 @@ def main(argv):
         sys.exit(2)
 
 
+def parse_flags(argv):
+    """absl flag parsing, with config typos reported in one line, not a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError, ValueError, flags.Error) as e:
+        message = " ".join(str(e).replace("\\'", "'").replace("\\n", " ").split())
+        if "Traceback" in message:  # an error raised inside a config file
+            message = message.rsplit("Error: ", 1)[-1]
+        print(f"error: bad flag or config: {message.strip(chr(39))}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
