@@ -11,10 +11,19 @@ PyTorch nets the release uses (REFERENCE.md, "Networks"): weights and biases uni
 +-1/sqrt(fan_in), norm scale 1 and bias 0, "instance norm" = GroupNorm with one channel per
 group (affine, eps 1e-5), batch norm with PyTorch's momentum 0.1 (flax momentum 0.9).
 Paddings are explicit (PyTorch style, symmetric) so strided convs match torch exactly.
+
+Every conv is a flax ``nn.Conv`` whose weight gradient comes either from XLA (``conv_impl="xla"``)
+or from one im2col matmul (``"matmul"``, see `conv_general_dilated_matmul_grad`): XLA:CPU computes
+conv weight gradients slowly (about 3x the time of the input gradient for ConvNet-3's middle
+layer), the matmul is 3-4x faster there; inside while loops (lax.scan without unroll) XLA's
+weight gradient is ~30x slower again, the matmul is not. ``"auto"`` (the default) picks "matmul"
+on the CPU backend and the plain XLA conv elsewhere. Forward values and parameters are the same
+either way.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 Array = jax.Array
 
@@ -30,6 +40,8 @@ NORMS = ("instance", "batch", "none")
 POOLINGS = ("avg", "max", "none")
 # The methods `apply_model` may run: all three share the parameters created by `init`.
 METHODS = ("__call__", "embed", "embed_and_logits")
+# How conv weight gradients are computed; "auto" = "matmul" on the CPU backend, else "xla".
+CONV_IMPLS = ("auto", "xla", "matmul")
 
 # PyTorch's default kernel init (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
 # i.e. variance 1/(3 fan_in): variance scaling 1/3, fan_in, uniform.
@@ -51,16 +63,106 @@ def _check_choice(what: str, value: str, choices: Sequence[str]) -> None:
         raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(choices)}")
 
 
+def resolve_conv_impl(conv_impl: str) -> str:
+    """"xla" or "matmul" for a CONV_IMPLS value; "auto" looks at jax.default_backend() (call at trace time)."""
+    _check_choice("conv_impl", conv_impl, CONV_IMPLS)
+    if conv_impl == "auto":
+        return "matmul" if jax.default_backend() == "cpu" else "xla"
+    return conv_impl
+
+
+_NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
+
+
+def _xla_conv(x: Array, kernel: Array, strides: tuple[int, int], pads: tuple[tuple[int, int], ...],
+              precision: Any) -> Array:
+    return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_NHWC_HWIO,
+                                    precision=precision)
+
+
+def conv_weight_grad_matmul(x: Array, g: Array, kernel_shape: tuple[int, int, int, int],
+                            strides: tuple[int, int], pads: Sequence[tuple[int, int]],
+                            precision: Any = None) -> Array:
+    """Gradient w.r.t. the kernel of `lax.conv_general_dilated(x, kernel, strides, pads)` (NHWC, HWIO).
+
+    x: f32[N, H, W, Cin], g (output cotangent): f32[N, Ho, Wo, Cout] -> f32[kh, kw, Cin, Cout].
+    im2col: the kh*kw (strided) views of the padded input that meet kernel tap (i, j) are
+    concatenated along channels, cols: [N*Ho*Wo, kh*kw*Cin], and dkernel = cols^T @ g.
+    """
+    kh, kw, cin, cout = kernel_shape
+    n, ho, wo, _ = g.shape
+    sh, sw = strides
+    # lax.pad also takes negative (cropping) pads, as lax.conv_general_dilated does.
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+    views = [lax.slice(xp, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, cin),
+                       (1, sh, sw, 1))
+             for i in range(kh) for j in range(kw)]
+    cols = jnp.concatenate(views, axis=-1).reshape(n * ho * wo, kh * kw * cin)
+    dkernel = jnp.matmul(cols.T, g.reshape(n * ho * wo, cout), precision=precision)
+    return dkernel.reshape(kernel_shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_matmul_grad(x: Array, kernel: Array, strides: tuple[int, int],
+                      pads: tuple[tuple[int, int], ...], precision: Any) -> Array:
+    return _xla_conv(x, kernel, strides, pads, precision)
+
+
+def _conv_matmul_grad_fwd(x, kernel, strides, pads, precision):
+    return _xla_conv(x, kernel, strides, pads, precision), (x, kernel)
+
+
+def _conv_matmul_grad_bwd(strides, pads, precision, residuals, g):
+    x, kernel = residuals
+    # The conv is linear in x: its transpose is XLA's own input gradient (fast on CPU).
+    dx, = jax.linear_transpose(lambda x_: _xla_conv(x_, kernel, strides, pads, precision), x)(g)
+    dkernel = conv_weight_grad_matmul(x, g, kernel.shape, strides, pads, precision)
+    return dx, dkernel.astype(kernel.dtype)
+
+
+_conv_matmul_grad.defvjp(_conv_matmul_grad_fwd, _conv_matmul_grad_bwd)
+
+
+def conv_general_dilated_matmul_grad(lhs: Array, rhs: Array, window_strides: Sequence[int],
+                                     padding: str | Sequence[tuple[int, int]],
+                                     lhs_dilation: Sequence[int] | None = None,
+                                     rhs_dilation: Sequence[int] | None = None,
+                                     dimension_numbers: Any = None, feature_group_count: int = 1,
+                                     precision: Any = None) -> Array:
+    """Drop-in for `lax.conv_general_dilated` (as `nn.Conv` calls it) with an im2col weight gradient.
+
+    Forward and input gradient are XLA's; the kernel gradient is `conv_weight_grad_matmul`.
+    lhs: f32[N, H, W, Cin] (NHWC), rhs: f32[kh, kw, Cin, Cout] (HWIO) -> f32[N, Ho, Wo, Cout].
+    Supports 2-D convs without dilation or feature groups (all that the networks here need).
+    """
+    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC_HWIO)
+    if lhs.ndim != 4 or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != nhwc:
+        raise ValueError(f"matmul-gradient conv needs 2-D NHWC/HWIO convs, got input shape {lhs.shape}, "
+                         f"dimension_numbers {dimension_numbers}")
+    if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))) or feature_group_count != 1:
+        raise ValueError(f"matmul-gradient conv has no dilation or feature groups, got lhs_dilation "
+                         f"{lhs_dilation}, rhs_dilation {rhs_dilation}, feature_group_count {feature_group_count}")
+    strides = tuple(int(s) for s in window_strides)
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return _conv_matmul_grad(lhs, rhs, strides, pads, precision)
+
+
 def _conv(x: Array, features: int, kernel: int, *, stride: int = 1, padding: int = 0,
-          use_bias: bool = True, name: str | None = None) -> Array:
+          use_bias: bool = True, conv_impl: str = "auto", name: str | None = None) -> Array:
     """Conv with PyTorch semantics: symmetric zero padding `padding`, torch default init.
 
     x: f32[N, H, W, Cin] -> f32[N, H', W', features], H' = floor((H + 2p - k) / stride) + 1.
+    `conv_impl` (CONV_IMPLS) picks how the weight gradient is computed; values are the same.
     """
     fan_in = x.shape[-1] * kernel * kernel
+    conv_fn = (lax.conv_general_dilated if resolve_conv_impl(conv_impl) == "xla"
+               else conv_general_dilated_matmul_grad)
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((padding, padding), (padding, padding)), use_bias=use_bias,
-                   kernel_init=torch_kernel_init, bias_init=torch_bias_init(fan_in), name=name)(x)
+                   kernel_init=torch_kernel_init, bias_init=torch_bias_init(fan_in),
+                   conv_general_dilated=conv_fn, name=name)(x)
 
 
 def _dense(x: Array, features: int, name: str | None = None) -> Array:
@@ -131,12 +233,13 @@ class ConvNet(_TwoHeads):
     width: int = 128
     norm: str = "instance"
     pooling: str = "avg"
+    conv_impl: str = "auto"  # CONV_IMPLS: how conv weight gradients are computed
 
     @nn.compact
     def embed_and_logits(self, x: Array, train: bool = False) -> tuple[Array, Array]:
         """x: f32[N, H, W, C] -> (embedding f32[N, width*H'*W'], logits f32[N, num_classes])."""
         for i in range(self.depth):
-            x = _conv(x, self.width, 3, padding=1, name=f"conv{i}")
+            x = _conv(x, self.width, 3, padding=1, conv_impl=self.conv_impl, name=f"conv{i}")
             x = _norm(x, self.norm, train, name=f"norm{i}")
             x = nn.relu(x)
             x = _pool(x, self.pooling)
@@ -155,6 +258,7 @@ class AlexNet(_TwoHeads):
     num_classes: int
     channels: int = 3
     norm: str = "none"
+    conv_impl: str = "auto"
 
     @nn.compact
     def embed_and_logits(self, x: Array, train: bool = False) -> tuple[Array, Array]:
@@ -164,7 +268,8 @@ class AlexNet(_TwoHeads):
         layers = ((128, 5, 4 if self.channels == 1 else 2, True), (192, 5, 2, True),
                   (256, 3, 1, False), (192, 3, 1, False), (192, 3, 1, True))
         for i, (features, kernel, padding, pool) in enumerate(layers):
-            x = _conv(x, features, kernel, padding=padding, name=f"conv{i}")
+            x = _conv(x, features, kernel, padding=padding, conv_impl=self.conv_impl,
+                      name=f"conv{i}")
             x = _norm(x, self.norm, train, name=f"norm{i}")
             x = nn.relu(x)
             if pool:
@@ -183,6 +288,7 @@ class VGG11(_TwoHeads):
     num_classes: int
     channels: int = 3
     norm: str = "instance"
+    conv_impl: str = "auto"
 
     @nn.compact
     def embed_and_logits(self, x: Array, train: bool = False) -> tuple[Array, Array]:
@@ -194,7 +300,7 @@ class VGG11(_TwoHeads):
                 x = _pool(x, "max")
                 continue
             padding = 3 if (i == 0 and self.channels == 1) else 1
-            x = _conv(x, item, 3, padding=padding, name=f"conv{i}")
+            x = _conv(x, item, 3, padding=padding, conv_impl=self.conv_impl, name=f"conv{i}")
             x = _norm(x, self.norm, train, name=f"norm{i}")
             x = nn.relu(x)
             i += 1
@@ -212,16 +318,18 @@ class BasicBlock(nn.Module):
     features: int
     stride: int = 1
     norm: str = "instance"
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
-        out = _conv(x, self.features, 3, stride=self.stride, padding=1, use_bias=False, name="conv0")
+        conv = functools.partial(_conv, features=self.features, use_bias=False, conv_impl=self.conv_impl)
+        out = conv(x, kernel=3, stride=self.stride, padding=1, name="conv0")
         out = nn.relu(_norm(out, self.norm, train, name="norm0"))
-        out = _conv(out, self.features, 3, padding=1, use_bias=False, name="conv1")
+        out = conv(out, kernel=3, padding=1, name="conv1")
         out = _norm(out, self.norm, train, name="norm1")
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.features:
-            shortcut = _conv(x, self.features, 1, stride=self.stride, use_bias=False, name="shortcut_conv")
+            shortcut = conv(x, kernel=1, stride=self.stride, name="shortcut_conv")
             shortcut = _norm(shortcut, self.norm, train, name="shortcut_norm")
         return nn.relu(out + shortcut)
 
@@ -234,47 +342,53 @@ class ResNet18(_TwoHeads):
     num_classes: int
     channels: int = 3
     norm: str = "instance"
+    conv_impl: str = "auto"
 
     @nn.compact
     def embed_and_logits(self, x: Array, train: bool = False) -> tuple[Array, Array]:
         """x: f32[N, H, W, C] -> (f32[N, 512], f32[N, num_classes])."""
         _check_channels(x, self.channels, "ResNet18")
-        x = _conv(x, 64, 3, padding=1, use_bias=False, name="stem_conv")
+        x = _conv(x, 64, 3, padding=1, use_bias=False, conv_impl=self.conv_impl, name="stem_conv")
         x = nn.relu(_norm(x, self.norm, train, name="stem_norm"))
         for stage, (features, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2))):
             for block in range(2):
-                x = BasicBlock(features, stride if block == 0 else 1, self.norm,
+                x = BasicBlock(features, stride if block == 0 else 1, self.norm, self.conv_impl,
                                name=f"layer{stage + 1}_{block}")(x, train)
         emb = jnp.mean(x, axis=(1, 2))
         return emb, _dense(emb, self.num_classes, name="classifier")
 
 
-# name -> constructor(num_classes, channels)
-_REGISTRY: dict[str, Callable[[int, int], nn.Module]] = {
-    "ConvNet": lambda k, c: ConvNet(k, depth=3),
-    "ConvNetD2": lambda k, c: ConvNet(k, depth=2),
-    "ConvNetD4": lambda k, c: ConvNet(k, depth=4),
-    "ConvNetD6": lambda k, c: ConvNet(k, depth=6),
-    "ConvNetBN": lambda k, c: ConvNet(k, depth=3, norm="batch"),
-    "AlexNet": lambda k, c: AlexNet(k, channels=c, norm="none"),
-    "AlexNetBN": lambda k, c: AlexNet(k, channels=c, norm="batch"),
-    "VGG11": lambda k, c: VGG11(k, channels=c, norm="instance"),
-    "VGG11BN": lambda k, c: VGG11(k, channels=c, norm="batch"),
-    "ResNet18": lambda k, c: ResNet18(k, channels=c, norm="instance"),
-    "ResNet18BN": lambda k, c: ResNet18(k, channels=c, norm="batch"),
+# name -> constructor(num_classes, channels, conv_impl)
+_REGISTRY: dict[str, Callable[[int, int, str], nn.Module]] = {
+    "ConvNet": lambda k, c, i: ConvNet(k, depth=3, conv_impl=i),
+    "ConvNetD2": lambda k, c, i: ConvNet(k, depth=2, conv_impl=i),
+    "ConvNetD4": lambda k, c, i: ConvNet(k, depth=4, conv_impl=i),
+    "ConvNetD6": lambda k, c, i: ConvNet(k, depth=6, conv_impl=i),
+    "ConvNetBN": lambda k, c, i: ConvNet(k, depth=3, norm="batch", conv_impl=i),
+    "AlexNet": lambda k, c, i: AlexNet(k, channels=c, norm="none", conv_impl=i),
+    "AlexNetBN": lambda k, c, i: AlexNet(k, channels=c, norm="batch", conv_impl=i),
+    "VGG11": lambda k, c, i: VGG11(k, channels=c, norm="instance", conv_impl=i),
+    "VGG11BN": lambda k, c, i: VGG11(k, channels=c, norm="batch", conv_impl=i),
+    "ResNet18": lambda k, c, i: ResNet18(k, channels=c, norm="instance", conv_impl=i),
+    "ResNet18BN": lambda k, c, i: ResNet18(k, channels=c, norm="batch", conv_impl=i),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
-def get_model(name: str, num_classes: int, channels: int) -> nn.Module:
-    """The network registered as `name` (see MODEL_NAMES) for `channels`-channel images."""
+def get_model(name: str, num_classes: int, channels: int, conv_impl: str = "auto") -> nn.Module:
+    """The network registered as `name` (see MODEL_NAMES) for `channels`-channel images.
+
+    conv_impl (CONV_IMPLS): how conv weight gradients are computed; "auto" is resolved when the
+    model is traced ("matmul" on CPU, XLA's conv elsewhere). It does not change values or parameters.
+    """
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if channels < 1:
         raise ValueError(f"channels must be >= 1, got {channels}")
-    return _REGISTRY[name](num_classes, channels)
+    _check_choice("conv_impl", conv_impl, CONV_IMPLS)
+    return _REGISTRY[name](num_classes, channels, conv_impl)
 
 
 def init_variables(model: nn.Module, key: Array, image_shape: tuple[int, int, int]) -> dict:

@@ -339,3 +339,129 @@ def test_bad_inputs_raise_clear_errors():
     variables = _shapes(ConvNet(10, depth=1), (8, 8, 1))
     with pytest.raises(ValueError, match="logits"):
         apply_model(ConvNet(10, depth=1), variables, jnp.zeros((1, 8, 8, 1)), train=False, method="logits")
+
+
+# ----------------------------------------------------------------------------- conv weight-gradient impls
+
+class _OneConv(nn.Module):
+    """One `models._conv` layer: the layer every network is built from."""
+    features: int
+    kernel: int
+    stride: int
+    padding: int
+    use_bias: bool
+    conv_impl: str
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        return models._conv(x, self.features, self.kernel, stride=self.stride, padding=self.padding,
+                            use_bias=self.use_bias, conv_impl=self.conv_impl, name="conv")
+
+
+def _outputs_and_grads(model, variables, x, cotangent):
+    """(model(x), d<model(x), cotangent>/d(params, x)) in one jitted call."""
+    def f(params, x):
+        out, vjp = jax.vjp(lambda p, x: model.apply({**variables, "params": p}, x), params, x)
+        return out, vjp(cotangent)
+    return jax.jit(f)(variables["params"], x)
+
+
+# (model with conv_impl left out, image shape HWC): tiny versions of the networks' conv shapes
+_IMPL_CASES = {
+    "convnet_d2_w8": (lambda impl: ConvNet(5, depth=2, width=8, conv_impl=impl), (8, 8, 3)),
+    "alexnet_5x5_pad2": (lambda impl: _OneConv(6, 5, 1, 2, True, impl), (6, 6, 3)),
+    # 7 -> 4 with pad 1 stride 2: the last strided view ends exactly at the padded border
+    "stride2_3x3": (lambda impl: _OneConv(6, 3, 2, 1, False, impl), (7, 7, 4)),
+    "resnet_shortcut_1x1_stride2": (lambda impl: _OneConv(6, 1, 2, 0, False, impl), (6, 6, 4)),
+}
+
+
+@pytest.mark.parametrize("case", list(_IMPL_CASES))
+def test_matmul_weight_grad_matches_xla(case):
+    make, image_shape = _IMPL_CASES[case]
+    variables = _np_variables(make("xla"), image_shape, seed=8)
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((4, *image_shape)).astype(np.float32)
+    out_shape = jax.eval_shape(lambda v, x: make("xla").apply(v, x), variables, x).shape
+    cotangent = rng.standard_normal(out_shape).astype(np.float32)
+    out_x, (grads_x, dx_x) = _outputs_and_grads(make("xla"), variables, x, cotangent)
+    out_m, (grads_m, dx_m) = _outputs_and_grads(make("matmul"), variables, x, cotangent)
+    np.testing.assert_allclose(out_m, out_x, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dx_m, dx_x, rtol=1e-4, atol=1e-6)
+    flat_x = jax.tree_util.tree_leaves_with_path(grads_x)
+    assert jax.tree_util.tree_structure(grads_m) == jax.tree_util.tree_structure(grads_x)
+    for (path, gx), gm in zip(flat_x, jax.tree_util.tree_leaves(grads_m)):
+        if path[-1].key == "kernel":  # (instance norm cancels conv biases: their gradient is ~0)
+            assert float(jnp.abs(gx).max()) > 1e-3, path  # a vanishing gradient would compare trivially
+        np.testing.assert_allclose(gm, gx, rtol=1e-4, atol=1e-6, err_msg=str(path))
+
+
+def test_conv_weight_grad_matmul_against_numpy():
+    # asymmetric padding (0 before, 2 after) and stride 2 on 5x6, kernel 2x3: the function alone
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((2, 5, 6, 3))
+    strides, pads, (kh, kw) = (2, 2), ((0, 2), (0, 2)), (2, 3)
+    xp = np.pad(x, ((0, 0), *pads, (0, 0)))
+    ho, wo = (5 + 2 - kh) // 2 + 1, (6 + 2 - kw) // 2 + 1  # 3, 3
+    g = rng.standard_normal((2, ho, wo, 4))
+    # dL/dk[i, j, c, o] = sum_{n, a, b} xp[n, i + 2a, j + 2b, c] g[n, a, b, o]
+    ref = np.zeros((kh, kw, 3, 4))
+    for i in range(kh):
+        for j in range(kw):
+            ref[i, j] = np.einsum("nabc,nabo->co", xp[:, i:i + 2 * ho:2, j:j + 2 * wo:2], g)
+    dk = models.conv_weight_grad_matmul(jnp.asarray(x, jnp.float32), jnp.asarray(g, jnp.float32),
+                                        (kh, kw, 3, 4), strides, pads)
+    assert dk.shape == (kh, kw, 3, 4)
+    np.testing.assert_allclose(dk, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_impl_dispatch_and_same_parameters():
+    x = jnp.zeros((1, 6, 6, 2))
+    make = lambda impl: ConvNet(3, depth=1, width=4, conv_impl=impl)  # noqa: E731
+    inits = {impl: init_variables(make(impl), KEY, (6, 6, 2)) for impl in ("xla", "matmul")}
+    jax.tree_util.tree_map(np.testing.assert_array_equal, inits["xla"], inits["matmul"])
+
+    def uses_matmul_grad(impl):
+        return "custom_vjp_call" in str(jax.make_jaxpr(lambda v: make(impl).apply(v, x))(inits["xla"]))
+
+    assert uses_matmul_grad("matmul") and not uses_matmul_grad("xla")
+    assert uses_matmul_grad("auto") == (jax.default_backend() == "cpu")  # plain XLA conv on GPU/TPU
+    assert models.resolve_conv_impl("auto") == ("matmul" if jax.default_backend() == "cpu" else "xla")
+    assert get_model("ResNet18", 5, 3, conv_impl="xla") == ResNet18(5, conv_impl="xla")
+    assert get_model("AlexNet", 5, 3).conv_impl == "auto"
+
+
+def test_bad_conv_impl_raises():
+    with pytest.raises(ValueError, match="'cudnn'"):
+        get_model("ConvNet", 10, 3, conv_impl="cudnn")
+    with pytest.raises(ValueError, match="'fast'"):
+        _shapes(ConvNet(10, depth=1, conv_impl="fast"), (8, 8, 1))
+    with pytest.raises(ValueError, match="'im2col'"):
+        _shapes(ResNet18(10, conv_impl="im2col"), (8, 8, 3))
+
+
+def test_vmapped_training_step_over_members_with_matmul_grad():
+    # The model queue / evaluator vmap one SGD step over members with different weights and data.
+    model_m = ConvNet(3, depth=1, width=4, conv_impl="matmul")
+    model_x = ConvNet(3, depth=1, width=4, conv_impl="xla")
+    members = [_np_variables(model_x, (6, 6, 2), seed=s)["params"] for s in (11, 12)]
+    stacked = jax.tree_util.tree_map(lambda *p: jnp.stack(p), *members)
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((2, 4, 6, 6, 2)).astype(np.float32)
+    labels = rng.integers(0, 3, (2, 4))
+
+    def step(model, params, x, labels):
+        def loss(p):
+            logits = model.apply({"params": p}, x)
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+        grads = jax.grad(loss)(params)
+        return jax.tree_util.tree_map(lambda p, g: p - 0.5 * g, params, grads)
+
+    vmapped = jax.jit(jax.vmap(lambda p, x, y: step(model_m, p, x, y)))(stacked, x, labels)
+    step_x = jax.jit(lambda p, x, y: step(model_x, p, x, y))
+    for m in range(2):
+        ref = step_x(members[m], x[m], labels[m])
+        moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), ref, members[m])
+        assert moved["conv0"]["kernel"] > 1e-4  # the step changed the conv weights
+        got = jax.tree_util.tree_map(lambda a: a[m], vmapped)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, ref)
