@@ -19,9 +19,10 @@ enters the batch statistics) and no compute is spent on padding.
 The `num_seeds` networks' states are stacked on a leading axis. Two switches say how they run
 (``"auto"`` picks by backend; a seed's randomness does not depend on them):
 
-* ``seed_parallel``: ``"vmap"`` trains all seeds in one batched computation (GPU/TPU: five
-  networks for about the price of one); ``"map"`` one after another (CPU, where vmapped
-  convolutions over different weights become grouped convolutions, measured far slower).
+* ``seed_parallel``: ``"vmap"`` trains all seeds in one batched computation (the intended
+  path on GPU/TPU, where small per-network batches leave the device idle); ``"map"`` one after
+  another (CPU, where vmapped convolutions over different weights become grouped convolutions,
+  measured far slower).
 * ``loop``: ``"device"`` runs a chunk of epochs in one jitted call (`lax.fori_loop` over epochs
   with a traced count, so one compile serves every chunk; `lax.scan` over batches);
   ``"host"`` jits one step and loops in Python (CPU: XLA:CPU runs a training step inside a
@@ -70,7 +71,7 @@ def epoch_plan(epochs: int, schedule: str = "release") -> tuple[int, int]:
         num_passes = int(epochs) + 1
         return num_passes, min(int(epochs) // 2 + 2, num_passes)
     if schedule == "paper":
-        return int(epochs), max(1, int(epochs) // 2) if epochs > 1 else 1
+        return int(epochs), max(1, int(epochs) // 2)
     raise ValueError(f"unknown lr schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
 
 
@@ -348,7 +349,9 @@ class TrainedNets:
     variables: pytree with leading axis S; forget_counts: int32[S, N] forgetting events per
     training example, with examples never classified correctly set to num_passes + 1 (Toneva et
     al. treat them as forgotten infinitely often); train_loss / train_accuracy: f32[S] over the
-    last epoch (accuracy in %, on augmented batches); seconds: wall time including compilation.
+    last epoch (accuracy in %, on augmented batches); seconds: wall time including compilation;
+    first_epoch_seconds: the first pass (carries the compilation); seconds_per_epoch: steady
+    wall time of one pass of all seeds (NaN when there was only one pass).
     """
 
     variables: Any
@@ -357,6 +360,8 @@ class TrainedNets:
     train_accuracy: np.ndarray
     seconds: float
     num_passes: int
+    first_epoch_seconds: float = float("nan")
+    seconds_per_epoch: float = float("nan")
 
 
 def _check_training_set(images: Any, labels: Any, num_classes: int) -> tuple[Any, np.ndarray]:
@@ -417,7 +422,7 @@ def train_networks(model: nn.Module, images: Any, labels: Any, *, key: jax.Array
     total_passes = num_passes * len(groups)
 
     t0 = time.perf_counter()
-    done, t_steady, passes_steady = 0, 0.0, 0
+    done, t_steady, passes_steady, first_seconds = 0, 0.0, 0, float("nan")
     finished = []
     for g, group in enumerate(groups):
         states = jax.tree.map(lambda a: a[group], all_states)
@@ -442,6 +447,7 @@ def train_networks(model: nn.Module, images: Any, labels: Any, *, key: jax.Array
                 dt = time.perf_counter() - t
                 p, done = p + count, done + count
                 if done == count:
+                    first_seconds = dt
                     logging.info("%s: compiled + first epoch in %.1f s (%d seeds, %s, %s loop, %d images)",
                                  label, dt, num_seeds, mode, loop, n)
                     continue
@@ -460,7 +466,9 @@ def train_networks(model: nn.Module, images: Any, labels: Any, *, key: jax.Array
     return TrainedNets(variables=states.variables, forget_counts=forgets,
                        train_loss=np.asarray(states.loss_sum) / n,
                        train_accuracy=np.asarray(states.correct_sum) / n * 100.0,
-                       seconds=seconds, num_passes=num_passes)
+                       seconds=seconds, num_passes=num_passes, first_epoch_seconds=first_seconds,
+                       seconds_per_epoch=(t_steady / passes_steady * len(groups) if passes_steady
+                                          else float("nan")))
 
 
 def measure_accuracy(model: nn.Module, stacked_variables: Any, test_images: Any, test_labels: Any, *,
@@ -550,6 +558,8 @@ def train_and_evaluate(images: Any, labels: Any, test_images: Any, test_labels: 
         "schedule": schedule,
         "num_train_images": int(images.shape[0]),
         "train_seconds": float(nets.seconds),
+        "first_epoch_seconds": float(nets.first_epoch_seconds),
+        "seconds_per_epoch": float(nets.seconds_per_epoch),
         "test_seconds": float(test_seconds),
         "seed_parallel": mode,
         "loop": resolve_loop(loop),
@@ -588,6 +598,9 @@ def evaluate_archs(images: Any, labels: Any, dataset: Any, eval_cfg: Mapping[str
     evaluation during condensation uses fewer).
     """
     archs = parse_archs(archs)
+    if partition_factor > 1 and np.asarray(images).dtype == np.uint8:
+        raise ValueError("partition needs normalized float images, got uint8 (pass "
+                         "normalize(images, mean, std))")
     if partition_factor > 1:
         images, labels = augment.partition_expand(jnp.asarray(images, jnp.float32),
                                                   jnp.asarray(labels), partition_factor)

@@ -287,10 +287,25 @@ def _to_json(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+def _finite(value: Any) -> Any:
+    """NaN / inf floats -> None (strict JSON has no NaN), through dicts, lists and tuples."""
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        return None
+    return value
+
+
 def write_results(workdir: str, results: Mapping[str, Any], name: str = "results.json") -> str:
-    """Writes `results` as indented JSON to `workdir`/`name` atomically; returns the path."""
+    """Writes `results` as indented JSON to `workdir`/`name` atomically; returns the path.
+
+    numpy / jax values become plain numbers and lists; NaN and inf become null.
+    """
     path = os.path.join(workdir, name)
-    text = json.dumps(results, indent=2, sort_keys=False, default=_to_json)
+    plain = json.loads(json.dumps(results, default=_to_json))
+    text = json.dumps(_finite(plain), indent=2, allow_nan=False)
     with _atomic_file(path, ".tmp") as f:
         f.write(text.encode() + b"\n")
     return path

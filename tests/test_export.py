@@ -187,10 +187,11 @@ def test_grid_png_rows_are_classes(tmp_path):
 
 def test_write_results_round_trip(tmp_path):
     results = {"method": "random", "archs": {"ConvNet": {"accuracies": np.array([50.0, 52.0]),
-                                                        "mean": np.float32(51.0)}}}
+                                                        "mean": np.float32(51.0),
+                                                        "seconds_per_epoch": float("nan")}}}
     path = export.write_results(str(tmp_path), results)
     assert json.load(open(path)) == {"method": "random", "archs": {"ConvNet": {
-        "accuracies": [50.0, 52.0], "mean": 51.0}}}
+        "accuracies": [50.0, 52.0], "mean": 51.0, "seconds_per_epoch": None}}}
     assert os.listdir(tmp_path) == ["results.json"]
 
 
