@@ -94,9 +94,10 @@ class StepSettings:
     model_weight_decay: float
     meter_reset_interval: int
     queue_train_impl: str  # "vmap" | "map"
-    # XLA:CPU runs a weight-gradient conv inside a while loop ~40x slower than
-    # unrolled (measured, jax 0.10): on CPU the queue's SGD steps are unrolled.
-    unroll_train_steps: bool = False
+    # XLA:CPU runs gradients of convs inside a while loop 2-40x slower than
+    # unrolled code (measured, jax 0.10): on CPU, loops over SGD steps and
+    # class chunks are unrolled at trace time; on GPU/TPU they stay loops.
+    unroll_loops: bool = False
 
     @functools.cached_property
     def model(self):
@@ -136,7 +137,7 @@ def settings_from_config(config, ds: data_lib.ArrayDataset) -> StepSettings:
         model_lr=idm.model_lr, model_momentum=idm.model_momentum,
         model_weight_decay=idm.model_weight_decay,
         meter_reset_interval=idm.meter_reset_interval, queue_train_impl=impl,
-        unroll_train_steps=jax.default_backend() == "cpu")
+        unroll_loops=jax.default_backend() == "cpu")
 
 
 # ----------------------------------------------------------------------------
@@ -186,7 +187,7 @@ def make_member_train_fn(s: StepSettings, data: DeviceData):
         keys = jax.random.split(key, s.model_train_steps)
         (params, opt_state, correct), _ = jax.lax.scan(
             sgd_step, (params, opt_state, jnp.zeros((), jnp.int32)), keys,
-            unroll=s.unroll_train_steps)
+            unroll=s.unroll_loops)
         seen = jnp.asarray(s.model_train_steps * s.batch_train, jnp.float32)
         return params, opt_state, correct.astype(jnp.float32), seen
 
@@ -275,6 +276,20 @@ def _matching_net(s: StepSettings, state: CondenseState, key: Array, init_fn):
     return queue, queue_lib.member(queue, slot), queue_lib.accuracy(queue, slot)
 
 
+def map_in_chunks(fn, inputs, chunk: int, *, unroll: bool):
+    """fn mapped over the leading axis, `chunk` elements vectorised at a time.
+
+    Bounds memory like lax.map(batch_size=chunk). With unroll, the chunks are
+    a trace-time loop (no while loop; one chunk is plain vmap).
+    """
+    n = jax.tree.leaves(inputs)[0].shape[0]
+    if not unroll:
+        return jax.lax.map(fn, inputs, batch_size=chunk) if chunk < n else jax.vmap(fn)(inputs)
+    outputs = [jax.vmap(fn)(jax.tree.map(lambda x, i=i: x[i:i + chunk], inputs))
+               for i in range(0, n, chunk)]
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outputs)
+
+
 def _update_synset(s: StepSettings, syn: SynSet, params, acc, key: Array,
                    data: DeviceData, apply_fn):
     """Per-class loss, gradient and momentum-SGD update, mapped over classes."""
@@ -302,9 +317,9 @@ def _update_synset(s: StepSettings, syn: SynSet, params, acc, key: Array,
 
         return momentum_sgd_update(images, buf, grad_fn, s.lr_img, s.momentum_img, n_before, n_after)
 
-    images, momentum, (losses, parts) = jax.lax.map(
-        one_class, (syn.images, syn.momentum, classes, real_keys, dsa_keys, before, after),
-        batch_size=s.class_batch)
+    inputs = (syn.images, syn.momentum, classes, real_keys, dsa_keys, before, after)
+    images, momentum, (losses, parts) = map_in_chunks(one_class, inputs, s.class_batch,
+                                                      unroll=s.unroll_loops)
     metrics = {"loss": losses.mean(), "mmd": parts["mmd"].mean(), "ce": parts["ce"].mean()}
     return syn.replace(images=images, momentum=momentum), metrics
 

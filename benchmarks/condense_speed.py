@@ -1,0 +1,102 @@
+"""Seconds per condensation iteration and peak memory, CIFAR-10 IPC 1/10/50.
+
+    python benchmarks/condense_speed.py                      # IPC 1, 10, 50; release settings
+    python benchmarks/condense_speed.py --ipc=10 --steps=5 --impl=map,vmap
+
+Each setting runs in its own process (so peak memory is its own): build the
+release's config, compile the step, run --steps iterations after the first
+(compile) one and report the median. Real CIFAR-10 from the config's source
+(../shared/data/cifar10-jpeg.tar.gz beside the checkout when present).
+Prints one markdown table; copy it into docs/RESULTS.md with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def measure_one(ipc: int, method: str, impl: str, steps: int, config_name: str) -> dict:
+    import importlib  # pylint: disable=g-import-not-at-top
+
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+
+    from idm_jax import condense, evaluate  # pylint: disable=g-import-not-at-top
+
+    config = importlib.import_module(f"configs.{config_name}").get_config(f"{ipc},{method}")
+    config.idm.queue_train_impl = impl
+    ds = evaluate.load_config_dataset(config)
+    s = condense.settings_from_config(config, ds)
+    state = condense.init_state(s, ds, 0, config.idm.init)
+    data = condense.device_data(ds)
+    step = condense.make_step(s)
+    t0 = time.perf_counter()
+    state, metrics = step(state, data)
+    jax.block_until_ready(state)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = step(state, data)
+        jax.block_until_ready(state)
+        times.append(time.perf_counter() - t0)
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    peak = (stats or {}).get("peak_bytes_in_use")
+    if peak is None:  # CPU: the process's peak resident memory
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    sec = float(np.median(times))
+    real_images = s.batch_real * s.num_classes + (
+        s.fetch_net_num * s.model_train_steps * s.batch_train if s.use_queue else 0)
+    return {"ipc": ipc, "method": method, "impl": s.queue_train_impl if s.use_queue else "-",
+            "update": "per_class" if s.per_class_update else "joint",
+            "first_step_s": first, "s_per_it": sec, "real_images_per_s": real_images / sec,
+            "peak_gib": peak / 2**30, "loss": float(metrics["loss"]),
+            "device": f"{dev.platform}:{dev.device_kind}", "jax": jax.__version__}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ipc", default="1,10,50")
+    parser.add_argument("--method", default="idm", help="idm, dm or idm,dm")
+    parser.add_argument("--impl", default="auto", help="queue training: auto, map, vmap (comma list)")
+    parser.add_argument("--steps", type=int, default=3, help="timed iterations after the first")
+    parser.add_argument("--config", default="cifar10")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure_one(int(args.ipc), args.method, args.impl, args.steps, args.config)))
+        return
+    rows = []
+    for method in args.method.split(","):
+        for ipc in args.ipc.split(","):
+            for impl in args.impl.split(","):
+                cmd = [sys.executable, __file__, "--one", f"--ipc={ipc}", f"--method={method}",
+                       f"--impl={impl}", f"--steps={args.steps}", f"--config={args.config}"]
+                out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                if out.returncode != 0:
+                    print(f"IPC {ipc} {method} {impl} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(f"done: {rows[-1]}", file=sys.stderr, flush=True)
+    print(f"\n{args.config}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{rows[0]['device'] if rows else ''}, jax {rows[0]['jax'] if rows else ''}\n")
+    print("| method | IPC | queue training | synthetic update | compile + 1st it (s) | s / it | real images / s | peak memory (GiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['ipc']} | {r['impl']} | {r['update']} | {r['first_step_s']:.1f} | "
+              f"{r['s_per_it']:.2f} | {r['real_images_per_s']:.0f} | {r['peak_gib']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
