@@ -25,8 +25,8 @@ The `num_seeds` networks' states are stacked on a leading axis. Two switches say
   measured far slower).
 * ``loop``: ``"device"`` runs a chunk of epochs in one jitted call (`lax.fori_loop` over epochs
   with a traced count, so one compile serves every chunk; `lax.scan` over batches);
-  ``"host"`` jits one step and loops in Python (CPU: XLA:CPU runs a training step inside a
-  device loop ~20x slower, see `resolve_loop`).
+  ``"host"`` jits one step and loops in Python (CPU: a training step inside a device loop is
+  slower there, see `resolve_loop`).
 """
 
 from __future__ import annotations
@@ -115,9 +115,12 @@ def resolve_seed_parallel(seed_parallel: str) -> str:
 def resolve_loop(loop: str) -> str:
     """"device" or "host"; "auto" -> "host" on CPU, else "device".
 
-    On XLA:CPU a training step inside a device loop (scan / while) runs ~20x slower than the
-    same step jitted alone: the weight-gradient convolutions keep their non-canonical layouts
-    there and miss the fast Eigen path (measured: ConvNet-2 step 45 ms alone, 930 ms in a scan).
+    On XLA:CPU a training step inside a device loop (scan / while) is slower than the same step
+    jitted alone: XLA's weight-gradient convolutions keep non-canonical layouts in loop bodies
+    and miss the fast path (ConvNet-2 step: 45 ms alone, 930 ms in a scan with
+    conv_impl="xla"). With the models' CPU default (conv_impl="matmul") the gap is smaller but
+    remains: CIFAR-10 IPC 10, 5 ConvNets, 53.9 s per epoch host vs 66.8 s device, and the
+    device loop compiles 3x longer (benchmarks/evaluate_speed.py).
     """
     if loop not in LOOPS:
         raise ValueError(f"unknown loop {loop!r}; valid: {', '.join(LOOPS)}")
