@@ -82,6 +82,12 @@ def get_config() -> ml_collections.ConfigDict:
   # The seeds' networks train together with jax.vmap (GPU/TPU) or lax.map
   # (CPU, where vmapped convs are slow grouped convs). "auto": by backend.
   c.eval.seed_parallel = "auto"
+  # "device": epochs run in a jitted loop (GPU/TPU); "host": one jitted step,
+  # Python loop (CPU, where conv gradients inside loops are slow). "auto".
+  c.eval.loop = "auto"
+  # "release": epochs+1 passes, lr x0.1 and a fresh optimizer after pass
+  # epochs//2+1 (what the release runs); "paper": epochs passes, drop at half.
+  c.eval.schedule = "release"
 
   c.baseline = ml_collections.ConfigDict()
   c.baseline.method = "random"  # "random" | "herding" | "forgetting" | "whole"

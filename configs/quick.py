@@ -17,6 +17,7 @@ DATASET = {
     "idm.net_generate_interval": 10,
     "idm.model_train_steps": 5,
     "idm.meter_reset_interval": 50,
+    "eval.archs": "ConvNetD2",  # the matching net; ConvNet-3 leaves a 2x2 map on 16x16
     "eval.epochs": 300,
     "eval.num_seeds": 3,
     "eval.interval": 0,

@@ -14,6 +14,8 @@ UPDATE_MODES = ("per_class", "joint")
 INITS = ("real", "noise")
 QUEUE_TRAIN_IMPLS = ("auto", "vmap", "map")
 SEED_PARALLEL = ("auto", "vmap", "map")
+EVAL_LOOPS = ("auto", "device", "host")
+EVAL_SCHEDULES = ("release", "paper")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -78,6 +80,9 @@ def validate(config) -> None:
                  f"eval.archs names unknown model {arch!r}; valid: {', '.join(models.MODEL_NAMES)}")
     _require(ev.seed_parallel in SEED_PARALLEL,
              f"eval.seed_parallel must be one of {SEED_PARALLEL}, got {ev.seed_parallel!r}")
+    _require(ev.loop in EVAL_LOOPS, f"eval.loop must be one of {EVAL_LOOPS}, got {ev.loop!r}")
+    _require(ev.schedule in EVAL_SCHEDULES,
+             f"eval.schedule must be one of {EVAL_SCHEDULES}, got {ev.schedule!r}")
     _positive_ints(config, "", ["log_every", "checkpoint_every", "keep_checkpoints"])
 
 

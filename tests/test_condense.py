@@ -135,7 +135,7 @@ def test_run_end_to_end_outputs_and_resume_equals_uninterrupted(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) and "it_per_s" in r for r in rows)
     results = json.load(open(os.path.join(full_dir, "results.json")))
-    assert results["ipc"] == 1 and 0.0 <= results["archs"]["ConvNet"]["mean"] <= 100.0
+    assert results["ipc"] == 1 and 0.0 <= results["archs"]["ConvNetD2"]["mean"] <= 100.0
     assert summary["step"] == 4
 
     synset = export.load_synthetic(os.path.join(full_dir, "synthetic.npz"))

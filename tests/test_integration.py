@@ -20,11 +20,11 @@ def test_idm_ipc1_beats_random_ipc1_on_digits(tmp_path):
     idm = _eval_settings(quick.get_config("1"))
     idm.idm.iterations = 100
     summary = runner.run_condensation(idm, str(tmp_path / "idm"))
-    idm_acc = summary["results"]["archs"]["ConvNet"]
+    idm_acc = summary["results"]["archs"][idm.eval.archs]
 
     rnd = _eval_settings(quick.get_config("1"))
     rnd.baseline.method = "random"
-    rnd_acc = baselines.run_baseline(rnd, str(tmp_path / "random"))["archs"]["ConvNet"]
+    rnd_acc = baselines.run_baseline(rnd, str(tmp_path / "random"))["archs"][rnd.eval.archs]
 
     print(f"IDM IPC1 {idm_acc['mean']:.1f} ± {idm_acc['std']:.1f} vs "
           f"Random IPC1 {rnd_acc['mean']:.1f} ± {rnd_acc['std']:.1f}")
