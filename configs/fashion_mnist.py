@@ -1,4 +1,4 @@
-"""Fashion-MNIST (10 classes, 28x28x1); not in the release's table: CIFAR-10"s values.
+"""Fashion-MNIST (10 classes, 28x28x1); not in the release's table: CIFAR-10's values.
 
 Usage: --config=configs/fashion_mnist.py:<ipc>[,dm], e.g. configs/fashion_mnist.py:10 or
 configs/fashion_mnist.py:1,dm. Without ":<ipc>" the IPC is 10. The per-IPC rows are
@@ -8,9 +8,7 @@ configs/base.py's default.
 
 import os
 
-from configs.base import first_existing, make_config  # pylint: disable=unused-import
-
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from configs.base import make_config
 
 
 def _source() -> str:

@@ -8,9 +8,7 @@ configs/base.py's default.
 
 import os
 
-from configs.base import first_existing, make_config  # pylint: disable=unused-import
-
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from configs.base import make_config
 
 
 def _source() -> str:
