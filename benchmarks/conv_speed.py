@@ -9,8 +9,10 @@ gradient) the script times, after compilation, on random 32x32x3 images and labe
 * scan5:     (with --scan) 5 such steps inside one lax.scan (a while loop), per step; XLA:CPU runs
              conv weight gradients inside while loops far slower (notes/CPU_WHILE_LOOP_BUG.md)
 
-and prints one table in milliseconds (median of --repeats runs) with the compile time of the
-step. The machine may be shared: the script prints the load average before and after.
+and prints one table in milliseconds (median of --repeats runs, and the fastest training step)
+with the compile time of the step and the speed-up of the training step over the first impl.
+The impls are timed in turns, as the machine may be shared; the script prints the load average
+before and after.
 
   python benchmarks/conv_speed.py                                   # ConvNet-3 only, batch 256
   python benchmarks/conv_speed.py --archs=ConvNet,AlexNet,VGG11,ResNet18 --repeats=2
@@ -39,15 +41,11 @@ IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
 
 
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of `fn()` (blocked until ready) in ms, after one warm-up call."""
+def time_ms(fn: Callable[[], object]) -> float:
+    """Wall time of one `fn()` call, blocked until its outputs are ready, in ms."""
+    start = time.perf_counter()
     jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+    return 1000.0 * (time.perf_counter() - start)
 
 
 def make_step(model, tx: optax.GradientTransformation):
@@ -65,7 +63,8 @@ def make_step(model, tx: optax.GradientTransformation):
     return step
 
 
-def bench(arch: str, impl: str, batch: int, repeats: int, scan: bool) -> dict[str, float]:
+def compile_benchmarks(arch: str, impl: str, batch: int, scan: bool) -> tuple[dict[str, Callable], float]:
+    """({"forward": f, "train": f[, "scan5": f]} zero-argument callables on fixed inputs, compile seconds)."""
     model = models.get_model(arch, NUM_CLASSES, IMAGE_SHAPE[-1], conv_impl=impl)
     key_init, key_x, key_y = jax.random.split(jax.random.PRNGKey(0), 3)
     variables = jax.jit(lambda k: models.init_variables(model, k, IMAGE_SHAPE))(key_init)
@@ -74,16 +73,13 @@ def bench(arch: str, impl: str, batch: int, repeats: int, scan: bool) -> dict[st
     tx = optax.sgd(0.01, momentum=0.9)
     opt_state = tx.init(variables["params"])
     step = make_step(model, tx)
-    row = {}
 
     forward = jax.jit(lambda v, x: models.apply_model(model, v, x, train=False)[0])
-    row["forward"] = median_ms(lambda: forward(variables, x), repeats)
-
+    fns = {"forward": lambda: forward(variables, x)}
     start = time.perf_counter()
     train = jax.jit(step).lower(variables, opt_state, x, y).compile()
-    row["compile_s"] = time.perf_counter() - start
-    row["train"] = median_ms(lambda: train(variables, opt_state, x, y), repeats)
-
+    compile_s = time.perf_counter() - start
+    fns["train"] = lambda: train(variables, opt_state, x, y)
     if scan:
         xs, ys = jnp.stack([x] * 5), jnp.stack([y] * 5)
 
@@ -94,8 +90,30 @@ def bench(arch: str, impl: str, batch: int, repeats: int, scan: bool) -> dict[st
             return jax.lax.scan(body, (v, s), (xs, ys))[0]
 
         loop = jax.jit(five_steps).lower(variables, opt_state).compile()
-        row["scan5"] = median_ms(lambda: loop(variables, opt_state), max(1, repeats // 2)) / 5
-    return row
+        fns["scan5"] = lambda: loop(variables, opt_state)
+    for fn in fns.values():  # warm-up
+        jax.block_until_ready(fn())
+    return fns, compile_s
+
+
+def bench_arch(arch: str, impls: list[str], batch: int, repeats: int,
+               scan_impls: list[str]) -> dict[str, dict[str, float]]:
+    """Per impl: median ms of forward / train (/ scan5 per step), min train ms, compile seconds.
+
+    The impls are timed in turns (A B A B ...) so that load from other processes on a shared
+    machine hits them alike.
+    """
+    compiled = {impl: compile_benchmarks(arch, impl, batch, impl in scan_impls) for impl in impls}
+    times: dict[str, dict[str, list[float]]] = {impl: {k: [] for k in fns} for impl, (fns, _) in compiled.items()}
+    for _ in range(repeats):
+        for impl, (fns, _) in compiled.items():
+            for what, fn in fns.items():
+                times[impl][what].append(time_ms(fn) / (5 if what == "scan5" else 1))
+    rows = {}
+    for impl, (_, compile_s) in compiled.items():
+        row = {what: statistics.median(ts) for what, ts in times[impl].items()}
+        rows[impl] = {**row, "train_min": min(times[impl]["train"]), "compile_s": compile_s}
+    return rows
 
 
 def main() -> None:
@@ -118,19 +136,18 @@ def main() -> None:
 
     print(f"# jax {jax.__version__}, backend {jax.default_backend()}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f} (shared machine)", flush=True)
-    header = f"{'arch':<10} {'batch':>5} {'impl':<7} {'forward ms':>11} {'train ms':>9} {'scan ms/step':>13} " \
-             f"{'compile s':>9} {'train speedup':>13}"
+    header = (f"{'arch':<10} {'batch':>5} {'impl':<7} {'forward ms':>11} {'train ms':>9} {'(min)':>7} "
+              f"{'scan ms/step':>13} {'compile s':>9} {'train speedup':>13}")
     print(header)
     print("-" * len(header), flush=True)
+    scan_impls = [i.strip() for i in args.scan_impls.split(",")] if args.scan else []
     for arch in archs:
-        base = None
-        for impl in impls:
-            row = bench(arch, impl, args.batch, args.repeats,
-                        args.scan and impl in args.scan_impls.split(","))
-            base = base or row["train"]
+        rows = bench_arch(arch, impls, args.batch, args.repeats, scan_impls)
+        base = rows[impls[0]]["train"]
+        for impl, row in rows.items():
             scan = f"{row['scan5']:13.0f}" if "scan5" in row else f"{'-':>13}"
-            print(f"{arch:<10} {args.batch:>5} {impl:<7} {row['forward']:11.0f} {row['train']:9.0f} {scan} "
-                  f"{row['compile_s']:9.1f} {base / row['train']:12.2f}x", flush=True)
+            print(f"{arch:<10} {args.batch:>5} {impl:<7} {row['forward']:11.0f} {row['train']:9.0f} "
+                  f"{row['train_min']:7.0f} {scan} {row['compile_s']:9.1f} {base / row['train']:12.2f}x", flush=True)
     print(f"# load average after: {os.getloadavg()[0]:.2f}")
 
 
