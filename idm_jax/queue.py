@@ -45,7 +45,7 @@ def _stack(trees: list[Any]) -> Any:
 
 
 def create(init_fn: InitFn, key: Array, capacity: int, num_initial: int) -> ModelQueue:
-    """A queue of `capacity` slots holding `num_initial` fresh networks (born -1... 0)."""
+    """A queue of `capacity` slots, the first `num_initial` holding fresh networks."""
     if not 1 <= num_initial <= capacity:
         raise ValueError(f"need 1 <= net_init_num ({num_initial}) <= net_num ({capacity})")
     members = jax.vmap(init_fn)(jax.random.split(key, capacity))

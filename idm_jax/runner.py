@@ -162,7 +162,7 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _evaluate(workdir, state, ds, s, config, *, epochs, step) -> dict:
+def _evaluate(state, ds, s, config, *, epochs, step) -> dict:
     images, labels = condense.synthetic_arrays(state)
     return evaluate.evaluate_archs(
         images, labels, ds, config.eval, archs=config_check.eval_archs(config),
@@ -226,7 +226,7 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None) -> d
                 if ckpt_now or stop.signal:
                     _save(mngr, state)
                 if config.eval.interval and done % config.eval.interval == 0 and done < total:
-                    res = _evaluate(workdir, state, ds, s, config,
+                    res = _evaluate(state, ds, s, config,
                                     epochs=config.eval.interval_epochs, step=done)
                     writer.write(done, {f"eval/{a}/mean": r["mean"] for a, r in res.items()})
                 if stop.signal:
@@ -240,7 +240,7 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None) -> d
 
     summary.update(step=int(state.step), synthetic=export_synthetic(workdir, state, ds, s, config))
     if int(state.step) >= total and config.eval.at_end:
-        archs = _evaluate(workdir, state, ds, s, config, epochs=config.eval.epochs, step=total)
+        archs = _evaluate(state, ds, s, config, epochs=config.eval.epochs, step=total)
         results = {"method": config.method, "dataset": ds.name, "ipc": config.ipc,
                    "partition_factor": s.loss.partition_factor,
                    "num_images": int(config.ipc * ds.num_classes), "train_arch": config.model,
