@@ -8,8 +8,8 @@ Every network exposes three methods that share one set of parameters:
 
 Images are NHWC (``x: f32[N, H, W, C]``). Shapes, paddings and initialization follow the
 PyTorch nets the release uses (REFERENCE.md, "Networks"): weights and biases uniform in
-+-1/sqrt(fan_in), norm scale 1 and bias 0, "instance norm" = GroupNorm with one channel per
-group (affine, eps 1e-5), batch norm with PyTorch's momentum 0.1 (flax momentum 0.9).
++-1/sqrt(fan_in), norm scale 1 and bias 0, "instance norm" = flax InstanceNorm
+(per image and channel, affine, eps 1e-5), batch norm with PyTorch's momentum 0.1 (flax momentum 0.9).
 Paddings are explicit (PyTorch style, symmetric) so strided convs match torch exactly.
 
 Every conv is a flax ``nn.Conv`` whose weight gradient comes either from XLA (``conv_impl="xla"``)
@@ -175,9 +175,9 @@ def _norm(x: Array, kind: str, train: bool, name: str | None = None) -> Array:
     """Instance norm (per image, per channel, affine), batch norm, or identity. x: f32[N, H, W, C]."""
     _check_choice("norm", kind, NORMS)
     if kind == "instance":
-        # One channel per group = normalize each image's channel over H, W.
-        return nn.GroupNorm(num_groups=None, group_size=1, epsilon=1e-5,
-                            use_fast_variance=False, name=name)(x)
+        # Same values and parameters as GroupNorm(group_size=1), but 2.5-3x faster on XLA:CPU
+        # (GroupNorm's group reshapes cost ~0.4 s per ConvNet-3 training step of 256 images).
+        return nn.InstanceNorm(epsilon=1e-5, use_fast_variance=False, name=name)(x)
     if kind == "batch":
         return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                             use_fast_variance=False, name=name)(x)
