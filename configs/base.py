@@ -93,6 +93,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.baseline.method = "random"  # "random" | "herding" | "forgetting" | "whole"
   c.baseline.train_epochs = 30  # epochs of the feature/forgetting network
 
+  # Devices the synthetic set's class axis is sharded over (one host): 0 = as
+  # many local devices as divide the class count, 1 = a single device.
+  c.mesh_devices = 0
   c.log_every = 10  # iterations between progress lines / metrics rows
   c.checkpoint_every = 500  # iterations between orbax checkpoints
   c.keep_checkpoints = 2

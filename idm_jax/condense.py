@@ -5,7 +5,12 @@ that changes during a run; `make_step` builds `step(state, data) -> (state,
 metrics)`, jitted once with the state donated. The real data lives on the
 device (`DeviceData`: uint8 images + per-class index tables), so real
 batches are drawn inside the jit and the host only loops and logs.
-The run loop (logging, checkpoints, outputs) lives in `idm_jax.train`.
+The run loop (logging, checkpoints, outputs) lives in `idm_jax.runner`.
+
+Several devices: `class_mesh` builds a 1-D mesh, `shard_state` splits the
+synthetic set's class axis over it (everything else is replicated) and
+`make_step(s, mesh)` runs the per-class loss and update under `shard_map`,
+each device on its own classes; the queue training stays replicated.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from idm_jax import augment
 from idm_jax import data as data_lib
@@ -27,6 +33,7 @@ from idm_jax import models
 from idm_jax import queue as queue_lib
 
 Array = jax.Array
+CLASS_AXIS = "classes"  # mesh axis the synthetic set's class axis is sharded over
 
 
 @flax.struct.dataclass
@@ -290,8 +297,50 @@ def map_in_chunks(fn, inputs, chunk: int, *, unroll: bool):
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outputs)
 
 
+# ----------------------------------------------------------------------------
+# Several devices: the class axis of the synthetic set is sharded
+
+
+def class_mesh(num_devices: int, num_classes: int) -> Mesh | None:
+    """A 1-D mesh (axis CLASS_AXIS) of local devices, or None for one device.
+
+    num_devices 0 picks the most local devices that divide num_classes
+    evenly (10 classes on 8 GPUs -> 5); an explicit count must divide it.
+    """
+    available = jax.local_devices()
+    if num_devices < 0 or num_devices > len(available):
+        raise ValueError(f"mesh_devices={num_devices}, but this process sees "
+                         f"{len(available)} device(s) ({available[0].platform}); use 0..{len(available)}")
+    if num_devices == 0:
+        num_devices = max(d for d in range(1, len(available) + 1) if num_classes % d == 0)
+    elif num_classes % num_devices:
+        raise ValueError(f"mesh_devices={num_devices} does not divide the {num_classes} classes; "
+                         "pick a divisor or 0 (automatic)")
+    if num_devices == 1:
+        return None
+    return Mesh(np.asarray(available[:num_devices]), (CLASS_AXIS,))
+
+
+def state_shardings(state: CondenseState, mesh: Mesh):
+    """NamedShardings for `state`: SynSet leaves split on the class axis, the rest replicated."""
+    split, whole = NamedSharding(mesh, PartitionSpec(CLASS_AXIS)), NamedSharding(mesh, PartitionSpec())
+    syn = jax.tree.map(lambda _: split, state.syn)
+    rest = jax.tree.map(lambda _: whole, state.replace(syn=None))
+    return rest.replace(syn=syn)
+
+
+def shard_state(state: CondenseState, mesh: Mesh | None) -> CondenseState:
+    """Places `state` on the mesh (a no-op without one)."""
+    return state if mesh is None else jax.device_put(state, state_shardings(state, mesh))
+
+
+def replicate(tree, mesh: Mesh | None):
+    """Copies `tree` (e.g. DeviceData) to every device of the mesh (a no-op without one)."""
+    return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
 def _update_synset(s: StepSettings, syn: SynSet, params, acc, key: Array,
-                   data: DeviceData, apply_fn):
+                   data: DeviceData, apply_fn, mesh: Mesh | None = None):
     """Per-class loss, gradient and momentum-SGD update, mapped over classes."""
     k_real, k_dsa = jax.random.split(key)
     classes = syn.labels
@@ -303,7 +352,7 @@ def _update_synset(s: StepSettings, syn: SynSet, params, acc, key: Array,
     else:
         before = after = jnp.zeros(s.num_classes, jnp.int32)
 
-    def one_class(args):
+    def one_class(params, acc, data, args):
         images, buf, cls, k_r, k_d, n_before, n_after = args
         idx = data_lib.sample_class_batch(k_r, data.class_table, data.class_counts, cls, s.batch_real)
         real = data_lib.normalize(data.images[idx], data.mean, data.std)
@@ -317,19 +366,30 @@ def _update_synset(s: StepSettings, syn: SynSet, params, acc, key: Array,
 
         return momentum_sgd_update(images, buf, grad_fn, s.lr_img, s.momentum_img, n_before, n_after)
 
+    def local_classes(params, acc, data, inputs):
+        chunk = min(s.class_batch, jax.tree.leaves(inputs)[0].shape[0])
+        return map_in_chunks(functools.partial(one_class, params, acc, data), inputs, chunk,
+                             unroll=s.unroll_loops)
+
+    if mesh is not None:  # each device updates its own classes; no communication
+        split = PartitionSpec(CLASS_AXIS)
+        # check_vma off: the custom-VJP conv (models.conv_impl="matmul") returns a per-device
+        # kernel cotangent for the replicated params, which is never used (grad is w.r.t. images).
+        local_classes = jax.shard_map(local_classes, mesh=mesh, check_vma=False,
+                                      in_specs=(PartitionSpec(),) * 3 + (split,), out_specs=split)
     inputs = (syn.images, syn.momentum, classes, real_keys, dsa_keys, before, after)
-    images, momentum, (losses, parts) = map_in_chunks(one_class, inputs, s.class_batch,
-                                                      unroll=s.unroll_loops)
+    images, momentum, (losses, parts) = local_classes(params, acc, data, inputs)
     metrics = {"loss": losses.mean(), "mmd": parts["mmd"].mean(), "ce": parts["ce"].mean()}
     return syn.replace(images=images, momentum=momentum), metrics
 
 
 @functools.lru_cache(maxsize=8)
-def make_step(s: StepSettings):
+def make_step(s: StepSettings, mesh: Mesh | None = None):
     """The jitted condensation step: (state, data) -> (state, metrics). State is donated.
 
-    Cached per settings, so runs in one process (tests, sweeps, resumes)
-    share one compilation.
+    Cached per settings (and mesh), so runs in one process (tests, sweeps,
+    resumes) share one compilation. With a mesh, pass a `shard_state` state
+    and `replicate`d data; the returned state keeps those shardings.
     """
     apply_fn = make_apply_fn(s.model)
     init_fn = make_init_fn(s)
@@ -338,7 +398,7 @@ def make_step(s: StepSettings):
         key = jax.random.fold_in(state.key, state.step)
         k_net, k_syn, k_train = jax.random.split(key, 3)
         queue, params, acc = _matching_net(s, state, k_net, init_fn)
-        syn, metrics = _update_synset(s, state.syn, params, acc, k_syn, data, apply_fn)
+        syn, metrics = _update_synset(s, state.syn, params, acc, k_syn, data, apply_fn, mesh)
         if s.use_queue:
             slots = queue_lib.sample(queue, k_train, s.fetch_net_num)
             queue = queue_lib.train(queue, slots, make_member_train_fn(s, data), k_train,
@@ -354,6 +414,8 @@ def make_step(s: StepSettings):
         new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
         new = new.replace(nonfinite_step=jnp.where(
             (state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step))
+        if mesh is not None:  # same shardings out as in: no resharding, no recompilation
+            new = jax.lax.with_sharding_constraint(new, state_shardings(new, mesh))
         return new, metrics
 
     return jax.jit(step, donate_argnums=0)

@@ -40,6 +40,9 @@ def validate(config) -> None:
     _require("BN" not in config.model,
              f"model {config.model!r} uses batch norm, which the matching step does not "
              "support; use it for evaluation (eval.archs) instead")
+    _require(isinstance(config.mesh_devices, int) and config.mesh_devices >= 0,
+             f"mesh_devices must be an integer >= 0 (0 = all that divide the classes), "
+             f"got {config.mesh_devices!r}")
     idm = config.idm
     _positive_ints(idm, "idm.", [
         "iterations", "partition_factor", "batch_real", "net_num", "net_init_num",

@@ -99,9 +99,10 @@ def _save(mngr: ocp.CheckpointManager, state: condense.CondenseState) -> None:
         mngr.wait_until_finished()
 
 
-def restore_or_init(mngr, s: condense.StepSettings, ds, config) -> condense.CondenseState:
-    """The newest checkpoint in workdir if any, else a fresh state."""
-    state = condense.init_state(s, ds, config.seed, config.idm.init)
+def restore_or_init(mngr, s: condense.StepSettings, ds, config,
+                    mesh=None) -> condense.CondenseState:
+    """The newest checkpoint in workdir if any, else a fresh state; placed on `mesh`."""
+    state = condense.shard_state(condense.init_state(s, ds, config.seed, config.idm.init), mesh)
     latest = mngr.latest_step()
     if latest is None:
         return state
@@ -189,10 +190,13 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None) -> d
                  else "one joint step on the summed class losses", s.lr_img, s.momentum_img,
                  s.batch_real)
 
+    mesh = condense.class_mesh(config.mesh_devices, ds.num_classes)
+    if mesh is not None:
+        logging.info("sharding the %d classes over %d devices", ds.num_classes, mesh.size)
     mngr = checkpoint_manager(workdir, config.keep_checkpoints)
-    state = restore_or_init(mngr, s, ds, config)
-    data = condense.device_data(ds)
-    step_fn = condense.make_step(s)
+    state = restore_or_init(mngr, s, ds, config, mesh)
+    data = condense.replicate(condense.device_data(ds), mesh)
+    step_fn = condense.make_step(s, mesh)
     writer = MetricsWriter(workdir)
     total = config.idm.iterations
     start = int(state.step)
