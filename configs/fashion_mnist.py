@@ -8,6 +8,7 @@ configs/base.py's default.
 
 import os
 
+from configs import mnist
 from configs.base import make_config
 
 
@@ -21,11 +22,7 @@ DATASET = {
     "model": "ConvNet",
 }
 
-PER_IPC = {
-    1: {"idm.ce_weight": 0.5, "idm.net_generate_interval": 5},
-    10: {"idm.ce_weight": 0.5},
-    50: {"idm.ce_weight": 0.1},
-}
+PER_IPC = mnist.PER_IPC  # the same release defaults as MNIST
 
 
 def get_config(arg: str | None = None):
