@@ -24,7 +24,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from idm_jax import baselines, condense, export, runner  # noqa: E402
+from absl import logging  # noqa: E402
+
+from idm_jax import baselines, export, runner  # noqa: E402
 
 
 def _config(name: str, ipc: int, method: str, args):
@@ -66,6 +68,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=0, help="evaluation seeds; 0 = the config's")
     parser.add_argument("--root", default=os.path.join(ROOT, "runs", "pipeline"))
     args = parser.parse_args()
+    logging.set_verbosity(logging.INFO)  # the runner's progress lines (iteration, loss, it/s, ETA)
     rows = []
     for method in args.methods.split(","):
         c = _config(args.config, args.ipc, method, args)

@@ -7,7 +7,6 @@ step compiles once for the whole module (make_step is cached per settings).
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ from configs import quick
 from idm_jax import condense
 from idm_jax import data as data_lib
 from idm_jax import export
-from idm_jax import queue as queue_lib
 from idm_jax import runner
 
 
