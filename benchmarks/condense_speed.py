@@ -56,8 +56,7 @@ def measure_one(ipc: int, method: str, impl: str, steps: int, config_name: str) 
     if peak is None:  # CPU: the process's peak resident memory
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     sec = float(np.median(times))
-    real_images = s.batch_real * s.num_classes + (
-        s.fetch_net_num * s.model_train_steps * s.batch_train if s.use_queue else 0)
+    real_images = condense.real_images_per_iteration(s)
     return {"ipc": ipc, "method": method, "impl": s.queue_train_impl if s.use_queue else "-",
             "update": "per_class" if s.per_class_update else "joint",
             "first_step_s": first, "s_per_it": sec, "real_images_per_s": real_images / sec,

@@ -150,6 +150,12 @@ def settings_from_config(config, ds: data_lib.ArrayDataset) -> StepSettings:
 # Networks
 
 
+def real_images_per_iteration(s: StepSettings) -> int:
+    """Real images one iteration reads: the matching batches plus the queue's training batches."""
+    queue = s.fetch_net_num * s.model_train_steps * s.batch_train if s.use_queue else 0
+    return s.batch_real * s.num_classes + queue
+
+
 def make_apply_fn(model):
     """(params, images) -> (embedding, logits): the loss's view of a network."""
     return lambda params, x: model.apply({"params": params}, x, method="embed_and_logits")
