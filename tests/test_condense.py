@@ -54,6 +54,11 @@ def test_settings_follow_config_and_data(digits, setup):
     big.idm.batch_real = 5000  # as CIFAR-100 IPC 1: more than a class holds
     min_count = int(np.bincount(digits.train_labels).min())
     assert condense.settings_from_config(big, digits).batch_real == min_count
+    # Real images read per iteration: 10 classes x 8 + 2 nets x 2 steps x 16.
+    assert condense.real_images_per_iteration(s) == 10 * 8 + 2 * 2 * 16
+    dm = tiny_config()
+    dm.idm.use_queue = False
+    assert condense.real_images_per_iteration(condense.settings_from_config(dm, digits)) == 80
 
 
 def test_init_from_real_packs_real_images(digits, setup):
