@@ -108,7 +108,12 @@ def main() -> None:
         if method == "random":
             results = baselines.run_baseline(c, workdir)
         else:
-            results = runner.run_condensation(c, workdir)["results"]
+            summary = runner.run_condensation(c, workdir)
+            if "results" not in summary:  # stopped by a signal: checkpoint saved, rerun resumes
+                print(f"{method}: stopped at iteration {summary.get('step')}; rerun the same command "
+                      "to resume", file=sys.stderr)
+                break
+            results = summary["results"]
         rows.append(_row(method, c, workdir, results, time.time() - t0))
     import jax  # pylint: disable=g-import-not-at-top
 
