@@ -205,8 +205,14 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None) -> d
     try:
         with StopFlag() as stop:
             t0 = time.time()
+            in_flight = None
             for it in range(start, stop_at):
                 state, metrics = step_fn(state, data)
+                # Async dispatch would let the loop queue every remaining iteration and notice
+                # Ctrl-C only at the end; waiting for the previous one keeps at most two in flight.
+                if in_flight is not None:
+                    jax.block_until_ready(in_flight)
+                in_flight = metrics
                 steps_window += 1
                 done = it + 1
                 if it == start:

@@ -6,6 +6,7 @@ step compiles once for the whole module (make_step is cached per settings).
 
 import json
 import os
+import signal
 
 import jax.numpy as jnp
 import numpy as np
@@ -156,6 +157,36 @@ def test_run_end_to_end_outputs_and_resume_equals_uninterrupted(tmp_path):
     np.testing.assert_array_equal(a["images_normalized"], b["images_normalized"])
     rows = [json.loads(l) for l in open(os.path.join(split_dir, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+    # SIGTERM during iteration 2: checkpoint at 2 and a clean return; rerunning resumes.
+    signal_dir = str(tmp_path / "signal")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(condense, "make_step", _sigterm_on_call(condense.make_step, 2))
+        stopped = runner.run_condensation(tiny_config(), signal_dir)
+    assert stopped["interrupted"] and stopped["step"] == 2
+    assert not os.path.exists(os.path.join(signal_dir, "synthetic.npz"))
+    mngr = runner.checkpoint_manager(signal_dir, 2)
+    assert mngr.latest_step() == 2
+    mngr.close()
+    resumed = runner.run_condensation(tiny_config(), signal_dir)
+    assert resumed["start_step"] == 2 and resumed["step"] == 4
+    c = _npz(os.path.join(signal_dir, "synthetic.npz"))
+    np.testing.assert_array_equal(a["images_normalized"], c["images_normalized"])
+
+
+def _sigterm_on_call(make_step, call: int):
+    """make_step whose step sends this process SIGTERM on its `call`-th use (as `kill` would)."""
+    def make(*args, **kwargs):
+        step, calls = make_step(*args, **kwargs), []
+
+        def step_then_signal(state, data):
+            out = step(state, data)
+            calls.append(1)
+            if len(calls) == call:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+        return step_then_signal
+    return make
 
 
 def test_nonfinite_run_stops_with_clear_error_and_keeps_checkpoint(tmp_path, monkeypatch):
