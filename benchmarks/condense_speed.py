@@ -16,13 +16,14 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from benchmarks import common  # noqa: E402
 
 
 def measure_one(ipc: int, method: str, impl: str, steps: int, config_name: str) -> dict:
@@ -51,16 +52,12 @@ def measure_one(ipc: int, method: str, impl: str, steps: int, config_name: str) 
         jax.block_until_ready(state)
         times.append(time.perf_counter() - t0)
     dev = jax.devices()[0]
-    stats = dev.memory_stats() if dev.platform != "cpu" else None
-    peak = (stats or {}).get("peak_bytes_in_use")
-    if peak is None:  # CPU: the process's peak resident memory
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     sec = float(np.median(times))
     real_images = condense.real_images_per_iteration(s)
     return {"ipc": ipc, "method": method, "impl": s.queue_train_impl if s.use_queue else "-",
             "update": "per_class" if s.per_class_update else "joint",
             "first_step_s": first, "s_per_it": sec, "real_images_per_s": real_images / sec,
-            "peak_gib": peak / 2**30, "loss": float(metrics["loss"]),
+            "peak_gib": common.peak_memory_gib(), "loss": float(metrics["loss"]),
             "device": f"{dev.platform}:{dev.device_kind}", "jax": jax.__version__}
 
 

@@ -18,7 +18,6 @@ import argparse
 import importlib
 import json
 import os
-import resource
 import sys
 import time
 
@@ -27,6 +26,7 @@ sys.path.insert(0, ROOT)
 
 from absl import logging  # noqa: E402
 
+from benchmarks.common import peak_memory_gib  # noqa: E402
 from idm_jax import baselines, condense, evaluate, export, runner  # noqa: E402
 
 
@@ -56,18 +56,7 @@ def _config(name: str, ipc: int, method: str, args):
     return c
 
 
-def peak_memory_gib() -> float:
-    """Peak device memory so far (GPU/TPU allocator), else this process's peak resident memory."""
-    import jax  # pylint: disable=g-import-not-at-top
-
-    stats = jax.devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use")
-    if peak is None:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return peak / 2**30
-
-
-def _row(method, c, workdir, results, seconds):
+def _row(method, c, ds, workdir, results, seconds):
     arch = next(iter(results["archs"]))
     acc = results["archs"][arch]
     rates = []
@@ -77,8 +66,8 @@ def _row(method, c, workdir, results, seconds):
     rate = sorted(rates)[len(rates) // 2] if rates else float("nan")
     paper = export.paper_accuracy(results["dataset"], method, c.ipc, arch,
                                   partition_factor=results.get("partition_factor", 1))
-    images_per_it = (condense.real_images_per_iteration(
-        condense.settings_from_config(c, evaluate.load_config_dataset(c))) if method != "random" else 0)
+    images_per_it = (condense.real_images_per_iteration(condense.settings_from_config(c, ds))
+                     if method != "random" else 0)
     return {"method": method, "ipc": c.ipc, "iterations": c.idm.iterations if method != "random" else 0,
             "s_per_it": 1.0 / rate if rate == rate and rate > 0 else float("nan"),
             "images_per_s": images_per_it * rate if rate == rate else float("nan"),
@@ -100,9 +89,10 @@ def main() -> None:
     parser.add_argument("--root", default=os.path.join(ROOT, "runs", "pipeline"))
     args = parser.parse_args()
     logging.set_verbosity(logging.INFO)  # the runner's progress lines (iteration, loss, it/s, ETA)
-    rows = []
+    rows, ds = [], None
     for method in args.methods.split(","):
         c = _config(args.config, args.ipc, method, args)
+        ds = ds or evaluate.load_config_dataset(c)  # the same data for every method
         workdir = os.path.join(args.root, f"{args.config}_ipc{args.ipc}_{method}")
         t0 = time.time()
         if method == "random":
@@ -114,7 +104,7 @@ def main() -> None:
                       "to resume", file=sys.stderr)
                 break
             results = summary["results"]
-        rows.append(_row(method, c, workdir, results, time.time() - t0))
+        rows.append(_row(method, c, ds, workdir, results, time.time() - t0))
     import jax  # pylint: disable=g-import-not-at-top
 
     dev = jax.devices()[0]

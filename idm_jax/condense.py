@@ -146,14 +146,15 @@ def settings_from_config(config, ds: data_lib.ArrayDataset) -> StepSettings:
         unroll_loops=jax.default_backend() == "cpu")
 
 
-# ----------------------------------------------------------------------------
-# Networks
-
-
 def real_images_per_iteration(s: StepSettings) -> int:
     """Real images one iteration reads: the matching batches plus the queue's training batches."""
     queue = s.fetch_net_num * s.model_train_steps * s.batch_train if s.use_queue else 0
     return s.batch_real * s.num_classes + queue
+
+
+
+# ----------------------------------------------------------------------------
+# Networks
 
 
 def make_apply_fn(model):
@@ -371,10 +372,9 @@ def _update_synset(s: StepSettings, syn: SynSet, params, acc, key: Array,
 
         return momentum_sgd_update(images, buf, grad_fn, s.lr_img, s.momentum_img, n_before, n_after)
 
-    def local_classes(params, acc, data, inputs):
-        chunk = min(s.class_batch, jax.tree.leaves(inputs)[0].shape[0])
-        return map_in_chunks(functools.partial(one_class, params, acc, data), inputs, chunk,
-                             unroll=s.unroll_loops)
+    def local_classes(params, acc, data, inputs):  # a chunk above the local count = all of them
+        return map_in_chunks(functools.partial(one_class, params, acc, data), inputs,
+                             s.class_batch, unroll=s.unroll_loops)
 
     if mesh is not None:  # each device updates its own classes; no communication
         split = PartitionSpec(CLASS_AXIS)
