@@ -184,6 +184,13 @@ def _norm(x: Array, kind: str, train: bool, name: str | None = None) -> Array:
     return x
 
 
+def _conv_norm_relu(x: Array, features: int, kernel: int, padding: int, norm: str, train: bool,
+                    conv_impl: str, index: int) -> Array:
+    """conv -> norm -> ReLU, with parameters named conv{index} / norm{index}."""
+    x = _conv(x, features, kernel, padding=padding, conv_impl=conv_impl, name=f"conv{index}")
+    return nn.relu(_norm(x, norm, train, name=f"norm{index}"))
+
+
 def _pool(x: Array, kind: str) -> Array:
     """2x2 stride-2 pooling without padding (PyTorch floors odd sizes: 7 -> 3)."""
     _check_choice("pooling", kind, POOLINGS)
@@ -239,9 +246,7 @@ class ConvNet(_TwoHeads):
     def embed_and_logits(self, x: Array, train: bool = False) -> tuple[Array, Array]:
         """x: f32[N, H, W, C] -> (embedding f32[N, width*H'*W'], logits f32[N, num_classes])."""
         for i in range(self.depth):
-            x = _conv(x, self.width, 3, padding=1, conv_impl=self.conv_impl, name=f"conv{i}")
-            x = _norm(x, self.norm, train, name=f"norm{i}")
-            x = nn.relu(x)
+            x = _conv_norm_relu(x, self.width, 3, 1, self.norm, train, self.conv_impl, i)
             x = _pool(x, self.pooling)
         emb = _flatten(x)
         return emb, _dense(emb, self.num_classes, name="classifier")
@@ -268,10 +273,7 @@ class AlexNet(_TwoHeads):
         layers = ((128, 5, 4 if self.channels == 1 else 2, True), (192, 5, 2, True),
                   (256, 3, 1, False), (192, 3, 1, False), (192, 3, 1, True))
         for i, (features, kernel, padding, pool) in enumerate(layers):
-            x = _conv(x, features, kernel, padding=padding, conv_impl=self.conv_impl,
-                      name=f"conv{i}")
-            x = _norm(x, self.norm, train, name=f"norm{i}")
-            x = nn.relu(x)
+            x = _conv_norm_relu(x, features, kernel, padding, self.norm, train, self.conv_impl, i)
             if pool:
                 x = _pool(x, "max")
         emb = _flatten(x)
@@ -300,9 +302,7 @@ class VGG11(_TwoHeads):
                 x = _pool(x, "max")
                 continue
             padding = 3 if (i == 0 and self.channels == 1) else 1
-            x = _conv(x, item, 3, padding=padding, conv_impl=self.conv_impl, name=f"conv{i}")
-            x = _norm(x, self.norm, train, name=f"norm{i}")
-            x = nn.relu(x)
+            x = _conv_norm_relu(x, item, 3, padding, self.norm, train, self.conv_impl, i)
             i += 1
         emb = _flatten(x)
         return emb, _dense(emb, self.num_classes, name="classifier")
