@@ -26,7 +26,23 @@ sys.path.insert(0, ROOT)
 from benchmarks import common  # noqa: E402
 
 
-def measure_one(ipc: int, method: str, impl: str, steps: int, config_name: str) -> dict:
+def parse_sets(text: str) -> dict[str, int | float | str]:
+    """"idm.class_batch=1,idm.real_chunk_size=500" -> {"idm.class_batch": 1, ...} (numbers parsed)."""
+    out: dict[str, int | float | str] = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set: bad entry {item!r}; expected key=value, e.g. idm.class_batch=1")
+        for cast in (int, float, str):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                continue
+    return out
+
+
+def measure_one(ipc: int, method: str, impl: str, steps: int, config_name: str, sets: str = "") -> dict:
     import importlib  # pylint: disable=g-import-not-at-top
 
     import jax  # pylint: disable=g-import-not-at-top
@@ -36,6 +52,9 @@ def measure_one(ipc: int, method: str, impl: str, steps: int, config_name: str) 
 
     config = importlib.import_module(f"configs.{config_name}").get_config(f"{ipc},{method}")
     config.idm.queue_train_impl = impl
+    for key, value in parse_sets(sets).items():
+        section, _, field = key.rpartition(".")
+        (config[section] if section else config)[field] = value  # ConfigDict rejects unknown keys
     ds = evaluate.load_config_dataset(config)
     s = condense.settings_from_config(config, ds)
     state = condense.init_state(s, ds, 0, config.idm.init)
@@ -68,17 +87,18 @@ def main() -> None:
     parser.add_argument("--impl", default="auto", help="queue training: auto, map, vmap (comma list)")
     parser.add_argument("--steps", type=int, default=3, help="timed iterations after the first")
     parser.add_argument("--config", default="cifar10")
+    parser.add_argument("--set", default="", help="config overrides, e.g. idm.class_batch=1")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure_one(int(args.ipc), args.method, args.impl, args.steps, args.config)))
+        print(json.dumps(measure_one(int(args.ipc), args.method, args.impl, args.steps, args.config, args.set)))
         return
     rows = []
     for method in args.method.split(","):
         for ipc in args.ipc.split(","):
             for impl in args.impl.split(","):
                 cmd = [sys.executable, __file__, "--one", f"--ipc={ipc}", f"--method={method}",
-                       f"--impl={impl}", f"--steps={args.steps}", f"--config={args.config}"]
+                       f"--impl={impl}", f"--steps={args.steps}", f"--config={args.config}", f"--set={args.set}"]
                 out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
                 if out.returncode != 0:
                     print(f"IPC {ipc} {method} {impl} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -86,8 +106,10 @@ def main() -> None:
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 print(f"done: {rows[-1]}", file=sys.stderr, flush=True)
     print(f"\n{args.config}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{rows[0]['device'] if rows else ''}, jax {rows[0]['jax'] if rows else ''}\n")
-    print("| method | IPC | queue training | synthetic update | compile + 1st it (s) | s / it | real images / s | peak memory (GiB) |")
+          f"{rows[0]['device'] if rows else ''}, jax {rows[0]['jax'] if rows else ''}"
+          f"{'; ' + args.set if args.set else ''}\n")
+    print("| method | IPC | queue training | synthetic update | compile + 1st it (s) | s / it "
+          "| real images / s | peak memory (GiB) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['ipc']} | {r['impl']} | {r['update']} | {r['first_step_s']:.1f} | "

@@ -64,7 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
   # on CPU, where vmapped convs become grouped convs). "auto": by backend.
   c.idm.queue_train_impl = "auto"
   c.idm.real_chunk_size = 1024  # real images per forward chunk (memory)
-  c.idm.class_batch = 0  # classes vectorised together; 0 = auto (memory)
+  c.idm.class_batch = 0  # classes vectorised together; 0 = auto (condense.auto_class_batch)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.archs = "ConvNet"  # comma-separated, e.g. "ConvNet,AlexNet,VGG11,ResNet18"

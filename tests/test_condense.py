@@ -4,10 +4,12 @@ One tiny setting (ConvNet-D2 on 16x16 digits, IPC 1, small batches) so the
 step compiles once for the whole module (make_step is cached per settings).
 """
 
+import dataclasses
 import json
 import os
 import signal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -60,6 +62,32 @@ def test_settings_follow_config_and_data(digits, setup):
     dm = tiny_config()
     dm.idm.use_queue = False
     assert condense.real_images_per_iteration(condense.settings_from_config(dm, digits)) == 80
+
+
+def test_auto_class_batch_one_class_at_a_time_on_cpu_for_full_batches():
+    # CIFAR-10 IPC 10: 40 expanded + 256 real images per class.
+    assert condense.auto_class_batch(296, on_cpu=True) == 1
+    assert condense.auto_class_batch(296, on_cpu=False) == 4096 // 296 == 13
+    # IPC 1 with a 1024-image real chunk.
+    assert condense.auto_class_batch(1028, on_cpu=True) == 1
+    assert condense.auto_class_batch(1028, on_cpu=False) == 3
+    # Small classes stay stacked on CPU too (memory bound only).
+    assert condense.auto_class_batch(12, on_cpu=True) == 4096 // 12 == 341
+    assert condense.auto_class_batch(10_000, on_cpu=False) == 1
+
+
+def test_class_chunks_give_the_same_step_as_all_classes_at_once(digits, setup):
+    s, data, step = setup
+    assert s.class_batch == 10  # the tiny setting stacks all classes
+    chunked = condense.make_step(dataclasses.replace(s, class_batch=3))  # chunks 3, 3, 3, 1
+    state = condense.init_state(s, digits, 0, "real")
+    before = np.asarray(state.syn.images)
+    new_all, m_all = step(jax.tree.map(jnp.copy, state), data)  # the step donates its input
+    new_chunked, m_chunked = chunked(state, data)
+    np.testing.assert_allclose(np.asarray(new_chunked.syn.images), np.asarray(new_all.syn.images),
+                               rtol=1e-5, atol=1e-5)
+    assert float(m_chunked["loss"]) == pytest.approx(float(m_all["loss"]), rel=1e-5)
+    assert float(np.abs(np.asarray(new_all.syn.images) - before).max()) > 1e-4  # a real update
 
 
 def test_init_from_real_packs_real_images(digits, setup):

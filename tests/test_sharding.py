@@ -36,12 +36,15 @@ TWO_DEVICE_SCRIPT = textwrap.dedent("""
         state = condense.shard_state(condense.init_state(s, ds, c.seed, c.idm.init), mesh)
         data = condense.replicate(condense.device_data(ds), mesh)
         step = condense.make_step(s, mesh)
+        images = []
         for _ in range(steps):
             state, metrics = step(state, data)
-        return state, float(metrics["loss"]), step._cache_size()
+            images.append(np.asarray(state.syn.images))
+        return state, float(metrics["loss"]), step._cache_size(), images
 
-    one, loss_one, _ = run(None, 4)
-    two, loss_two, compiles = run(mesh, 4)
+    one, loss_one, _, images_one = run(None, 4)
+    two, loss_two, compiles, images_two = run(mesh, 4)
+    after_4 = np.abs(images_one[-1] - images_two[-1])
     # Parameters only: momentum traces of near-constant instance-norm channels amplify
     # float reordering between the two compiled programs (seen: 1e-3 of 0.15).
     queue_diff = max(float(np.abs(a - b).max()) for a, b in zip(
@@ -63,7 +66,9 @@ TWO_DEVICE_SCRIPT = textwrap.dedent("""
         "spec": str(two.syn.images.sharding.spec),
         "compiles": compiles,
         "loss": [loss_one, loss_two],
-        "syn_diff": float(np.abs(np.asarray(one.syn.images) - direct).max()),
+        "syn_diff_first": float(np.abs(images_one[0] - images_two[0]).max()),
+        "syn_diff": float(after_4.max()),
+        "syn_frac_off": float((after_4 > 1e-4).mean()),
         "queue_diff": queue_diff,
         "resumed_shape": list(resumed["images"].shape),
         "resumed_labels": resumed["labels"].tolist(),
@@ -91,7 +96,12 @@ def test_two_devices_split_the_classes_and_match_one_device(two_devices):
     assert res["shard_shapes"] == [[5, 1, 16, 16, 1], [5, 1, 16, 16, 1]]
     assert res["compiles"] == 1  # the output shardings equal the input's: no recompilation
     np.testing.assert_allclose(res["loss"][0], res["loss"][1], rtol=1e-5)
-    assert res["syn_diff"] < 1e-4
+    assert res["syn_diff_first"] < 1e-5  # seen 2.4e-7
+    # Later steps can differ locally: the programs order float sums differently, and a
+    # pre-activation within ~1e-6 of a ReLU kink then flips (seen after 4 steps on an
+    # AVX-512 host: 54 of 2,560 pixels off by up to 5e-3). A wrong class split would move
+    # whole classes, i.e. 10 % of the pixels or more.
+    assert res["syn_frac_off"] < 0.05 and res["syn_diff"] < 0.05, res
     assert res["queue_diff"] < 1e-4  # replicated queue training; seen 1e-5 (params ~0.03)
 
 
