@@ -14,7 +14,8 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _source() -> str:
-  return first_existing([os.environ.get("IDM_CIFAR10", ""), os.path.join(_REPO_ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz")], "tfds:cifar10")
+  archive = os.path.join(_REPO_ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz")
+  return first_existing([os.environ.get("IDM_CIFAR10", ""), archive], "tfds:cifar10")
 
 
 DATASET = {

@@ -1,4 +1,7 @@
-"""ImageNet subset (100 classes) at 64x64 with ConvNet-D6, as the release runs it; a folder or archive of train/<class>/* and val/<class>/* (set $IDM_IMAGENET_SUBSET or --config.data.source).
+"""ImageNet subset (100 classes) at 64x64 with ConvNet-D6, as the release runs it.
+
+Data: a folder or archive of train/<class>/* and val/<class>/* (set
+$IDM_IMAGENET_SUBSET or --config.data.source).
 
 Usage: --config=configs/imagenet_subset.py:<ipc>[,dm], e.g. configs/imagenet_subset.py:10 or
 configs/imagenet_subset.py:1,dm. Without ":<ipc>" the IPC is 10. The per-IPC rows are

@@ -1,4 +1,7 @@
-"""TinyImageNet (200 classes, 64x64x3); a folder or archive of train/<class>/*.JPEG and val/<class>/*.JPEG (set $IDM_TINYIMAGENET or --config.data.source).
+"""TinyImageNet (200 classes, 64x64x3).
+
+Data: a folder or archive of train/<class>/*.JPEG and val/<class>/*.JPEG (set
+$IDM_TINYIMAGENET or --config.data.source).
 
 Usage: --config=configs/tinyimagenet.py:<ipc>[,dm], e.g. configs/tinyimagenet.py:10 or
 configs/tinyimagenet.py:1,dm. Without ":<ipc>" the IPC is 10. The per-IPC rows are

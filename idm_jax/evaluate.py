@@ -515,7 +515,8 @@ def embed_images(model: nn.Module, variables: Any, images: Any, *, mean: Any, st
         batch = images[start:start + batch_size]
         if batch.shape[0] < batch_size and images.shape[0] > batch_size:  # keep one compiled shape
             pad = np.zeros((batch_size - batch.shape[0], *batch.shape[1:]), batch.dtype)
-            out.append(np.asarray(run(variables, jnp.asarray(np.concatenate([batch, pad])), mean, std))[:batch.shape[0]])
+            padded = jnp.asarray(np.concatenate([batch, pad]))
+            out.append(np.asarray(run(variables, padded, mean, std))[:batch.shape[0]])
         else:
             out.append(np.asarray(run(variables, jnp.asarray(batch), mean, std)))
     return np.concatenate(out).astype(np.float32)
