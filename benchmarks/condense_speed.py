@@ -13,6 +13,7 @@ Prints one markdown table; copy it into docs/RESULTS.md with the machine.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -26,25 +27,7 @@ sys.path.insert(0, ROOT)
 from benchmarks import common  # noqa: E402
 
 
-def parse_sets(text: str) -> dict[str, int | float | str]:
-    """"idm.class_batch=1,idm.real_chunk_size=500" -> {"idm.class_batch": 1, ...} (numbers parsed)."""
-    out: dict[str, int | float | str] = {}
-    for item in filter(None, text.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set: bad entry {item!r}; expected key=value, e.g. idm.class_batch=1")
-        for cast in (int, float, str):
-            try:
-                out[key] = cast(value)
-                break
-            except ValueError:
-                continue
-    return out
-
-
 def measure_one(ipc: int, method: str, impl: str, steps: int, config_name: str, sets: str = "") -> dict:
-    import importlib  # pylint: disable=g-import-not-at-top
-
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -52,9 +35,7 @@ def measure_one(ipc: int, method: str, impl: str, steps: int, config_name: str, 
 
     config = importlib.import_module(f"configs.{config_name}").get_config(f"{ipc},{method}")
     config.idm.queue_train_impl = impl
-    for key, value in parse_sets(sets).items():
-        section, _, field = key.rpartition(".")
-        (config[section] if section else config)[field] = value  # ConfigDict rejects unknown keys
+    common.apply_sets(config, sets)
     ds = evaluate.load_config_dataset(config)
     s = condense.settings_from_config(config, ds)
     state = condense.init_state(s, ds, 0, config.idm.init)
@@ -93,6 +74,8 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure_one(int(args.ipc), args.method, args.impl, args.steps, args.config, args.set)))
         return
+    # Check --set in this process, so a typo stops here with its name, not in every child.
+    common.apply_sets(importlib.import_module(f"configs.{args.config}").get_config(), args.set)
     rows = []
     for method in args.method.split(","):
         for ipc in args.ipc.split(","):

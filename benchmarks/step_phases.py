@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.condense_speed import parse_sets  # noqa: E402
+from benchmarks.common import apply_sets  # noqa: E402
 from idm_jax import condense, evaluate  # noqa: E402
 from idm_jax import data as data_lib  # noqa: E402
 from idm_jax import loss as loss_lib  # noqa: E402
@@ -105,9 +105,7 @@ def main() -> None:
     parser.add_argument("--set", default="", help="config overrides, e.g. idm.class_batch=1")
     args = parser.parse_args()
     config = importlib.import_module(f"configs.{args.config}").get_config(str(args.ipc))
-    for key, value in parse_sets(args.set).items():
-        section, _, field = key.rpartition(".")
-        (config[section] if section else config)[field] = value
+    apply_sets(config, args.set)
     ds = evaluate.load_config_dataset(config)
     s = condense.settings_from_config(config, ds)
     data = condense.device_data(ds)
