@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import resource
+import statistics
+import time
 
 
 def peak_memory_gib() -> float:
@@ -41,3 +43,17 @@ def apply_sets(config, text: str) -> None:
         if target is None or field not in target:
             raise SystemExit(f"--set: the config has no field {key!r}")
         target[field] = value
+
+
+def first_and_median_seconds(fn, steps: int) -> tuple[float, float]:
+    """(seconds of the first `fn()` call, which compiles; median seconds of `steps` later calls),
+    each blocked until its outputs are ready."""
+    import jax  # pylint: disable=g-import-not-at-top
+
+    def timed() -> float:
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        return time.perf_counter() - start
+
+    first = timed()
+    return first, statistics.median(timed() for _ in range(steps))

@@ -19,7 +19,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -29,7 +28,6 @@ from benchmarks import common  # noqa: E402
 
 def measure_one(ipc: int, method: str, impl: str, steps: int, config_name: str, sets: str = "") -> dict:
     import jax  # pylint: disable=g-import-not-at-top
-    import numpy as np  # pylint: disable=g-import-not-at-top
 
     from idm_jax import condense, evaluate  # pylint: disable=g-import-not-at-top
 
@@ -41,18 +39,15 @@ def measure_one(ipc: int, method: str, impl: str, steps: int, config_name: str, 
     state = condense.init_state(s, ds, 0, config.idm.init)
     data = condense.device_data(ds)
     step = condense.make_step(s)
-    t0 = time.perf_counter()
-    state, metrics = step(state, data)
-    jax.block_until_ready(state)
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, metrics = step(state, data)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - t0)
+    box = {"state": state}
+
+    def one_step():  # the step donates its state: each call takes the previous output
+        box["state"], box["metrics"] = step(box["state"], data)
+        return box["state"]
+
+    first, sec = common.first_and_median_seconds(one_step, steps)
+    metrics = box["metrics"]
     dev = jax.devices()[0]
-    sec = float(np.median(times))
     real_images = condense.real_images_per_iteration(s)
     return {"ipc": ipc, "method": method, "impl": s.queue_train_impl if s.use_queue else "-",
             "update": "per_class" if s.per_class_update else "joint",

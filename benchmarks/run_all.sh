@@ -24,8 +24,7 @@ run step_phases_ipc10 benchmarks/step_phases.py --ipc=10
 run step_phases_ipc1 benchmarks/step_phases.py --ipc=1
 run conv_speed benchmarks/conv_speed.py
 if [[ -n "${TORCH_PYTHON:-}" ]]; then
-  echo "== torch_conv_speed"
-  "$TORCH_PYTHON" benchmarks/torch_conv_speed.py 2>"$out/torch_conv_speed.log" | tee "$out/torch_conv_speed.md"
+  PYTHON=$TORCH_PYTHON run torch_conv_speed benchmarks/torch_conv_speed.py
 fi
 run augment_throughput benchmarks/augment_throughput.py
 run evaluate_speed benchmarks/evaluate_speed.py --modes=map/host,vmap/host --epochs=2

@@ -23,9 +23,7 @@ import argparse
 import functools
 import importlib
 import os
-import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -33,9 +31,8 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.common import apply_sets  # noqa: E402
+from benchmarks.common import apply_sets, first_and_median_seconds  # noqa: E402
 from idm_jax import condense, evaluate  # noqa: E402
-from idm_jax import data as data_lib  # noqa: E402
 from idm_jax import loss as loss_lib  # noqa: E402
 from idm_jax import queue as queue_lib  # noqa: E402
 
@@ -56,9 +53,7 @@ def phase_fns(s: condense.StepSettings):
 
         def one(args):
             cls, k = args
-            idx = data_lib.sample_class_batch(k, data.class_table, data.class_counts, cls, s.batch_real)
-            real = data_lib.normalize(data.images[idx], data.mean, data.std)
-            return loss_lib.mean_embedding(params, apply_fn, real, k, s.loss)
+            return condense.real_class_mean(s, params, apply_fn, data, cls, *jax.random.split(k))
 
         return chunked(one, (state.syn.labels, jax.random.split(key, s.num_classes)))
 
@@ -84,19 +79,6 @@ def phase_fns(s: condense.StepSettings):
     return {name: jax.jit(fn) for name, fn in fns.items()}
 
 
-def time_call(fn, steps: int) -> tuple[float, float]:
-    """(first call seconds, median of `steps` later calls)."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="cifar10")
@@ -114,7 +96,7 @@ def main() -> None:
 
     rows = []
     for name, fn in phase_fns(s).items():
-        rows.append((name, *time_call(lambda fn=fn: fn(state, data, key), args.steps)))
+        rows.append((name, *first_and_median_seconds(lambda fn=fn: fn(state, data, key), args.steps)))
         print(f"done: {rows[-1]}", file=sys.stderr, flush=True)
     step = condense.make_step(s)
     box = [state]
@@ -123,7 +105,7 @@ def main() -> None:
         box[0], metrics = step(box[0], data)
         return metrics
 
-    rows.append(("full step", *time_call(full, args.steps)))
+    rows.append(("full step", *first_and_median_seconds(full, args.steps)))
     dev = jax.devices()[0]
     total = rows[-1][2]
     print(f"\n{args.config} IPC {args.ipc}, class_batch {s.class_batch}, queue {s.queue_train_impl}; "

@@ -361,6 +361,14 @@ def replicate(tree, mesh: Mesh | None):
     return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
+def real_class_mean(s: StepSettings, params, apply_fn, data: DeviceData, cls: Array,
+                    sample_key: Array, dsa_key: Array) -> Array:
+    """Mean embedding f32[D] of batch_real random real images of class `cls` after Siamese DSA."""
+    idx = data_lib.sample_class_batch(sample_key, data.class_table, data.class_counts, cls, s.batch_real)
+    real = data_lib.normalize(data.images[idx], data.mean, data.std)
+    return loss_lib.mean_embedding(params, apply_fn, real, dsa_key, s.loss)
+
+
 def _update_synset(s: StepSettings, syn: SynSet, params, acc, key: Array,
                    data: DeviceData, apply_fn, mesh: Mesh | None = None):
     """Per-class loss, gradient and momentum-SGD update, mapped over classes."""
@@ -376,9 +384,7 @@ def _update_synset(s: StepSettings, syn: SynSet, params, acc, key: Array,
 
     def one_class(params, acc, data, args):
         images, buf, cls, k_r, k_d, n_before, n_after = args
-        idx = data_lib.sample_class_batch(k_r, data.class_table, data.class_counts, cls, s.batch_real)
-        real = data_lib.normalize(data.images[idx], data.mean, data.std)
-        real_mean = loss_lib.mean_embedding(params, apply_fn, real, k_d, s.loss)
+        real_mean = real_class_mean(s, params, apply_fn, data, cls, k_r, k_d)
 
         def grad_fn(x):
             (value, parts), grad = jax.value_and_grad(loss_lib.synthetic_class_loss, argnums=2,
