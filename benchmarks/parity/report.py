@@ -1,0 +1,137 @@
+"""Parity bookkeeping in idm_jax's environment: convert the release's snapshots, tabulate, plot.
+
+Pure numpy (matplotlib only for the plot), so the test suite checks every function here on
+tiny fake outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from idm_jax import export
+
+IMPLEMENTATIONS = ("idm_jax", "release")
+
+
+def release_snapshot_to_synthetic(snapshot_path: str, out_path: str, *, mean, std, class_names,
+                                  partition_factor: int, dataset: str) -> str:
+    """snap_<budget>.npz from release_side.py (f32[N, C, H, W] normalized) -> idm_jax synthetic.npz."""
+    with np.load(snapshot_path, allow_pickle=False) as f:
+        images_nchw, labels = f["images_nchw"], f["labels"]
+    if images_nchw.ndim != 4:
+        raise ValueError(f"{snapshot_path}: images_nchw must be [N, C, H, W], got {images_nchw.shape}")
+    images = np.ascontiguousarray(images_nchw.transpose(0, 2, 3, 1))
+    return export.save_synthetic(out_path, images, labels, mean=mean, std=std, class_names=class_names,
+                                 partition_factor=partition_factor, method="idm (authors' release)",
+                                 dataset=dataset)
+
+
+def median_iteration_seconds(seconds: list[float]) -> float:
+    """Median seconds per iteration; NaN when none were timed."""
+    seconds = [s for s in seconds if s > 0]
+    return float(np.median(seconds)) if seconds else float("nan")
+
+
+def accuracy_rows(root: str, budgets: list[int]) -> list[dict[str, Any]]:
+    """One row per budget: each implementation's accuracies (idm_jax's evaluator) where measured."""
+    rows = []
+    for budget in budgets:
+        row: dict[str, Any] = {"budget": budget}
+        for impl in IMPLEMENTATIONS:
+            path = os.path.join(root, "eval", f"{impl}_{budget}", "results.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    result = json.load(f)["archs"]["ConvNet"]
+                row[impl] = {"accuracies": result["accuracies"], "mean": result["mean"], "std": result["std"],
+                             "epochs": result["epochs"]}
+        rows.append(row)
+    return rows
+
+
+def difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float]:
+    """(mean of a - mean of b, the standard error of that difference from the seeds' spread, ddof 1)."""
+    xa, xb = np.asarray(a["accuracies"]), np.asarray(b["accuracies"])
+    var = lambda x: float(np.var(x, ddof=1)) if len(x) > 1 else float("nan")
+    return float(xa.mean() - xb.mean()), math.sqrt(var(xa) / len(xa) + var(xb) / len(xb))
+
+
+def _cell(result: dict[str, Any] | None) -> str:
+    if result is None:
+        return "(pending)"
+    return f"{result['mean']:.2f} ± {result['std']:.2f} ({len(result['accuracies'])})"
+
+
+def markdown(rows: list[dict[str, Any]], timings: dict[str, dict[str, Any]],
+             cross_check: dict[str, Any] | None, header: str) -> str:
+    """The parity table: accuracy per budget for both, their difference, then the timing summary."""
+    lines = [header, "",
+             "| iterations | idm_jax (%) | release (%) | difference (pp) | within 2 SE |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        a, b = row.get("idm_jax"), row.get("release")
+        if a and b:
+            d, se = difference(a, b)
+            diff = f"{d:+.2f} ± {se:.2f}"
+            ok = "yes" if abs(d) <= 2 * se else "NO"
+        else:
+            diff, ok = "—", "—"
+        lines.append(f"| {row['budget']} | {_cell(a)} | {_cell(b)} | {diff} | {ok} |")
+    lines.append("")
+    lines.append("Accuracy: mean ± std (number of evaluation networks), all scored by idm_jax's evaluator "
+                 "with the same seeds; difference ± its standard error from the seeds' spread.")
+    jax_t, rel_t = timings.get("idm_jax"), timings.get("release")
+    if jax_t or rel_t:
+        lines += ["", "| | idm_jax | release | release / idm_jax |", "|---|---|---|---|"]
+        js = median_iteration_seconds(jax_t["iteration_seconds"]) if jax_t else float("nan")
+        rs = median_iteration_seconds(rel_t["iteration_seconds"]) if rel_t else float("nan")
+        lines.append(f"| median s / iteration | {js:.2f} | {rs:.2f} | {rs / js:.2f}x |")
+        jm = jax_t["peak_rss_gib"] if jax_t else float("nan")
+        rm = rel_t["peak_rss_gib"] if rel_t else float("nan")
+        lines.append(f"| peak resident memory (GiB) | {jm:.2f} | {rm:.2f} | {rm / jm:.2f}x |")
+        n_j = len(jax_t["iteration_seconds"]) if jax_t else 0
+        n_r = len(rel_t["iteration_seconds"]) if rel_t else 0
+        lines.append(f"| iterations timed | {n_j} | {n_r} | |")
+    if cross_check:
+        lines += ["", f"Evaluator cross-check on {cross_check['set']}: idm_jax's evaluator "
+                  f"{_cell(cross_check.get('idm_jax'))}, the release's `evaluate_synset` "
+                  f"{_cell(cross_check.get('release'))} (same epochs; different random streams)."]
+        if cross_check.get("idm_jax") and cross_check.get("release"):
+            d, se = difference(cross_check["idm_jax"], cross_check["release"])
+            lines.append(f"Difference {d:+.2f} ± {se:.2f} pp; seconds per training pass: idm_jax "
+                         f"{cross_check.get('idm_jax_pass_seconds', float('nan')):.2f}, release "
+                         f"{cross_check.get('release_pass_seconds', float('nan')):.2f}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: str, title: str) -> str | None:
+    """Accuracy vs iterations, both implementations, error bars = std over networks; None if nothing to draw."""
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    drawn = False
+    for impl, marker, offset in (("idm_jax", "o", -0.4), ("release", "s", 0.4)):
+        pts = [(r["budget"] + offset, r[impl]["mean"], r[impl]["std"]) for r in rows if impl in r]
+        if pts:
+            x, y, e = zip(*pts)
+            ax.errorbar(x, y, yerr=e, marker=marker, capsize=3, label=impl)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("condensation iterations")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png")
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return path

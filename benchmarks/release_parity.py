@@ -1,0 +1,289 @@
+"""idm_jax beside the authors' release at equal budget: same data, same iterations, same evaluator.
+
+    python benchmarks/release_parity.py --release=/tmp/IDM --release-python=/tmp/release-venv/bin/python \\
+        --root=runs/parity --ipc=10 --budgets=0,10,25,50 --epochs=100 --seeds=3
+
+--release is a checkout of github uitrbn/IDM (never vendored here); --release-python a Python
+with torch, torchvision, kornia, scipy and torchnet (see docs/RESULTS.md for the set-up). Stages,
+each skipped when its outputs already exist, so a rerun resumes where the last one stopped:
+
+1. data:     the CIFAR arrays idm_jax loads (config's data.source) -> ROOT/data.npz
+2. idm_jax:  a child process condenses with the config's release settings up to max(budgets),
+             copying synthetic.npz at every budget (ROOT/idm_jax/snap_<b>.npz) and writing
+             ROOT/idm_jax/timings.json (seconds of every iteration, peak resident memory)
+3. release:  benchmarks/parity/release_side.py runs the release's own script on data.npz and
+             snapshots its synthetic set at the same budgets (ROOT/release/snap_<b>.npz, timings)
+4. eval:     every snapshot of both is scored by idm_jax's evaluator with the same seeds and
+             epochs (ROOT/eval/<impl>_<b>/results.json), largest and smallest budgets first
+5. cross:    idm_jax's largest-budget set is also scored by the release's own evaluate_synset
+6. report:   ROOT/parity.md + parity.json + parity.png, copied to --docs (after every stage)
+
+Budget 0 is the init (real images, each of the 4 quadrants a downscaled real image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+from absl import logging  # noqa: E402
+
+from benchmarks.parity import report  # noqa: E402
+
+RELEASE_SIDE = os.path.join(ROOT, "benchmarks", "parity", "release_side.py")
+RELEASE_DATASET = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+
+
+def parse_budgets(text: str) -> list[int]:
+    try:
+        budgets = sorted({int(b) for b in text.split(",") if b.strip()})
+    except ValueError:
+        raise SystemExit(f"--budgets: expected comma-separated iteration counts, got {text!r}") from None
+    if not budgets or budgets[0] < 0:
+        raise SystemExit(f"--budgets: expected counts >= 0, got {text!r}")
+    return budgets
+
+
+def eval_order(budgets: list[int]) -> list[int]:
+    """Largest and smallest budget first (the two ends of the curve), then the rest ascending."""
+    ends = [budgets[-1]] + ([budgets[0]] if len(budgets) > 1 else [])
+    return ends + [b for b in budgets if b not in ends]
+
+
+def make_config(args, iterations: int):
+    c = importlib.import_module(f"configs.{args.config}").get_config(str(args.ipc))
+    c.seed = args.seed
+    c.idm.iterations = max(iterations, 1)
+    c.eval.at_end = False
+    c.eval.epochs = args.epochs
+    c.eval.num_seeds = args.seeds
+    c.eval.archs = "ConvNet"
+    c.log_every = 1  # every iteration's time lands in metrics.jsonl
+    c.checkpoint_every = 1_000_000  # the runner saves at the end of each call
+    return c
+
+
+def write_json(path: str, value) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def load_json(path: str):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------------------------
+# stages
+
+def stage_data(args, ds) -> str:
+    path = os.path.join(args.root, "data.npz")
+    if not os.path.exists(path):
+        with open(path + ".tmp", "wb") as f:
+            np.savez(f, train_images=ds.train_images, train_labels=ds.train_labels,
+                     test_images=ds.test_images, test_labels=ds.test_labels,
+                     class_names=np.asarray(ds.class_names, dtype=str), mean=ds.mean, std=ds.std)
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def jax_condense(args) -> None:
+    """Child process: condense to every budget in turn (resumable via the runner's checkpoints)."""
+    from idm_jax import runner  # pylint: disable=g-import-not-at-top
+
+    logging.set_verbosity(logging.INFO)
+    out = os.path.join(args.root, "idm_jax")
+    workdir = os.path.join(out, "run")
+    os.makedirs(workdir, exist_ok=True)
+    budgets = parse_budgets(args.budgets)
+    start = time.perf_counter()
+    for budget in budgets:
+        snap = os.path.join(out, f"snap_{budget}.npz")
+        if os.path.exists(snap):
+            continue
+        summary = runner.run_condensation(make_config(args, budget), workdir,
+                                          max_steps=budget - _checkpoint_step(workdir))
+        if summary.get("interrupted") or summary["step"] != budget:
+            raise SystemExit(f"idm_jax condensation stopped at iteration {summary.get('step')}")
+        shutil.copyfile(summary["synthetic"], snap + ".tmp")
+        os.replace(snap + ".tmp", snap)
+        print(f"[parity] idm_jax snapshot after {budget} iterations -> {snap}", flush=True)
+    import jax  # pylint: disable=g-import-not-at-top
+
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    seconds = [1.0 / r["it_per_s"] for r in rows if r.get("it_per_s", 0) > 0]
+    write_json(os.path.join(out, "timings.json"), {
+        "implementation": "idm_jax", "budgets": budgets, "iteration_seconds": seconds,
+        "seconds_this_call": time.perf_counter() - start,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "jax": jax.__version__, "backend": jax.default_backend(),
+        "host": platform.processor() or platform.machine()})
+
+
+def _checkpoint_step(workdir: str) -> int:
+    ckpt = os.path.join(workdir, "checkpoints")
+    steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
+    return max(steps, default=0)
+
+
+def stage_jax(args) -> None:
+    out = os.path.join(args.root, "idm_jax")
+    if os.path.exists(os.path.join(out, "timings.json")):
+        return
+    argv = [sys.executable, os.path.abspath(__file__), "--stage=jax-condense", *_common_argv(args)]
+    subprocess.run(argv, check=True)
+
+
+def stage_release(args, ds) -> None:
+    out = os.path.join(args.root, "release")
+    budgets = parse_budgets(args.budgets)
+    if not os.path.exists(os.path.join(out, "timings.json")):
+        if not args.release:
+            print("[parity] no --release given: skipping the release's condensation", flush=True)
+            return
+        subprocess.run([args.release_python, RELEASE_SIDE, "condense", f"--release={args.release}",
+                        f"--data={os.path.join(args.root, 'data.npz')}", f"--out={out}",
+                        f"--dataset={RELEASE_DATASET[args.config]}", f"--ipc={args.ipc}",
+                        f"--budgets={args.budgets}", f"--seed={args.seed}"], check=True)
+    for budget in budgets:
+        synthetic = os.path.join(out, f"synthetic_{budget}.npz")
+        snap = os.path.join(out, f"snap_{budget}.npz")
+        if os.path.exists(snap) and not os.path.exists(synthetic):
+            report.release_snapshot_to_synthetic(snap, synthetic, mean=ds.mean, std=ds.std,
+                                                 class_names=ds.class_names, partition_factor=2,
+                                                 dataset=ds.name)
+
+
+def synthetic_path(args, impl: str, budget: int) -> str:
+    name = f"snap_{budget}.npz" if impl == "idm_jax" else f"synthetic_{budget}.npz"
+    return os.path.join(args.root, impl, name)
+
+
+def stage_eval(args) -> None:
+    from idm_jax import evaluate  # pylint: disable=g-import-not-at-top
+
+    for budget in eval_order(parse_budgets(args.budgets)):
+        for impl in report.IMPLEMENTATIONS:
+            synthetic = synthetic_path(args, impl, budget)
+            workdir = os.path.join(args.root, "eval", f"{impl}_{budget}")
+            if os.path.exists(os.path.join(workdir, "results.json")) or not os.path.exists(synthetic):
+                continue
+            print(f"[parity] evaluating {impl} after {budget} iterations", flush=True)
+            evaluate.run_evaluation(make_config(args, budget), workdir, synthetic)
+            write_report(args)
+
+
+def stage_cross(args) -> None:
+    budget = parse_budgets(args.budgets)[-1]
+    out = os.path.join(args.root, "eval", f"release_evaluator_idm_jax_{budget}.json")
+    if os.path.exists(out) or not args.release:
+        return
+    subprocess.run([args.release_python, RELEASE_SIDE, "evaluate", f"--release={args.release}",
+                    f"--data={os.path.join(args.root, 'data.npz')}", f"--out={out}",
+                    f"--dataset={RELEASE_DATASET[args.config]}",
+                    f"--synthetic={synthetic_path(args, 'idm_jax', budget)}",
+                    f"--epochs={args.epochs}", f"--seeds={args.seeds}"], check=True)
+
+
+def write_report(args) -> None:
+    budgets = parse_budgets(args.budgets)
+    rows = report.accuracy_rows(args.root, budgets)
+    timings = {impl: load_json(os.path.join(args.root, impl, "timings.json")) for impl in report.IMPLEMENTATIONS}
+    timings = {k: v for k, v in timings.items() if v}
+    cross = None
+    top = budgets[-1]
+    release_eval = load_json(os.path.join(args.root, "eval", f"release_evaluator_idm_jax_{top}.json"))
+    own = next((r.get("idm_jax") for r in rows if r["budget"] == top), None)
+    if release_eval:
+        own_results = load_json(os.path.join(args.root, "eval", f"idm_jax_{top}", "results.json"))
+        cross = {"set": f"idm_jax's set after {top} iterations", "idm_jax": own, "release": release_eval,
+                 "release_pass_seconds": float(np.median(release_eval["seconds_per_pass"])),
+                 "idm_jax_pass_seconds": (own_results["archs"]["ConvNet"]["seconds_per_epoch"]
+                                          if own_results else float("nan"))}
+    header = (f"{args.config} IPC {args.ipc}, evaluation: ConvNet, {args.epochs} epochs (release schedule), "
+              f"{args.seeds} networks per set; host {platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores; written {time.strftime('%Y-%m-%d %H:%M')}")
+    text = report.markdown(rows, timings, cross, header)
+    stem = f"parity_{args.config}_ipc{args.ipc}"
+    with open(os.path.join(args.root, "parity.md"), "w") as f:
+        f.write(text)
+    write_json(os.path.join(args.root, "parity.json"),
+               {"rows": rows, "timings": timings, "cross_check": cross, "args": vars(args)})
+    png = report.plot(rows, os.path.join(args.root, "parity.png"),
+                      f"{args.config} IPC {args.ipc}: idm_jax vs the authors' release "
+                      f"({args.epochs} epochs x {args.seeds} nets)")
+    if args.docs:
+        os.makedirs(args.docs, exist_ok=True)
+        shutil.copyfile(os.path.join(args.root, "parity.md"), os.path.join(args.docs, stem + ".md"))
+        if png:
+            shutil.copyfile(png, os.path.join(args.docs, stem + ".png"))
+    print(text, flush=True)
+
+
+def _common_argv(args) -> list[str]:
+    return [f"--root={args.root}", f"--config={args.config}", f"--ipc={args.ipc}", f"--budgets={args.budgets}",
+            f"--epochs={args.epochs}", f"--seeds={args.seeds}", f"--seed={args.seed}"]
+
+
+STAGES = ("data", "idm_jax", "release", "eval", "cross", "report")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--release", default="", help="checkout of github uitrbn/IDM ('' = idm_jax side only)")
+    parser.add_argument("--release-python", default=sys.executable, help="a Python with torch for the release")
+    parser.add_argument("--root", default=os.path.join(ROOT, "runs", "parity"))
+    parser.add_argument("--docs", default="", help="also copy parity.md/.png here, e.g. docs/")
+    parser.add_argument("--config", default="cifar10", choices=sorted(RELEASE_DATASET))
+    parser.add_argument("--ipc", type=int, default=10)
+    parser.add_argument("--budgets", default="0,10,25,50")
+    parser.add_argument("--epochs", type=int, default=100, help="evaluation epochs (release schedule)")
+    parser.add_argument("--seeds", type=int, default=3, help="evaluation networks per set")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stage", default="all", help=f"one of {STAGES}, 'all', or jax-condense (internal)")
+    args = parser.parse_args()
+    parse_budgets(args.budgets)
+    os.makedirs(args.root, exist_ok=True)
+    if args.stage == "jax-condense":
+        return jax_condense(args)
+    stages = STAGES if args.stage == "all" else tuple(args.stage.split(","))
+    for s in stages:
+        if s not in STAGES:
+            raise SystemExit(f"--stage: unknown stage {s!r}; expected {STAGES}")
+    if args.release and not os.path.isfile(os.path.join(args.release, "IDM_cifar10.py")):
+        raise SystemExit(f"--release={args.release!r} holds no IDM_cifar10.py: point it at a checkout "
+                         "of github uitrbn/IDM")
+    from idm_jax import evaluate  # pylint: disable=g-import-not-at-top
+
+    logging.set_verbosity(logging.INFO)
+    ds = evaluate.load_config_dataset(make_config(args, 1))
+    stage_data(args, ds)
+    for s in stages:
+        if s == "idm_jax":
+            stage_jax(args)
+        elif s == "release":
+            stage_release(args, ds)
+        elif s == "eval":
+            stage_eval(args)
+        elif s == "cross":
+            stage_cross(args)
+        write_report(args)
+
+
+if __name__ == "__main__":
+    main()
