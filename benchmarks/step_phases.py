@@ -39,7 +39,7 @@ from idm_jax import queue as queue_lib  # noqa: E402
 
 def phase_fns(s: condense.StepSettings):
     """{name: jitted fn(state, data, key)} for the phases of one iteration."""
-    apply_fn = condense.make_apply_fn(s.model)
+    apply_fn = condense.make_apply_fn(s.model, s.embedding)
     params_shape = jax.eval_shape(lambda k: condense.make_init_fn(s)(k)[0], jax.random.PRNGKey(0))
     embedding_dim = jax.eval_shape(
         lambda p: apply_fn(p, jnp.zeros((1, *s.image_shape), jnp.float32))[0], params_shape).shape[-1]

@@ -33,8 +33,16 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.idm = ml_collections.ConfigDict()
   c.idm.iterations = 20000
-  c.idm.init = "real"  # "real": (packed) real images of the class; "noise"
+  # "real": l*l downscaled real images of the class packed into each image
+  # (release, CIFAR); "real_whole": one full real image each (release,
+  # TinyImageNet); "noise": N(0, 1).
+  c.idm.init = "real"
   c.idm.dsa_strategy = "color_crop_cutout_flip_scale_rotate"
+  # What the loss matches: "last_block" = flattened output of the last block
+  # (2048 values on CIFAR; the published commands' --embed_last 1000);
+  # "before_last_pool" = the last block before its pooling (8192 values; the
+  # release script's default --embed_last -1). ConvNet only.
+  c.idm.embedding = "last_block"
   c.idm.partition_factor = 2  # l in the paper; 1 = no partition/expansion
   c.idm.batch_real = 256  # real images per class per iteration
   c.idm.lr_img = 0.2  # SGD on synthetic images (DM: 1.0)
@@ -44,15 +52,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.idm.update_mode = "per_class"
   # CE regularizer weight lambda_reg (paper: 0.5 for IPC 1/10, 0.1 for 50).
   # The release multiplies it by the matching net's training accuracy in
-  # percent (0-100); its meter reports 100 for a net at exactly 0 % - we
-  # treat 0 % as 0.
+  # percent (0-100): torchnet's meter returns (1 - errors/seen) * 100, so a
+  # net at 0 % gives 0, and a net never trained yet also gives 0.
   c.idm.ce_weight = 0.5
   c.idm.use_ce = True  # ablation switch for the CE regularizer
   c.idm.use_queue = True  # False: fresh random net every iteration (as DM)
   c.idm.net_num = 100  # N_max, queue capacity
   c.idm.net_init_num = 3  # nets in the queue at iteration 0 (before the push)
   c.idm.net_generate_interval = 30  # push a new net every this many its
-  c.idm.train_net_num = 1  # nets drawn for the matching loss
+  # Nets drawn for the matching loss; with several, one pass of per-class
+  # steps per net, net after net (as the release loops).
+  c.idm.train_net_num = 1
   c.idm.fetch_net_num = 2  # nets drawn for training each iteration
   c.idm.model_train_steps = 10  # SGD steps per fetched net (paper: K=100)
   c.idm.batch_train = 256  # real images per queue-training step

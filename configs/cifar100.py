@@ -24,7 +24,7 @@ DATASET = {
 PER_IPC = {
     1: {"idm.batch_real": 5000, "idm.ce_weight": 0.5, "idm.net_generate_interval": 5},
     10: {"idm.ce_weight": 0.1, "idm.model_train_steps": 50},
-    50: {"idm.ce_weight": 0.1},
+    50: {"idm.ce_weight": 0.1, "idm.meter_reset_interval": 500},
 }
 
 

@@ -339,12 +339,19 @@ def _check_factor(factor: int) -> None:
 
 
 def _piece_bounds(side: int, factor: int) -> list[tuple[int, int]]:
-    """Start/stop of each of `factor` pieces along a side: boundaries at floor(i * side / factor).
+    """Start/stop of each of `factor` pieces along a side, as the release cuts them.
 
-    When side is not divisible, pieces differ by at most one pixel and the later
-    pieces are the larger ones (for factor 2 this is the release's [:side//2], [side//2:]).
+    factor 2: [0, side // 2) and [side // 2, side) (the release's halves; on an odd side
+    the second is one pixel larger). factor >= 3: pieces of side // factor pixels from 0,
+    i.e. [i * p, (i + 1) * p) with p = side // factor; the last side - factor * p rows or
+    columns belong to no piece (the release's l = 3 cut: 10-pixel patches on 32x32,
+    rows 30 and 31 unused).
     """
-    bounds = [(i * side // factor, (i + 1) * side // factor) for i in range(factor)]
+    if factor == 2:
+        bounds = [(0, side // 2), (side // 2, side)]
+    else:
+        p = side // factor
+        bounds = [(i * p, (i + 1) * p) for i in range(factor)]
     if any(stop <= start for start, stop in bounds):
         raise ValueError(f"cannot cut a side of {side} pixels into {factor} pieces")
     return bounds
@@ -383,8 +390,9 @@ def partition_expand(
     images: f32[N, H, W, C]; labels: [N, ...] or None.
     Returns (f32[N * factor**2, H, W, C], labels tiled to [N * factor**2, ...] or None),
     grouped by piece: all images' piece #0 first, then piece #1, ... in `piece_order`.
-    Piece boundaries are floor(i * H / factor) (see `_piece_bounds`), so H and W need
-    not be divisible by factor. Resizing is bilinear with half-pixel centres, no antialias.
+    Pieces are cut as the release cuts them (see `_piece_bounds`: halves for factor 2,
+    patches of H // factor pixels for factor >= 3, the remainder unused). Resizing is
+    bilinear with half-pixel centres, no antialias.
     factor 1 returns the inputs unchanged.
     """
     _check_factor(factor)
@@ -407,6 +415,7 @@ def init_from_real(real_images: jax.Array, factor: int = 2) -> jax.Array:
     (in `piece_order`) of synthetic image i is real image i * factor**2 + p, resized
     bilinearly WITHOUT antialiasing to the piece's size. Hence
     partition_expand(init_from_real(x))[p * M + i] approximates x[i * factor**2 + p].
+    Pixels outside every piece (factor >= 3 on sides not divisible by it) stay 0.
     factor 1 returns the images unchanged.
     """
     _check_factor(factor)

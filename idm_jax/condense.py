@@ -104,6 +104,7 @@ class StepSettings:
     # unrolled code (measured, jax 0.10): on CPU, loops over SGD steps and
     # class chunks are unrolled at trace time; on GPU/TPU they stay loops.
     unroll_loops: bool = False
+    embedding: str = "last_block"  # models.EMBEDDINGS: what the matching loss compares
 
     @functools.cached_property
     def model(self):
@@ -144,7 +145,7 @@ def settings_from_config(config, ds: data_lib.ArrayDataset) -> StepSettings:
         model_lr=idm.model_lr, model_momentum=idm.model_momentum,
         model_weight_decay=idm.model_weight_decay,
         meter_reset_interval=idm.meter_reset_interval, queue_train_impl=impl,
-        unroll_loops=on_cpu)
+        unroll_loops=on_cpu, embedding=idm.embedding)
 
 
 def auto_class_batch(images_per_class: int, on_cpu: bool) -> int:
@@ -173,9 +174,21 @@ def real_images_per_iteration(s: StepSettings) -> int:
 # Networks
 
 
-def make_apply_fn(model):
-    """(params, images) -> (embedding, logits): the loss's view of a network."""
-    return lambda params, x: model.apply({"params": params}, x, method="embed_and_logits")
+def make_apply_fn(model, embedding: str = "last_block"):
+    """(params, images) -> (embedding, logits): the loss's view of a network.
+
+    embedding (models.EMBEDDINGS): "last_block" = the flattened output of the last block (the
+    release's published commands, `--embed_last 1000`); "before_last_pool" = the last block
+    without its pooling (the release script's default `--embed_last -1`; ConvNet only).
+    """
+    if embedding not in models.EMBEDDINGS:
+        raise ValueError(f"unknown embedding {embedding!r}; expected one of {models.EMBEDDINGS}")
+    if embedding == "last_block":
+        return lambda params, x: model.apply({"params": params}, x, method="embed_and_logits")
+    if not isinstance(model, models.ConvNet):
+        raise ValueError(f"embedding 'before_last_pool' needs a ConvNet, got {type(model).__name__}")
+    return lambda params, x: model.apply({"params": params}, x, skip_last_pool=True,
+                                         method="embed_and_logits")
 
 
 def make_init_fn(s: StepSettings):
@@ -228,13 +241,19 @@ def make_member_train_fn(s: StepSettings, data: DeviceData):
 
 
 def init_synset(s: StepSettings, ds: data_lib.ArrayDataset, seed: int, init: str) -> SynSet:
-    """Synthetic images from real ones ("real": l*l downscaled real images packed
-    into each image, as the release does) or from N(0, 1) ("noise")."""
+    """The starting synthetic images, one group of `ipc` per class.
+
+    init: "real" packs l*l real images of the class, each downscaled to one piece, into every
+    synthetic image (the release's CIFAR init with partition on; one real image when l = 1);
+    "real_whole" starts every synthetic image as ONE full real image of its class whatever l
+    is (the release's TinyImageNet script, whose partition branch is inverted);
+    "noise" draws N(0, 1) in normalized space.
+    """
     shape = (s.num_classes, s.ipc) + s.image_shape
     if init == "noise":
         images = jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
-    elif init == "real":
-        factor = s.loss.partition_factor
+    elif init in ("real", "real_whole"):
+        factor = s.loss.partition_factor if init == "real" else 1
         needed = s.ipc * factor * factor
         rng = np.random.default_rng(seed)
         groups = []
@@ -246,7 +265,7 @@ def init_synset(s: StepSettings, ds: data_lib.ArrayDataset, seed: int, init: str
             groups.append(augment.init_from_real(jnp.asarray(real), factor))
         images = jnp.stack(groups)
     else:
-        raise ValueError(f"unknown init {init!r}; expected 'real' or 'noise'")
+        raise ValueError(f"unknown init {init!r}; expected 'real', 'real_whole' or 'noise'")
     return SynSet(images=images.astype(jnp.float32), momentum=jnp.zeros(shape, jnp.float32),
                   labels=jnp.arange(s.num_classes, dtype=jnp.int32))
 
@@ -289,20 +308,27 @@ def init_state(s: StepSettings, ds: data_lib.ArrayDataset, seed: int, init: str)
                          nonfinite_step=jnp.asarray(-1, jnp.int32))
 
 
-def _matching_net(s: StepSettings, state: CondenseState, key: Array, init_fn):
-    """(queue, params, acc): the network the loss is matched in, this step."""
+def _matching_nets(s: StepSettings, state: CondenseState, key: Array, init_fn):
+    """(queue, params, accs): the train_net_num networks the loss is matched in, this step.
+
+    params is a list of parameter trees and accs f32[train_net_num] their training
+    accuracies in percent: distinct random queue members (as the release draws them), or
+    fresh random networks (accuracy 0) when the queue is off.
+    """
     queue = state.queue
     if not s.use_queue:
-        params, _ = init_fn(key)
-        return None, params, jnp.zeros((), jnp.float32)
+        keys = [key] if s.train_net_num == 1 else list(jax.random.split(key, s.train_net_num))
+        return None, [init_fn(k)[0] for k in keys], jnp.zeros((s.train_net_num,), jnp.float32)
     k_push, k_pick = jax.random.split(key)
     reset = (state.step > 0) & (state.step % s.meter_reset_interval == 0)
     queue = jax.lax.cond(reset, queue_lib.reset_meters, lambda q: q, queue)
     queue = jax.lax.cond(state.step % s.net_generate_interval == 0,
                          lambda q: queue_lib.push(q, init_fn, k_push, state.step),
                          lambda q: q, queue)
-    slot = queue_lib.sample(queue, k_pick, s.train_net_num)[0]
-    return queue, queue_lib.member(queue, slot), queue_lib.accuracy(queue, slot)
+    slots = queue_lib.sample(queue, k_pick, s.train_net_num)
+    params = [queue_lib.member(queue, slots[t]) for t in range(s.train_net_num)]
+    accs = jnp.stack([queue_lib.accuracy(queue, slots[t]) for t in range(s.train_net_num)])
+    return queue, params, accs
 
 
 def map_in_chunks(fn, inputs, chunk: int, *, unroll: bool):
@@ -418,14 +444,22 @@ def make_step(s: StepSettings, mesh: Mesh | None = None):
     resumes) share one compilation. With a mesh, pass a `shard_state` state
     and `replicate`d data; the returned state keeps those shardings.
     """
-    apply_fn = make_apply_fn(s.model)
+    apply_fn = make_apply_fn(s.model, s.embedding)
     init_fn = make_init_fn(s)
 
     def step(state: CondenseState, data: DeviceData):
         key = jax.random.fold_in(state.key, state.step)
         k_net, k_syn, k_train = jax.random.split(key, 3)
-        queue, params, acc = _matching_net(s, state, k_net, init_fn)
-        syn, metrics = _update_synset(s, state.syn, params, acc, k_syn, data, apply_fn, mesh)
+        queue, nets, accs = _matching_nets(s, state, k_net, init_fn)
+        # Several matching nets (train_net_num > 1): as the release, one pass of per-class
+        # steps per net, net after net, on the same momentum buffer; the loss metric is the
+        # sum over nets of the class-mean loss (the release's printed loss).
+        syn, metrics = state.syn, None
+        for t, params in enumerate(nets):
+            k_t = k_syn if t == 0 else jax.random.fold_in(k_syn, t)
+            syn, m = _update_synset(s, syn, params, accs[t], k_t, data, apply_fn, mesh)
+            metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
+        acc = accs.mean()
         if s.use_queue:
             slots = queue_lib.sample(queue, k_train, s.fetch_net_num)
             queue = queue_lib.train(queue, slots, make_member_train_fn(s, data), k_train,

@@ -11,7 +11,7 @@ from idm_jax import models
 
 METHODS = ("idm", "dm")
 UPDATE_MODES = ("per_class", "joint")
-INITS = ("real", "noise")
+INITS = ("real", "real_whole", "noise")
 QUEUE_TRAIN_IMPLS = ("auto", "vmap", "map")
 SEED_PARALLEL = ("auto", "vmap", "map")
 EVAL_LOOPS = ("auto", "device", "host")
@@ -51,6 +51,10 @@ def validate(config) -> None:
     _require(idm.update_mode in UPDATE_MODES,
              f"idm.update_mode must be one of {UPDATE_MODES}, got {idm.update_mode!r}")
     _require(idm.init in INITS, f"idm.init must be one of {INITS}, got {idm.init!r}")
+    _require(idm.embedding in models.EMBEDDINGS,
+             f"idm.embedding must be one of {models.EMBEDDINGS}, got {idm.embedding!r}")
+    _require(idm.embedding == "last_block" or config.model.startswith("ConvNet"),
+             f"idm.embedding={idm.embedding!r} needs a ConvNet matching model, got {config.model!r}")
     _require(idm.queue_train_impl in QUEUE_TRAIN_IMPLS,
              f"idm.queue_train_impl must be one of {QUEUE_TRAIN_IMPLS}, got {idm.queue_train_impl!r}")
     _require(idm.class_batch >= 0, f"idm.class_batch must be >= 0 (0 = auto), got {idm.class_batch!r}")

@@ -43,7 +43,7 @@ _log = logging.getLogger(__name__)
 # Per-channel mean/std of [0, 1]-scaled images (REFERENCE.md, "Data").
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-    "cifar100": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": ((0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)),
     "tinyimagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # also ImageNet subsets
     "mnist": ((0.1307,), (0.3081,)),

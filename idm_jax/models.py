@@ -40,6 +40,9 @@ NORMS = ("instance", "batch", "none")
 POOLINGS = ("avg", "max", "none")
 # The methods `apply_model` may run: all three share the parameters created by `init`.
 METHODS = ("__call__", "embed", "embed_and_logits")
+# What the matching loss compares (condense.make_apply_fn): the last block's flattened output,
+# or, ConvNet only, the last block before its pooling.
+EMBEDDINGS = ("last_block", "before_last_pool")
 # How conv weight gradients are computed; "auto" = "matmul" on the CPU backend, else "xla".
 CONV_IMPLS = ("auto", "xla", "matmul")
 
@@ -243,13 +246,22 @@ class ConvNet(_TwoHeads):
     conv_impl: str = "auto"  # CONV_IMPLS: how conv weight gradients are computed
 
     @nn.compact
-    def embed_and_logits(self, x: Array, train: bool = False) -> tuple[Array, Array]:
-        """x: f32[N, H, W, C] -> (embedding f32[N, width*H'*W'], logits f32[N, num_classes])."""
+    def embed_and_logits(self, x: Array, train: bool = False,
+                         skip_last_pool: bool = False) -> tuple[Array, Array]:
+        """x: f32[N, H, W, C] -> (embedding f32[N, width*H'*W'], logits f32[N, num_classes]).
+
+        The embedding is the flattened output of the last block (2048 values for ConvNet-3 on
+        32x32; the release's `--embed_last 1000`), or with skip_last_pool the last block before
+        its pooling (8192 values on 32x32; the release script's default `--embed_last -1`).
+        The logits always come from the whole network.
+        """
+        before_pool = x
         for i in range(self.depth):
-            x = _conv_norm_relu(x, self.width, 3, 1, self.norm, train, self.conv_impl, i)
-            x = _pool(x, self.pooling)
+            before_pool = _conv_norm_relu(x, self.width, 3, 1, self.norm, train, self.conv_impl, i)
+            x = _pool(before_pool, self.pooling)
         emb = _flatten(x)
-        return emb, _dense(emb, self.num_classes, name="classifier")
+        logits = _dense(emb, self.num_classes, name="classifier")
+        return (_flatten(before_pool) if skip_last_pool else emb), logits
 
 
 class AlexNet(_TwoHeads):

@@ -93,9 +93,9 @@ def member(queue: ModelQueue, slot: Array) -> Any:
 
 
 def accuracy(queue: ModelQueue, slot: Array) -> Array:
-    """Training accuracy of a member in percent; 0 before it was trained.
+    """Training accuracy of a member in percent; 0 before it was trained (or since a reset).
 
-    (The release's meter reports 100 for a net at exactly 0 %; we report 0.)
+    As the release's torchnet meter: (1 - errors / seen) * 100, and 0 while nothing was seen.
     """
     seen = queue.seen[slot]
     return jnp.where(seen > 0, 100.0 * queue.correct[slot] / jnp.maximum(seen, 1.0), 0.0)

@@ -263,6 +263,23 @@ def test_partition_factor3_row_by_row_and_soft_labels():
     np.testing.assert_array_equal(labels, np.tile([[0.25, 0.75]], (9, 1)))
 
 
+def test_partition_factor3_on_32x32_cuts_10_pixel_patches_and_drops_the_rest():
+    # The release's l = 3 cut on CIFAR: patches of 32 // 3 = 10 pixels at rows/columns 0-9,
+    # 10-19, 20-29; rows and columns 30-31 belong to no piece. Fill each 10x10 block with
+    # 10 * block_row + block_col and the unused border with 99: every piece must come out
+    # constant (bilinear resize of a constant patch), and 99 must never appear.
+    index = np.minimum(np.arange(32) // 10, 3)  # 3 marks the unused rows/columns 30, 31
+    rows, cols = np.meshgrid(index, index, indexing="ij")
+    image = np.where((rows == 3) | (cols == 3), 99.0, 10.0 * rows + cols).astype(np.float32)
+    out, _ = augment.partition_expand(jnp.asarray(image)[None, :, :, None], None, factor=3)
+    assert out.shape == (9, 32, 32, 1)
+    expected = [10.0 * r + c for r in range(3) for c in range(3)]  # row by row
+    for piece, value in enumerate(expected):
+        np.testing.assert_allclose(out[piece], value, atol=1e-5)
+    assert augment._piece_bounds(32, 3) == [(0, 10), (10, 20), (20, 30)]
+    assert augment._piece_bounds(32, 2) == [(0, 16), (16, 32)]
+
+
 def test_partition_uneven_size_uses_floor_boundaries():
     # 5x7 image cut at row 5 // 2 = 2 and column 7 // 2 = 3.
     rows, cols = np.meshgrid(np.arange(5), np.arange(7), indexing="ij")

@@ -104,6 +104,39 @@ def test_init_from_real_packs_real_images(digits, setup):
     assert bool(jnp.all((quadrant_means >= lo - 1e-4) & (quadrant_means <= hi + 1e-4)))
 
 
+def test_real_whole_init_starts_each_image_as_one_full_real_image(digits, setup):
+    # The release's TinyImageNet init: one real image per synthetic image even with partition on.
+    s, _, _ = setup
+    syn = condense.init_synset(s, digits, seed=0, init="real_whole")
+    real = np.asarray(data_lib.normalize(digits.train_images, digits.mean, digits.std))
+    for c in range(10):
+        pool = real[digits.train_labels == c]
+        distance = np.abs(pool - np.asarray(syn.images[c, 0])).max(axis=(1, 2, 3))
+        assert distance.min() < 1e-6  # exactly one of its class's real images
+    packed = condense.init_synset(s, digits, seed=0, init="real")
+    assert not np.allclose(packed.images, syn.images)  # "real" packs 4 downscaled images instead
+
+
+def test_two_matching_nets_step_is_one_pass_per_net(digits, setup):
+    s, data, _ = setup
+    s2 = dataclasses.replace(s, train_net_num=2)
+    state = condense.init_state(s2, digits, 0, "real")
+    # By hand: the nets and keys the step draws, then one per-class pass per net, in order.
+    k_net, k_syn, _ = jax.random.split(jax.random.fold_in(state.key, state.step), 3)
+    _, nets, accs = condense._matching_nets(s2, state, k_net, condense.make_init_fn(s2))
+    assert len(nets) == 2 and accs.shape == (2,)
+    assert not np.allclose(nets[0]["classifier"]["kernel"], nets[1]["classifier"]["kernel"])  # distinct nets
+    apply_fn = condense.make_apply_fn(s2.model)
+    update = jax.jit(lambda syn, p, a, k: condense._update_synset(s2, syn, p, a, k, data, apply_fn))
+    one, m1 = update(state.syn, nets[0], accs[0], k_syn)
+    two, m2 = update(one, nets[1], accs[1], jax.random.fold_in(k_syn, 1))
+    new, m = condense.make_step(s2)(jax.tree.map(jnp.copy, state), data)
+    np.testing.assert_allclose(new.syn.images, two.images, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(new.syn.momentum, two.momentum, rtol=1e-5, atol=1e-5)
+    assert float(m["loss"]) == pytest.approx(float(m1["loss"]) + float(m2["loss"]), rel=1e-5)
+    assert float(np.abs(np.asarray(two.images) - np.asarray(one.images)).max()) > 1e-4  # net 2 moved it
+
+
 def test_step_updates_state_queue_and_compiles_once(digits, setup):
     s, data, step = setup
     state = condense.init_state(s, digits, 0, "real")

@@ -9,6 +9,7 @@ import pytest
 
 from configs import base
 from idm_jax import config_check
+from idm_jax import data as data_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASETS = ("cifar10", "cifar100", "tinyimagenet", "imagenet_subset", "mnist", "fashion_mnist", "quick")
@@ -36,21 +37,57 @@ def test_every_config_is_valid(name, arg):
     assert c.ipc == (int(arg.split(",")[0]) if arg else (1 if name == "quick" else 10))
 
 
+# The resolved values of every paper cell, pinned against ../shared/REFERENCE.md ("Data",
+# "Networks", the per-setting table), so a future edit cannot drift silently. Columns:
+# (model, eval archs, eval batch, image size (0 = native), normalization, init, batch_real,
+#  batch_train, net_num, net_generate_interval, model_train_steps, ce_weight,
+#  meter_reset_interval (the release's eval_interval)).
+PAPER_CELLS = {
+    ("cifar10", 1): ("ConvNet", "ConvNet", 256, 0, "cifar10", "real", 5000, 256, 100, 5, 10, 0.5, 100),
+    ("cifar10", 10): ("ConvNet", "ConvNet", 256, 0, "cifar10", "real", 256, 256, 100, 30, 10, 0.5, 100),
+    ("cifar10", 50): ("ConvNet", "ConvNet", 256, 0, "cifar10", "real", 256, 256, 100, 30, 10, 0.1, 500),
+    ("cifar100", 1): ("ConvNet", "ConvNet", 256, 0, "cifar100", "real", 5000, 256, 100, 5, 10, 0.5, 100),
+    ("cifar100", 10): ("ConvNet", "ConvNet", 256, 0, "cifar100", "real", 256, 256, 100, 30, 50, 0.1, 100),
+    ("cifar100", 50): ("ConvNet", "ConvNet", 256, 0, "cifar100", "real", 256, 256, 100, 30, 10, 0.1, 500),
+    ("tinyimagenet", 1): ("ConvNet", "ConvNet", 256, 0, "tinyimagenet", "real_whole", 256, 256, 100, 30, 10,
+                          0.5, 100),
+    ("tinyimagenet", 10): ("ConvNet", "ConvNet", 256, 0, "tinyimagenet", "real_whole", 256, 256, 100, 30, 10,
+                           0.5, 500),
+    ("tinyimagenet", 50): ("ConvNet", "ConvNet", 256, 0, "tinyimagenet", "real_whole", 256, 256, 100, 30, 50,
+                           0.8, 1000),
+}
+
+
+def _cell(c):
+    return (c.model, c.eval.archs, c.eval.batch_size, c.data.image_size, c.data.normalization, c.idm.init,
+            c.idm.batch_real, c.idm.batch_train, c.idm.net_num, c.idm.net_generate_interval,
+            c.idm.model_train_steps, c.idm.ce_weight, c.idm.meter_reset_interval)
+
+
+@pytest.mark.parametrize("name, ipc", sorted(PAPER_CELLS))
+def test_paper_cells_resolve_to_the_release_settings(name, ipc):
+    c = _get(name, str(ipc))
+    assert _cell(c) == PAPER_CELLS[(name, ipc)]
+    # Release defaults shared by every cell.
+    assert (c.idm.net_init_num, c.idm.fetch_net_num, c.idm.train_net_num, c.idm.lr_img, c.idm.momentum_img,
+            c.idm.partition_factor, c.idm.iterations, c.idm.embedding, c.idm.update_mode) == (
+        3, 2, 1, 0.2, 0.5, 2, 20000, "last_block", "per_class")
+    assert (c.eval.epochs, c.eval.num_seeds, c.eval.lr, c.eval.schedule) == (1000, 5, 0.01, "release")
+
+
+def test_normalization_statistics_per_dataset():
+    # REFERENCE.md "Data": CIFAR-100 has its own statistics (not CIFAR-10's).
+    stats = data_lib.NORMALIZATION
+    assert stats["cifar10"] == ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+    assert stats["cifar100"] == ((0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762))
+    assert stats["tinyimagenet"] == stats["imagenet"] == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert stats["mnist"] == ((0.1307,), (0.3081,)) and stats["fashion_mnist"] == ((0.2861,), (0.3530,))
+    assert _get("cifar100").data.normalization == "cifar100"
+
+
 def test_release_table_values():
-    # ../shared/REFERENCE.md, "Per-setting values from the release's command list".
-    c1, c10, c50 = _get("cifar10", "1"), _get("cifar10", "10"), _get("cifar10", "50")
-    assert (c1.idm.batch_real, c1.idm.ce_weight, c1.idm.net_generate_interval) == (5000, 0.5, 5)
-    assert (c10.idm.batch_real, c10.idm.ce_weight, c10.idm.net_generate_interval) == (256, 0.5, 30)
-    assert (c50.idm.ce_weight, c50.idm.meter_reset_interval) == (0.1, 500)
+    c10 = _get("cifar10", "10")
     assert _get("cifar10").ipc == 10 and _get("cifar10").model == "ConvNet"
-    c = _get("cifar100", "10")
-    assert (c.idm.ce_weight, c.idm.model_train_steps) == (0.1, 50)
-    t50 = _get("tinyimagenet", "50")
-    assert (t50.model, t50.idm.ce_weight, t50.idm.model_train_steps, t50.idm.meter_reset_interval) == (
-        "ConvNetD4", 0.8, 50, 1000)
-    im = _get("imagenet_subset", "10")
-    assert (im.model, im.data.image_size, im.idm.batch_real, im.idm.ce_weight, im.idm.net_num,
-            im.idm.net_generate_interval, im.idm.batch_train) == ("ConvNetD6", 64, 128, 3.0, 50, 50, 128)
     # Release defaults everywhere else.
     assert (c10.idm.net_num, c10.idm.net_init_num, c10.idm.fetch_net_num, c10.idm.model_train_steps,
             c10.idm.lr_img, c10.idm.momentum_img, c10.idm.partition_factor,
@@ -76,6 +113,8 @@ def test_dm_and_idm_presets_differ_only_where_they_should():
     ("idm.fetch_net_num", 9, r"idm.fetch_net_num \(9\) exceeds"),
     ("eval.archs", "ConvNet,ResNet50", "unknown model 'ResNet50'"),
     ("idm.lr_img", -1.0, "idm.lr_img must be > 0, got -1.0"),
+    ("idm.init", "reals", "idm.init must be one of .* got 'reals'"),
+    ("idm.embedding", "pooled", "idm.embedding must be one of .* got 'pooled'"),
 ])
 def test_bad_values_are_named(field, value, message):
     c = _get("cifar10", "10")

@@ -213,3 +213,33 @@ def test_queue_training_updates_members_and_meters_and_reset():
         queue_lib.train(q, jnp.array([0]), train_fn, jax.random.PRNGKey(0), "lax")
     with pytest.raises(ValueError, match=r"net_init_num \(5\)"):
         queue_lib.create(_toy_init, jax.random.PRNGKey(0), capacity=4, num_initial=5)
+
+
+def test_two_matching_nets_chain_two_closed_form_passes_like_the_release():
+    """train_net_num = 2: the release loops net by net, and within each net class by class,
+    one torch-SGD step on the whole tensor per (net, class), one momentum buffer throughout.
+    Two closed-form passes (one per net, classes in parallel) must give the same result."""
+    lr, mu, classes, nets = 0.2, 0.5, 3, 2
+    rng = np.random.default_rng(1)
+    x0 = rng.normal(size=(classes, 2)).astype(np.float32)
+    targets = rng.normal(size=(nets, classes, 2)).astype(np.float32)  # a different loss per net
+    buf0 = rng.normal(size=(classes, 2)).astype(np.float32)
+    grad = lambda xc, t, c: 2.0 * (xc - targets_j[t, c]) * (1.0 + xc ** 2)
+    targets_j = jnp.asarray(targets)
+
+    x, buf = x0.copy(), buf0.copy()
+    for t in range(nets):
+        for c in range(classes):
+            g = np.zeros_like(x)
+            g[c] = grad(x[c], t, c)
+            buf = mu * buf + g
+            x = x - lr * buf
+
+    new_x, new_buf = jnp.asarray(x0), jnp.asarray(buf0)
+    for t in range(nets):
+        def one(xc, bc, c, t=t):
+            return condense.momentum_sgd_update(xc, bc, lambda z: (grad(z, t, c), None), lr, mu,
+                                                c, classes - 1 - c)[:2]
+        new_x, new_buf = jax.vmap(one)(new_x, new_buf, jnp.arange(classes))
+    np.testing.assert_allclose(new_x, x, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new_buf, buf, rtol=1e-5, atol=1e-6)

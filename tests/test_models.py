@@ -466,3 +466,17 @@ def test_vmapped_training_step_over_members_with_matmul_grad():
         assert moved["conv0"]["kernel"] > 1e-4  # the step changed the conv weights
         got = jax.tree_util.tree_map(lambda a: a[m], vmapped)
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, ref)
+
+
+def test_convnet_embedding_before_last_pool_is_the_unpooled_last_block():
+    # The release script's default `--embed_last -1`: the last block without its pooling
+    # (8192 values for ConvNet-3 on 32x32). Average-pooling it 2x2 gives the usual embedding.
+    model = get_model("ConvNet", 10, 3)
+    variables = _np_variables(model, (32, 32, 3))
+    x = np.random.default_rng(2).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    emb, logits = model.apply(variables, x, method="embed_and_logits")
+    unpooled, logits2 = model.apply(variables, x, skip_last_pool=True, method="embed_and_logits")
+    assert emb.shape == (2, 2048) and unpooled.shape == (2, 8192)
+    np.testing.assert_array_equal(logits, logits2)  # the logits always use the whole network
+    pooled = np.asarray(unpooled).reshape(2, 4, 2, 4, 2, 128).mean(axis=(2, 4)).reshape(2, -1)
+    np.testing.assert_allclose(pooled, emb, rtol=1e-5, atol=1e-6)
