@@ -39,7 +39,9 @@ def main(argv):
     logging.info("JAX %s, devices: %s", jax.__version__, jax.devices())
     try:
         config_check.validate(config)
-        if _MODE.value == "condense":
+        if _MODE.value == "condense" and config.runs > 1:
+            runner.run_repeated(config, _WORKDIR.value)
+        elif _MODE.value == "condense":
             runner.run_condensation(config, _WORKDIR.value)
         elif _MODE.value == "evaluate":
             if not _SYNTHETIC.value:

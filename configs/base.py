@@ -16,6 +16,10 @@ from idm_jax.config_check import METHODS  # values are checked there, before any
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # Condensations with seeds seed, seed+1, ...: the release runs 5 (num_exp),
+  # each scored by eval.num_seeds networks; results.json then pools all of
+  # them (25 networks, as the paper's mean +- std).
+  c.runs = 1
   c.ipc = 10  # images per class
   # "idm" = the full method; "dm" = Distribution Matching (fresh net every
   # step, no queue, no partition, no CE). Ablations toggle the idm.* switches.

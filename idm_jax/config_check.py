@@ -90,7 +90,7 @@ def validate(config) -> None:
     _require(ev.loop in EVAL_LOOPS, f"eval.loop must be one of {EVAL_LOOPS}, got {ev.loop!r}")
     _require(ev.schedule in EVAL_SCHEDULES,
              f"eval.schedule must be one of {EVAL_SCHEDULES}, got {ev.schedule!r}")
-    _positive_ints(config, "", ["log_every", "checkpoint_every", "keep_checkpoints"])
+    _positive_ints(config, "", ["log_every", "checkpoint_every", "keep_checkpoints", "runs"])
 
 
 def eval_archs(config) -> list[str]:

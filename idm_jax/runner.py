@@ -266,3 +266,56 @@ def _check_finite(state, mngr) -> None:
             f"the loss became non-finite (NaN/inf) at iteration {bad}; stopping. The synthetic "
             f"set is kept as of iteration {bad}; the last checkpoint is at iteration "
             f"{mngr.latest_step()}. Lower idm.lr_img or check the data.")
+
+
+def combine_runs(run_results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results dict over several condensations: every evaluation network of every run.
+
+    The release runs 5 condensations and evaluates each with 5 networks; the paper's mean and
+    std are over those 25 networks. Per arch: all accuracies, their mean and std (ddof 0, as
+    np.std), num_seeds = networks in all, and each run's own mean in run_means.
+    """
+    if not run_results:
+        raise ValueError("combine_runs needs at least one run's results")
+    first = run_results[0]
+    archs = {}
+    for arch in first["archs"]:
+        per_run = [r["archs"][arch] for r in run_results]
+        accs = [float(a) for r in per_run for a in r["accuracies"]]
+        archs[arch] = {**per_run[0], "accuracies": accs, "mean": float(np.mean(accs)),
+                       "std": float(np.std(accs)), "num_seeds": len(accs),
+                       "run_means": [float(r["mean"]) for r in per_run],
+                       "train_seconds": float(sum(r.get("train_seconds", 0.0) for r in per_run))}
+    return {**{k: v for k, v in first.items() if k not in ("archs", "synthetic")}, "runs": len(run_results),
+            "synthetic": [r.get("synthetic") for r in run_results], "archs": archs}
+
+
+def run_repeated(config, workdir: str) -> dict[str, Any]:
+    """config.runs condensations (seeds seed, seed+1, ...) in workdir/run_<i>, then one table.
+
+    Each run is an ordinary resumable run_condensation with its final evaluation; rerunning
+    the command skips finished runs and resumes an interrupted one. workdir/results.json holds
+    the accuracies of all runs' evaluation networks together (see combine_runs).
+    """
+    config_check.validate(config)
+    if not config.eval.at_end:
+        raise ValueError(f"runs={config.runs} combines the runs' final evaluations; set eval.at_end=True")
+    results = []
+    for i in range(config.runs):
+        sub = config.copy_and_resolve_references()
+        sub.runs, sub.seed = 1, int(config.seed) + i
+        run_dir = os.path.join(workdir, f"run_{i}")
+        done = os.path.join(run_dir, "results.json")
+        if os.path.exists(done):
+            with open(done) as f:
+                results.append(json.load(f))
+            logging.info("run %d/%d (seed %d) already finished: %s", i + 1, config.runs, sub.seed, done)
+            continue
+        logging.info("run %d/%d (seed %d) in %s", i + 1, config.runs, sub.seed, run_dir)
+        summary = run_condensation(sub, run_dir)
+        if "results" not in summary:  # stopped by a signal: checkpoint saved
+            return {**summary, "run": i}
+        results.append(summary["results"])
+    combined = combine_runs(results)
+    evaluate.finish_results(workdir, combined)
+    return {"step": int(config.idm.iterations), "runs": config.runs, "results": combined}

@@ -272,3 +272,33 @@ def test_nonfinite_run_stops_with_clear_error_and_keeps_checkpoint(tmp_path, mon
     mngr = runner.checkpoint_manager(workdir, 2)
     assert mngr.latest_step() == 2  # nothing newer was written
     mngr.close()
+
+
+def test_combine_runs_pools_every_network_of_every_run():
+    run = lambda accs: {"method": "idm", "dataset": "digits", "ipc": 1, "synthetic": "s.npz",
+                        "archs": {"ConvNetD2": {"accuracies": accs, "mean": float(np.mean(accs)),
+                                                "std": float(np.std(accs)), "epochs": 2, "train_seconds": 1.5}}}
+    combined = runner.combine_runs([run([50.0, 52.0]), run([60.0, 62.0])])
+    r = combined["archs"]["ConvNetD2"]
+    assert r["accuracies"] == [50.0, 52.0, 60.0, 62.0] and r["num_seeds"] == 4
+    assert r["mean"] == pytest.approx(56.0) and r["std"] == pytest.approx(np.std([50, 52, 60, 62]))
+    assert r["run_means"] == [51.0, 61.0] and r["train_seconds"] == 3.0
+    assert combined["runs"] == 2 and combined["synthetic"] == ["s.npz", "s.npz"]
+
+
+def test_runs_condenses_with_successive_seeds_and_pools_the_evaluations(tmp_path, monkeypatch):
+    c = tiny_config(iterations=2)
+    c.runs = 2
+    out = runner.run_repeated(c, str(tmp_path))
+    results = json.load(open(tmp_path / "results.json"))
+    r = results["archs"]["ConvNetD2"]
+    assert results["runs"] == 2 and r["num_seeds"] == 4 and len(r["run_means"]) == 2
+    assert out["results"]["archs"]["ConvNetD2"]["accuracies"] == r["accuracies"]
+    a = _npz(tmp_path / "run_0" / "synthetic.npz")["images_normalized"]
+    b = _npz(tmp_path / "run_1" / "synthetic.npz")["images_normalized"]
+    assert not np.allclose(a, b)  # seeds 0 and 1: different inits and draws
+    assert json.load(open(tmp_path / "run_1" / "config.json"))["seed"] == 1
+    # A finished workdir: rerunning trains nothing and gives the same table.
+    monkeypatch.setattr(runner, "run_condensation", lambda *a, **k: pytest.fail("a finished run was rerun"))
+    again = runner.run_repeated(c, str(tmp_path))
+    assert again["results"]["archs"]["ConvNetD2"]["accuracies"] == r["accuracies"]
