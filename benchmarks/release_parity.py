@@ -249,7 +249,8 @@ def main() -> None:
     parser.add_argument("--release-python", default=sys.executable, help="a Python with torch for the release")
     parser.add_argument("--root", default=os.path.join(ROOT, "runs", "parity"))
     parser.add_argument("--docs", default="", help="also copy parity.md/.png here, e.g. docs/")
-    parser.add_argument("--config", default="cifar10", choices=sorted(RELEASE_DATASET))
+    parser.add_argument("--config", default="cifar10", choices=sorted(RELEASE_DATASET) + ["quick"],
+                        help="quick: the embedded digits, idm_jax side only (dry runs)")
     parser.add_argument("--ipc", type=int, default=10)
     parser.add_argument("--budgets", default="0,10,25,50")
     parser.add_argument("--epochs", type=int, default=100, help="evaluation epochs (release schedule)")
@@ -265,6 +266,8 @@ def main() -> None:
     for s in stages:
         if s not in STAGES:
             raise SystemExit(f"--stage: unknown stage {s!r}; expected {STAGES}")
+    if args.release and args.config not in RELEASE_DATASET:
+        raise SystemExit(f"--config={args.config}: the release has no such setting; use {sorted(RELEASE_DATASET)}")
     if args.release and not os.path.isfile(os.path.join(args.release, "IDM_cifar10.py")):
         raise SystemExit(f"--release={args.release!r} holds no IDM_cifar10.py: point it at a checkout "
                          "of github uitrbn/IDM")
