@@ -25,6 +25,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from idm_jax import augment
@@ -111,10 +112,46 @@ def class_loss(params, apply_fn: ApplyFn, syn_images: Array, label: Array,
     return synthetic_class_loss(params, apply_fn, syn_images, label, real_mean, key, acc, opts)
 
 
+ACCURACY_SCALES = ("percent", "fraction")
+
+
+def _accuracy_percent(value: Array | float, scale: str) -> Array:
+    """The matching net's training accuracy in percent, checked where it is concrete.
+
+    The release multiplies the CE term by the accuracy in PERCENT (0-100), so 0.5 passed for
+    50 % would shrink the term 100x: with scale "percent", a concrete value strictly between
+    0 and 1 is refused (pass 50.0, or scale "fraction" to pass 0.5); values outside [0, 100]
+    are refused too. Traced values (inside jit) are not checked.
+    """
+    if scale not in ACCURACY_SCALES:
+        raise ValueError(f"accuracy_scale must be one of {ACCURACY_SCALES}, got {scale!r}")
+    if not isinstance(value, jax.core.Tracer):
+        v = float(jnp.asarray(value))
+        top = 1.0 if scale == "fraction" else 100.0
+        if not 0.0 <= v <= top:
+            raise ValueError(f"train_accuracy_percent must lie in [0, {top:g}] ({scale}), got {v!r}")
+        if scale == "percent" and 0.0 < v < 1.0:
+            raise ValueError(
+                f"train_accuracy_percent={v!r} looks like a fraction; the CE weight uses percent "
+                f"(e.g. 50.0 for 50 %), or pass accuracy_scale='fraction'")
+    value = jnp.asarray(value, jnp.float32)
+    return value * 100.0 if scale == "fraction" else value
+
+
 def idm_loss(params, apply_fn: ApplyFn, syn_images: Array, syn_labels: Array,
-             real_images: Array, real_labels: Array, key: Array, acc: Array | float,
-             opts: LossOptions = LossOptions()) -> tuple[Array, dict[str, Array]]:
-    """The IDM loss summed over classes.
+             real_images: Array, real_labels: Array, key: Array,
+             train_accuracy_percent: Array | float,
+             opts: LossOptions = LossOptions(), *,
+             accuracy_scale: str = "percent") -> tuple[Array, dict[str, Array]]:
+    """The IDM loss summed over classes: exactly what the condensation step differentiates.
+
+    For each class c: Siamese DSA with key_c = split(key, G)[c] on the real batch and on the
+    partitioned/expanded synthetic images, then `class_loss` = squared distance of the mean
+    embeddings + ce_weight * accuracy * CE. The jitted step (`condense._update_synset`)
+    computes the same per-class terms from the same two functions (`mean_embedding` for the
+    real side, `synthetic_class_loss` for the synthetic side, which is `class_loss` split so
+    the real mean is computed once outside the gradient); tests/test_loss_queue.py checks
+    that both paths give the same value and gradient.
 
     Args:
       params: the matching network's parameters.
@@ -124,14 +161,16 @@ def idm_loss(params, apply_fn: ApplyFn, syn_images: Array, syn_labels: Array,
       real_images: f32[G, B, H, W, C] real images, same class order.
       real_labels: int32[G] must equal syn_labels (checked when concrete).
       key: PRNG key; each class gets its own Siamese DSA draw.
-      acc: the network's training accuracy in percent (0-100).
+      train_accuracy_percent: the network's training accuracy in PERCENT (0-100), as the
+        release weights the CE term (0 for a network not trained yet).
       opts: LossOptions.
+      accuracy_scale: "percent" (default) or "fraction" (then pass 0-1).
     Returns:
       (loss, {"mmd": f32[G], "ce": f32[G]}) with loss the sum over classes.
     """
     _check_groups(syn_images, syn_labels, real_images, real_labels)
+    acc = _accuracy_percent(train_accuracy_percent, accuracy_scale)
     keys = jax.random.split(key, syn_images.shape[0])
-    acc = jnp.asarray(acc, jnp.float32)
     losses, parts = jax.vmap(
         lambda s, y, r, k: class_loss(params, apply_fn, s, y, r, k, acc, opts)
     )(syn_images, syn_labels, real_images, keys)
@@ -159,6 +198,8 @@ def _check_groups(syn_images, syn_labels, real_images, real_labels) -> None:
     if syn_labels.shape != (syn_images.shape[0],) or real_labels.shape != syn_labels.shape:
         raise ValueError(
             f"labels must be int[classes]: got synthetic {syn_labels.shape}, real {real_labels.shape}")
-    if not isinstance(syn_labels, jax.core.Tracer) and not isinstance(real_labels, jax.core.Tracer):
-        if not bool(jnp.all(syn_labels == real_labels)):
-            raise ValueError("real_labels and syn_labels must list the same classes in the same order")
+    if isinstance(syn_labels, jax.core.Tracer) or isinstance(real_labels, jax.core.Tracer):
+        return  # traced: nothing to compare at trace time
+    # Compared on the host: concrete labels closed over by a jitted caller must not be traced.
+    if not np.array_equal(np.asarray(syn_labels), np.asarray(real_labels)):
+        raise ValueError("real_labels and syn_labels must list the same classes in the same order")
