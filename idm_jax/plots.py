@@ -77,7 +77,8 @@ def line_panels(path: str, panels: Sequence[Mapping[str, Any]], *, title: str = 
 
 
 def bars(path: str, labels: Sequence[str], means: Sequence[float], stds: Sequence[float], *,
-         paper: Sequence[float | None] | None = None, title: str = "", ylabel: str = "") -> str:
+         paper: Sequence[float | None] | None = None, paper_label: str = "paper", title: str = "",
+         ylabel: str = "") -> str:
     """A bar per label (mean with a std error bar), the paper's number as a star where known."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(labels)), 4.0))
@@ -87,7 +88,7 @@ def bars(path: str, labels: Sequence[str], means: Sequence[float], stds: Sequenc
         px = [x for x, p in zip(xs, paper) if p is not None]
         py = [p for p in paper if p is not None]
         ax.scatter(px, py, marker="*", s=140, color="C3", edgecolors="black", zorder=5,
-                   label="paper")
+                   label=paper_label)
     ax.set_xticks(xs)
     ax.set_xticklabels(labels, rotation=20, ha="right")
     ax.set_ylabel(ylabel)

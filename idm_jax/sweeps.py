@@ -307,7 +307,8 @@ def plot(path: str, sweep: dict[str, Any], table: dict[str, Any]) -> str:
                  "xticks": xs}
         return plots.line_panels(path, [panel], title=title)
     return plots.bars(path, [r["cell"] for r in rows], means, stds,
-                      paper=[r["paper"][0] if r["paper"] else None for r in rows], title=title,
+                      paper=[r["paper"][0] if r["paper"] else None for r in rows],
+                      paper_label=f"paper ({table['paper_setting'].split(' (')[0]})", title=title,
                       ylabel=f"{arch} test accuracy (%)")
 
 
