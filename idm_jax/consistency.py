@@ -136,7 +136,8 @@ def run_consistency(config: Any, workdir: str, synthetic: str | dict[str, str] |
             out = sweeps.run_cell(config, os.path.join(workdir, "sets"), cell, sweep["cells"][cell],
                                   iterations=budget, evaluate_at_end=False)
             if out["interrupted"]:
-                raise KeyboardInterrupt(f"stopped while condensing {cell!r}; rerun to resume")
+                logging.warning("stopped while condensing %r; rerun the same command to resume", cell)
+                return {"interrupted": True, "cell": cell}
             sets[cell] = out["synthetic"]
     dataset = evaluate.load_config_dataset(config)
     if max_k > len(dataset.train_labels):
