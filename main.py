@@ -6,6 +6,10 @@
       --synthetic=runs/c10_ipc10/synthetic.npz --workdir=runs/c10_eval
   python main.py --config=configs/cifar10.py:10 --mode=baseline \
       --config.baseline.method=herding --workdir=runs/c10_herding
+  python main.py --config=configs/cifar100.py:10 --mode=continual --workdir=runs/continual
+  python main.py --config=configs/cifar100.py:10 --mode=consistency --workdir=runs/fig4
+  python main.py --config=configs/cifar10.py:10 --mode=sweep --workdir=runs/sweep_table2 \
+      --config.sweep.name=table2 --config.sweep.iterations=1000
 
 The logic lives in the importable `idm_jax` package; this file only parses
 flags and dispatches, so everything it runs is testable.
@@ -21,14 +25,21 @@ from ml_collections import config_flags
 
 from idm_jax import baselines
 from idm_jax import config_check
+from idm_jax import consistency
+from idm_jax import continual
 from idm_jax import evaluate
+from idm_jax import plots
 from idm_jax import runner
+from idm_jax import sweeps
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py:10.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics, results).")
-_MODE = flags.DEFINE_enum("mode", "condense", ["condense", "evaluate", "baseline"], "What to run.")
-_SYNTHETIC = flags.DEFINE_string("synthetic", None, "synthetic.npz to score with --mode=evaluate.")
+_MODE = flags.DEFINE_enum("mode", "condense",
+                          ["condense", "evaluate", "baseline", "continual", "consistency", "sweep"],
+                          "What to run.")
+_SYNTHETIC = flags.DEFINE_string("synthetic", None, "synthetic.npz to score with --mode=evaluate; "
+                                 "with --mode=consistency, NAME=PATH[,NAME=PATH...] (empty: condense them).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -47,9 +58,15 @@ def main(argv):
             if not _SYNTHETIC.value:
                 raise ValueError("--mode=evaluate needs --synthetic=<path to synthetic.npz>")
             evaluate.run_evaluation(config, _WORKDIR.value, _SYNTHETIC.value)
-        else:
+        elif _MODE.value == "baseline":
             baselines.run_baseline(config, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, runner.NonFiniteLossError) as e:
+        elif _MODE.value == "continual":
+            continual.run_continual(config, _WORKDIR.value)
+        elif _MODE.value == "consistency":
+            consistency.run_consistency(config, _WORKDIR.value, _SYNTHETIC.value)
+        else:
+            sweeps.run_sweep(config, _WORKDIR.value)
+    except (ValueError, FileNotFoundError, runner.NonFiniteLossError, plots.MissingDependency) as e:
         # Bad input: one clear line, not a traceback from deep inside JAX.
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)

@@ -79,6 +79,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.idm.queue_train_impl = "auto"
   c.idm.real_chunk_size = 1024  # real images per forward chunk (memory)
   c.idm.class_batch = 0  # classes vectorised together; 0 = auto (condense.auto_class_batch)
+  # Pre-trained pool (paper Fig. 3; idm_jax/pool.py): E > 0 with use_queue=False matches in a
+  # network drawn from pool_size nets trained E epochs on the real data (built once, cached).
+  c.idm.pool_epochs = 0  # E; 0 = off (fresh random nets, as DM)
+  c.idm.pool_size = 100  # the paper pre-trains 100 ConvNets per E (600 for E = 10..60)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.archs = "ConvNet"  # comma-separated, e.g. "ConvNet,AlexNet,VGG11,ResNet18"
@@ -106,6 +110,25 @@ def get_config() -> ml_collections.ConfigDict:
   c.baseline = ml_collections.ConfigDict()
   c.baseline.method = "random"  # "random" | "herding" | "forgetting" | "whole"
   c.baseline.train_epochs = 30  # epochs of the feature/forgetting network
+
+  # The paper's other experiments (main.py --mode=continual | consistency | sweep).
+  c.continual = ml_collections.ConfigDict()  # Sec. 5.6, Fig. 8 (idm_jax/continual.py)
+  c.continual.num_steps = "5,10"  # class-incremental settings: classes split into this many steps
+  c.continual.methods = "idm,dm,random"  # memory construction; idm runs with partition_factor below
+  c.continual.ipc = 20  # memory budget: images per seen class
+  c.continual.partition_factor = 1  # the paper's l = 1 for continual learning
+  c.continual.class_order_seeds = "0,1,2,3,4"  # order = np.random.RandomState(seed).permutation
+  c.continual.iterations = 0  # condensation iterations per step; 0 = idm.iterations
+
+  c.consistency = ml_collections.ConfigDict()  # Sec. 5.3, Fig. 4 (idm_jax/consistency.py)
+  c.consistency.max_k = 100  # nearest real neighbours k = 1..max_k
+  c.consistency.feature_epochs = 30  # epochs of the feature network trained on the real data
+  c.consistency.sets = "fig4"  # without --synthetic: condense this sweep's cells, then score them
+
+  c.sweep = ml_collections.ConfigDict()  # Tables 2-3, Figs. 3, 5-7 (idm_jax/sweeps.py)
+  c.sweep.name = "table2"  # a key of idm_jax.sweeps.SWEEPS
+  c.sweep.iterations = 0  # condensation iterations per cell; 0 = idm.iterations
+  c.sweep.cells = ""  # comma-separated cell names to run; "" = all
 
   # Devices the synthetic set's class axis is sharded over (one host): 0 = as
   # many local devices as divide the class count, 1 = a single device.

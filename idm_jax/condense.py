@@ -29,6 +29,7 @@ from idm_jax import augment
 from idm_jax import data as data_lib
 from idm_jax import loss as loss_lib
 from idm_jax import models
+from idm_jax import pool as pool_lib
 from idm_jax import queue as queue_lib
 
 Array = jax.Array
@@ -51,6 +52,8 @@ class CondenseState:
     syn: SynSet
     queue: queue_lib.ModelQueue | None  # None when the queue is off (DM)
     nonfinite_step: Array  # int32[]: first iteration whose loss was not finite, -1 if none
+    # params of a pre-trained pool, leaves [pool_size, ...] (idm.pool_epochs > 0); None otherwise
+    pool: object = None
 
 
 @flax.struct.dataclass
@@ -105,6 +108,11 @@ class StepSettings:
     # class chunks are unrolled at trace time; on GPU/TPU they stay loops.
     unroll_loops: bool = False
     embedding: str = "last_block"  # models.EMBEDDINGS: what the matching loss compares
+    # Pre-trained pool (idm_jax.pool, paper Fig. 3): with the queue off, match in a network
+    # drawn from pool_size networks trained pool_epochs epochs on the real data (0 = off).
+    pool_epochs: int = 0
+    pool_size: int = 0
+    pool_cache_dir: str = ""
 
     @functools.cached_property
     def model(self):
@@ -145,7 +153,10 @@ def settings_from_config(config, ds: data_lib.ArrayDataset) -> StepSettings:
         model_lr=idm.model_lr, model_momentum=idm.model_momentum,
         model_weight_decay=idm.model_weight_decay,
         meter_reset_interval=idm.meter_reset_interval, queue_train_impl=impl,
-        unroll_loops=on_cpu, embedding=idm.embedding)
+        unroll_loops=on_cpu, embedding=idm.embedding,
+        pool_epochs=int(idm.pool_epochs),
+        pool_size=int(idm.pool_size) if idm.pool_epochs else 0,
+        pool_cache_dir=str(config.data.cache_dir))
 
 
 def auto_class_batch(images_per_class: int, on_cpu: bool) -> int:
@@ -303,9 +314,15 @@ def init_state(s: StepSettings, ds: data_lib.ArrayDataset, seed: int, init: str)
     queue = None
     if s.use_queue:
         queue = queue_lib.create(make_init_fn(s), k_queue, s.net_num, s.net_init_num)
+    pool = None
+    if s.pool_epochs:
+        pool = jax.tree.map(jnp.asarray, pool_lib.load_or_build(
+            ds, s.model_name, epochs=s.pool_epochs, size=s.pool_size, seed=seed, lr=s.model_lr,
+            momentum=s.model_momentum, weight_decay=s.model_weight_decay, batch_size=s.batch_train,
+            cache_dir=s.pool_cache_dir))
     return CondenseState(step=jnp.zeros((), jnp.int32), key=k_run,
                          syn=init_synset(s, ds, seed, init), queue=queue,
-                         nonfinite_step=jnp.asarray(-1, jnp.int32))
+                         nonfinite_step=jnp.asarray(-1, jnp.int32), pool=pool)
 
 
 def _matching_nets(s: StepSettings, state: CondenseState, key: Array, init_fn):
@@ -318,7 +335,12 @@ def _matching_nets(s: StepSettings, state: CondenseState, key: Array, init_fn):
     queue = state.queue
     if not s.use_queue:
         keys = [key] if s.train_net_num == 1 else list(jax.random.split(key, s.train_net_num))
-        return None, [init_fn(k)[0] for k in keys], jnp.zeros((s.train_net_num,), jnp.float32)
+        if state.pool is not None:  # uniformly drawn pre-trained networks (paper Fig. 3)
+            nets = [jax.tree.map(lambda t, k=k: t[jax.random.randint(k, (), 0, s.pool_size)], state.pool)
+                    for k in keys]
+        else:
+            nets = [init_fn(k)[0] for k in keys]
+        return None, nets, jnp.zeros((s.train_net_num,), jnp.float32)
     k_push, k_pick = jax.random.split(key)
     reset = (state.step > 0) & (state.step % s.meter_reset_interval == 0)
     queue = jax.lax.cond(reset, queue_lib.reset_meters, lambda q: q, queue)

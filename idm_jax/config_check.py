@@ -69,6 +69,14 @@ def validate(config) -> None:
         for name in ("train_net_num", "fetch_net_num"):
             _require(idm[name] <= held,
                      f"idm.{name} ({idm[name]}) exceeds the {held} nets the queue holds at the start")
+    pool_epochs = idm.get("pool_epochs", 0)
+    _require(isinstance(pool_epochs, int) and pool_epochs >= 0,
+             f"idm.pool_epochs must be an integer >= 0 (0 = off), got {pool_epochs!r}")
+    if pool_epochs:
+        _require(isinstance(idm.pool_size, int) and idm.pool_size >= 1,
+                 f"idm.pool_size must be an integer >= 1, got {idm.pool_size!r}")
+        _require(not idm.use_queue, f"idm.pool_epochs={pool_epochs} (a pre-trained pool) needs "
+                 "idm.use_queue=False: the pool replaces the fresh nets of DM, not the queue")
     try:
         augment.parse_strategy(idm.dsa_strategy)
     except ValueError as e:

@@ -1,0 +1,323 @@
+"""The paper's ablations as named sweeps: cells of config overrides, run and scored one by one.
+
+A sweep is data: {cell name: {dotted config key: value}} plus how to read and plot it. One
+command runs every cell for a given iteration budget (`run_condensation` into
+<workdir>/cells/<cell>/, which also trains and tests the evaluation networks), then writes
+<workdir>/sweep.json, sweep.md and sweep.png. A cell whose results.json already holds that
+budget is skipped on a rerun; an interrupted cell resumes from its checkpoint.
+
+  python main.py --mode=sweep --config=configs/cifar10.py:10 --workdir=runs/sweep_table2 \
+      --config.sweep.name=table2 --config.sweep.iterations=1000
+
+The key "method" selects a preset ("dm" loads the DM baseline's switches, as
+`configs.base.apply_method`); every other key is a config field. Cells start from the config
+given (it must be the IDM preset), so the non-DM cells keep IDM's synthetic-update settings
+(lr_img, per-class steps) and only toggle the named switches.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import time
+from typing import Any
+
+from absl import logging
+
+from idm_jax import export
+
+_T2 = "CIFAR-100, 10 images per class (paper Table 2)"
+_FIG = "CIFAR-100, 10 images per class (paper Figs. 5-7; values only in the figures)"
+
+# name -> {title, paper_setting, x (dotted key plotted on the x axis, None = categories),
+#          xlabel, cells: {cell: overrides}, paper: {cell: [mean, std]}}
+SWEEPS: dict[str, dict[str, Any]] = {
+    "table2": {
+        "title": "Table 2: IDM's components switched on and off",
+        "paper_setting": _T2,
+        "x": None,
+        "cells": {
+            "DM": {"method": "dm"},
+            "DM + augmentation": {"idm.use_queue": False, "idm.use_ce": False},
+            "DM + model sampling": {"idm.partition_factor": 1, "idm.use_ce": False},
+            "DM + model sampling + augmentation": {"idm.use_ce": False},
+            "DM + model sampling + regularization": {"idm.partition_factor": 1},
+            "IDM (all three)": {},
+        },
+        "paper": {
+            "DM": [29.7, 0.3],
+            "DM + model sampling": [32.0, 0.5],
+            "DM + model sampling + regularization": [34.3, 0.3],
+            "IDM (all three)": [45.1, 0.1],
+        },
+    },
+    "table3": {
+        "title": "Table 3: partition factor l (l x l pieces per synthetic image)",
+        "paper_setting": "ImageNet subset, 1 image per class (paper Table 3)",
+        "x": "idm.partition_factor",
+        "xlabel": "partition factor l",
+        "cells": {f"l={l}": {"idm.partition_factor": l} for l in (1, 2, 3)},
+        "paper": {"l=1": [5.4, 0.1], "l=2": [11.2, 0.5], "l=3": [10.7, 0.7]},
+    },
+    "fig5": {
+        "title": "Fig. 5: weight of the CE regularizer lambda_reg",
+        "paper_setting": _FIG,
+        "x": "idm.ce_weight",
+        "xlabel": "lambda_reg (idm.ce_weight)",
+        "cells": {f"lambda={v:g}": {"idm.ce_weight": v} for v in (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)},
+        "paper": {},
+    },
+    "fig6": {
+        "title": "Fig. 6: queue training steps K per fetched network and iteration",
+        "paper_setting": _FIG,
+        "x": "idm.model_train_steps",
+        "xlabel": "K (idm.model_train_steps)",
+        "cells": {f"K={v}": {"idm.model_train_steps": v} for v in (1, 5, 10, 20, 50, 100)},
+        "paper": {},
+    },
+    "fig7": {
+        "title": "Fig. 7: queue capacity N_max",
+        "paper_setting": _FIG,
+        "x": "idm.net_num",
+        "xlabel": "N_max (idm.net_num)",
+        "cells": {f"N_max={v}": {"idm.net_num": v} for v in (5, 10, 20, 50, 100, 200)},
+        "paper": {},
+    },
+    "fig3": {
+        "title": "Fig. 3: DM with nets pre-trained E epochs vs random nets vs model sampling",
+        "paper_setting": "CIFAR-100, 10 images per class (paper Fig. 3; values only in the figure)",
+        "x": None,
+        "cells": {
+            "DM (random nets)": {"method": "dm"},
+            **{f"DM, pool E={e}": {"method": "dm", "idm.pool_epochs": e} for e in (10, 20, 30, 40, 50, 60)},
+            "DM + model sampling": {"idm.partition_factor": 1, "idm.use_ce": False},
+        },
+        "paper": {},
+    },
+    "fig4": {
+        "title": "Fig. 4 sets: DM, + model sampling, + regularization (l = 1)",
+        "paper_setting": "CIFAR-100, 10 images per class (paper Fig. 4)",
+        "x": None,
+        "cells": {
+            "DM": {"method": "dm"},
+            "DM + model sampling": {"idm.partition_factor": 1, "idm.use_ce": False},
+            "DM + model sampling + regularization": {"idm.partition_factor": 1},
+        },
+        "paper": {},
+    },
+}
+
+
+def get_sweep(name: str) -> dict[str, Any]:
+    if name not in SWEEPS:
+        raise ValueError(f"unknown sweep {name!r}; valid: {', '.join(SWEEPS)}")
+    return SWEEPS[name]
+
+
+def cell_slug(cell: str) -> str:
+    """A folder name for a cell: 'DM + model sampling' -> 'DM_model_sampling'."""
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", cell).strip("_")
+
+
+def set_dotted(config, key: str, value: Any) -> None:
+    """config[a][b] = value for key 'a.b'; a key the config lacks is a ValueError naming it."""
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+        if p not in node or not hasattr(node[p], "items"):
+            raise ValueError(f"config has no field {key!r}")
+        node = node[p]
+    if leaf not in node:
+        raise ValueError(f"config has no field {key!r}")
+    node[leaf] = value
+
+
+def cell_config(config, overrides: dict[str, Any], *, iterations: int | None = None):
+    """A copy of `config` with a cell's overrides (and the sweep's iteration budget) applied."""
+    from configs.base import apply_method  # pylint: disable=g-import-not-at-top
+    c = copy.deepcopy(config)
+    overrides = dict(overrides)
+    method = overrides.pop("method", None)
+    if method is not None:
+        apply_method(c, method)
+    for key, value in overrides.items():
+        set_dotted(c, key, value)
+    if iterations:
+        c.idm.iterations = int(iterations)
+    return c
+
+
+def selected_cells(sweep: dict[str, Any], cells: str | list[str] | None) -> list[str]:
+    """Cell names to run: all when `cells` is empty, else the named ones (checked)."""
+    names = [c.strip() for c in cells.split(",")] if isinstance(cells, str) else list(cells or [])
+    names = [c for c in names if c]
+    if not names:
+        return list(sweep["cells"])
+    by_slug = {cell_slug(c): c for c in sweep["cells"]}
+    out = []
+    for n in names:
+        if n in sweep["cells"]:
+            out.append(n)
+        elif n in by_slug:
+            out.append(by_slug[n])
+        else:
+            raise ValueError(f"sweep has no cell {n!r}; cells: {', '.join(sweep['cells'])}")
+    return out
+
+
+def _budget(config) -> int:
+    return int(config.sweep.iterations or config.idm.iterations)
+
+
+def _cell_done(cell_dir: str, iterations: int) -> dict[str, Any] | None:
+    path = os.path.join(cell_dir, "results.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        results = json.load(f)
+    return results if int(results.get("iterations", -1)) == iterations else None
+
+
+def run_cell(config, workdir: str, cell: str, overrides: dict[str, Any], *, iterations: int,
+             evaluate_at_end: bool = True) -> dict[str, Any]:
+    """Condenses (and by default scores) one cell in workdir/cells/<slug>; skipped when done.
+
+    Returns {"results": results.json dict or None, "synthetic": path, "skipped": bool,
+    "interrupted": bool, "seconds": float}.
+    """
+    from idm_jax import runner  # pylint: disable=g-import-not-at-top  (runner pulls in orbax)
+    cell_dir = os.path.join(workdir, "cells", cell_slug(cell))
+    done = _cell_done(cell_dir, iterations)
+    synthetic = os.path.join(cell_dir, "synthetic.npz")
+    if done is not None or (not evaluate_at_end and _synthetic_done(synthetic, iterations)):
+        logging.info("sweep cell %r: done already (%s), skipped", cell, cell_dir)
+        return {"results": done, "synthetic": synthetic, "skipped": True, "interrupted": False,
+                "seconds": 0.0}
+    c = cell_config(config, overrides, iterations=iterations)
+    c.eval.at_end = bool(evaluate_at_end)
+    logging.info("sweep cell %r: %s, %d iterations -> %s", cell, overrides or "(as configured)",
+                 iterations, cell_dir)
+    t = time.perf_counter()
+    summary = runner.run_condensation(c, cell_dir)
+    if evaluate_at_end and summary.get("results") is None and not summary.get("interrupted"):
+        raise RuntimeError(f"sweep cell {cell!r} finished without results in {cell_dir}")
+    if not summary.get("interrupted"):
+        with open(os.path.join(cell_dir, "condensed_iterations.txt"), "w") as f:
+            f.write(f"{iterations}\n")
+    return {"results": summary.get("results"), "synthetic": summary.get("synthetic", synthetic),
+            "skipped": False, "interrupted": bool(summary.get("interrupted")),
+            "seconds": time.perf_counter() - t}
+
+
+def _synthetic_done(path: str, iterations: int) -> bool:
+    marker = os.path.join(os.path.dirname(path), "condensed_iterations.txt")
+    if not (os.path.exists(path) and os.path.exists(marker)):
+        return False
+    with open(marker) as f:
+        return f.read().strip() == str(iterations)
+
+
+def run_sweep(config, workdir: str, *, name: str | None = None, iterations: int | None = None,
+              cells: str | list[str] | None = None) -> dict[str, Any]:
+    """main.py --mode=sweep: runs the cells of sweep `name` (config.sweep.name) and tabulates them.
+
+    iterations: condensation iterations per cell (default config.sweep.iterations, 0 meaning
+    config.idm.iterations); cells: names (or folder slugs) to run, default config.sweep.cells
+    (empty = all). Writes workdir/sweep.json, sweep.md, sweep.png; returns the sweep.json dict.
+    """
+    name = name or str(config.sweep.name)
+    sweep = get_sweep(name)
+    if config.method != "idm":
+        raise ValueError(f"sweeps start from the IDM preset (cells switch parts off); got method "
+                         f"{config.method!r}: drop ',{config.method}' from --config")
+    budget = int(iterations or _budget(config))
+    names = selected_cells(sweep, config.sweep.cells if cells is None else cells)
+    for cell in names:  # every cell's config is checked before any compute
+        from idm_jax import config_check  # pylint: disable=g-import-not-at-top
+        try:
+            config_check.validate(cell_config(config, sweep["cells"][cell], iterations=budget))
+        except ValueError as e:
+            raise ValueError(f"sweep {name!r}, cell {cell!r}: {e}") from None
+    os.makedirs(workdir, exist_ok=True)
+    rows = []
+    interrupted = False
+    for cell in names:
+        out = run_cell(config, workdir, cell, sweep["cells"][cell], iterations=budget)
+        if out["interrupted"]:
+            interrupted = True
+            break
+        rows.append(_row(sweep, cell, out))
+    table = {"sweep": name, "title": sweep["title"], "paper_setting": sweep["paper_setting"],
+             "dataset": str(config.data.source), "ipc": int(config.ipc), "iterations": budget,
+             "eval": {"archs": str(config.eval.archs), "epochs": int(config.eval.epochs),
+                      "num_seeds": int(config.eval.num_seeds)},
+             "complete": not interrupted and len(rows) == len(sweep["cells"]), "cells": rows}
+    write_outputs(workdir, sweep, table)
+    return table
+
+
+def _row(sweep: dict[str, Any], cell: str, out: dict[str, Any]) -> dict[str, Any]:
+    results = out["results"]
+    overrides = sweep["cells"][cell]
+    return {"cell": cell, "overrides": overrides,
+            "x": overrides.get(sweep["x"]) if sweep.get("x") else None,
+            "archs": {a: {"mean": r["mean"], "std": r["std"], "accuracies": r["accuracies"]}
+                      for a, r in results["archs"].items()},
+            "partition_factor": results.get("partition_factor"),
+            "paper": sweep["paper"].get(cell), "skipped": out["skipped"],
+            "seconds": out["seconds"]}
+
+
+def markdown(table: dict[str, Any]) -> str:
+    """The sweep as a markdown table: one row per cell, one column per evaluation arch."""
+    archs = list(table["cells"][0]["archs"]) if table["cells"] else []
+    ev = table["eval"]
+    lines = [f"### {table['title']}", "",
+             f"{table['dataset']}, {table['ipc']} images per class, {table['iterations']} condensation "
+             f"iterations per cell; evaluation: {ev['num_seeds']} seeds x {ev['epochs']} epochs. "
+             f"Paper numbers: {table['paper_setting']}, at the paper's full budget."
+             + ("" if table["complete"] else " **Incomplete: not every cell has run.**"), "",
+             "| cell | overrides | " + " | ".join(f"{a} acc. (%)" for a in archs) + " | paper (%) |",
+             "|---|---|" + "---|" * len(archs) + "---|"]
+    for r in table["cells"]:
+        over = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(IDM preset)"
+        accs = " | ".join(f"{r['archs'][a]['mean']:.2f} ± {r['archs'][a]['std']:.2f}" for a in archs)
+        paper = f"{r['paper'][0]:.1f} ± {r['paper'][1]:.1f}" if r["paper"] else "—"
+        lines.append(f"| {r['cell']} | {over} | {accs} | {paper} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: str, sweep: dict[str, Any], table: dict[str, Any]) -> str:
+    """sweep.png: accuracy per cell (a line over the swept value, or bars for categories)."""
+    from idm_jax import plots  # pylint: disable=g-import-not-at-top
+    rows = table["cells"]
+    arch = next(iter(rows[0]["archs"]))
+    means = [r["archs"][arch]["mean"] for r in rows]
+    stds = [r["archs"][arch]["std"] for r in rows]
+    title = f"{table['title']}\n{table['dataset']}, {table['iterations']} iterations per cell"
+    if sweep.get("x"):
+        xs = [float(r["x"]) for r in rows]
+        markers = [{"label": f"paper ({table['paper_setting'].split(' (')[0]})" if i == 0 else "_",
+                    "x": float(r["x"]), "y": r["paper"][0], "color": "C3"}
+                   for i, r in enumerate(r for r in rows if r["paper"])]
+        panel = {"title": "", "xlabel": sweep.get("xlabel", sweep["x"]), "ylabel": f"{arch} test accuracy (%)",
+                 "series": [{"label": "measured", "x": xs, "y": means, "std": stds}], "markers": markers,
+                 "xticks": xs}
+        return plots.line_panels(path, [panel], title=title)
+    return plots.bars(path, [r["cell"] for r in rows], means, stds,
+                      paper=[r["paper"][0] if r["paper"] else None for r in rows],
+                      paper_label=f"paper ({table['paper_setting'].split(' (')[0]})", title=title,
+                      ylabel=f"{arch} test accuracy (%)")
+
+
+def write_outputs(workdir: str, sweep: dict[str, Any], table: dict[str, Any]) -> None:
+    export.write_results(workdir, table, name="sweep.json")
+    text = markdown(table)
+    with open(os.path.join(workdir, "sweep.md"), "w") as f:
+        f.write(text)
+    logging.info("sweep %s:\n%s", table["sweep"], text)
+    if table["cells"]:
+        plot(os.path.join(workdir, "sweep.png"), sweep, table)
+
