@@ -50,7 +50,7 @@ def test_release_table_values():
         "ConvNetD4", 0.8, 50, 1000)
     im = _get("imagenet_subset", "10")
     assert (im.model, im.data.image_size, im.idm.batch_real, im.idm.ce_weight, im.idm.net_num,
-            im.idm.net_generate_interval, im.idm.batch_train) == ("ConvNetD6", 64, 128, 3.0, 50, 50, 128)
+            im.idm.net_generate_interval, im.idm.batch_train) == ("ConvNetD6", 224, 128, 3.0, 50, 50, 128)
     # Release defaults everywhere else.
     assert (c10.idm.net_num, c10.idm.net_init_num, c10.idm.fetch_net_num, c10.idm.model_train_steps,
             c10.idm.lr_img, c10.idm.momentum_img, c10.idm.partition_factor,
