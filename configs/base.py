@@ -31,7 +31,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.source = "digits"
   c.data.normalization = ""  # "" = infer from the dataset name
   c.data.image_size = 0  # 0 = native resolution
+  # How image_size is reached: "stretch" (both sides resized) or "center_crop" (shorter
+  # side to image_size, then the central square: the ImageNet-subset protocol).
+  c.data.resize = "stretch"
+  # Folder sources: the class folders to use, in label order. "" = all, sorted;
+  # "imagenet_subset" = the release's 100 ImageNet wnids (shipped); a file of one
+  # name per line; or comma-separated names.
+  c.data.classes = ""
   c.data.cache_dir = ""  # "" = $IDM_CACHE_DIR or ~/.cache/idm_jax
+  # Where the condensation step draws real batches: "device" (the whole uint8 train
+  # set on the accelerator, sampled inside the jit), "host" (memory-mapped on the
+  # host, the same draws gathered there and fed to the step), "auto" = "host" for
+  # train sets over 4 GiB (data.MEMMAP_BYTES), else "device".
+  c.data.on_device = "auto"
 
   c.model = "ConvNet"  # network used for matching (idm_jax.models.MODEL_NAMES)
 
@@ -73,7 +85,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.idm.model_lr = 0.01
   c.idm.model_momentum = 0.9
   c.idm.model_weight_decay = 5e-4
-  c.idm.meter_reset_interval = 100  # release: eval_interval; meters reset
+  # "Model augmentation" (paper supplement, ImageNet subset; not in the release's
+  # commands, so off everywhere): each queue net's lr is model_lr * U(1 -+ jitter)
+  # (paper: 0.1) and it trains only on a random subset of this fraction of the
+  # classes (the paper gives no fraction; 1.0 = all classes, off).
+  c.idm.model_aug_lr_jitter = 0.0
+  c.idm.model_aug_class_fraction = 1.0
+  c.idm.meter_reset_interval = 100  # release: eval_interval; meters reset (0 = never)
   # Queue members trained with jax.vmap (fast on GPU/TPU) or lax.map (fast
   # on CPU, where vmapped convs become grouped convs). "auto": by backend.
   c.idm.queue_train_impl = "auto"

@@ -5,6 +5,11 @@ that changes during a run; `make_step` builds `step(state, data) -> (state,
 metrics)`, jitted once with the state donated. The real data lives on the
 device (`DeviceData`: uint8 images + per-class index tables), so real
 batches are drawn inside the jit and the host only loops and logs.
+Datasets too large for that (the 224x224 ImageNet subset, ~19 GB) stay on
+the host, memory-mapped: `HostSampler` draws the same indices the device path
+would (same keys, computed with jax on the CPU), gathers the images and feeds
+them to the same step as a `HostBatch` (config data.on_device, see
+`resolve_data_placement`).
 The run loop (logging, checkpoints, outputs) lives in `idm_jax.runner`.
 
 Several devices: `class_mesh` builds a 1-D mesh, `shard_state` splits the
@@ -17,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from concurrent import futures
+from typing import Iterator
 
 import flax.struct
 import jax
@@ -68,6 +75,35 @@ class DeviceData:
     std: Array  # f32[C]
 
 
+@flax.struct.dataclass
+class HostBatch:
+    """One iteration's real images, drawn on the host by `HostSampler` (data.on_device="host")."""
+
+    real: Array  # uint8[classes, batch_real, H, W, C]: the matching batch of every class
+    train_images: Array | None  # uint8[fetch_net_num, model_train_steps, batch_train, H, W, C]
+    train_labels: Array | None  # int32[fetch_net_num, model_train_steps, batch_train]
+    mean: Array  # f32[C]
+    std: Array  # f32[C]
+
+
+PLACEMENTS = ("auto", "device", "host")
+
+
+def resolve_data_placement(on_device: str, ds: data_lib.ArrayDataset) -> str:
+    """"device" or "host": where the step's real batches come from (config data.on_device).
+
+    "auto": "host" when the train images are memory-mapped or larger than
+    data.MEMMAP_BYTES (4 GiB; the 224x224 ImageNet subset is ~19 GB), else "device"
+    (CIFAR-10: 150 MB, TinyImageNet 64x64: 1.2 GB).
+    """
+    if on_device not in PLACEMENTS:
+        raise ValueError(f"data.on_device must be one of {PLACEMENTS}, got {on_device!r}")
+    if on_device != "auto":
+        return on_device
+    large = isinstance(ds.train_images, np.memmap) or ds.train_images.nbytes > data_lib.MEMMAP_BYTES
+    return "host" if large else "device"
+
+
 def device_data(ds: data_lib.ArrayDataset) -> DeviceData:
     table, counts = data_lib.class_index_table(ds.train_labels, ds.num_classes)
     return DeviceData(
@@ -113,10 +149,21 @@ class StepSettings:
     pool_epochs: int = 0
     pool_size: int = 0
     pool_cache_dir: str = ""
+    # Model augmentation of the queue (paper supplement; off: 0.0 and 1.0).
+    model_aug_lr_jitter: float = 0.0
+    model_aug_class_fraction: float = 1.0
 
     @functools.cached_property
     def model(self):
         return models.get_model(self.model_name, self.num_classes, self.image_shape[-1])
+
+    @property
+    def model_augment(self) -> queue_lib.ModelAugment | None:
+        """The queue's model augmentation, None when off."""
+        if self.model_aug_lr_jitter == 0.0 and self.model_aug_class_fraction >= 1.0:
+            return None
+        return queue_lib.ModelAugment(self.num_classes, self.model_aug_lr_jitter,
+                                      self.model_aug_class_fraction)
 
     def model_optimizer(self) -> optax.GradientTransformation:
         # torch SGD(weight_decay=wd): the decay is added to the gradient.
@@ -156,7 +203,9 @@ def settings_from_config(config, ds: data_lib.ArrayDataset) -> StepSettings:
         unroll_loops=on_cpu, embedding=idm.embedding,
         pool_epochs=int(idm.pool_epochs),
         pool_size=int(idm.pool_size) if idm.pool_epochs else 0,
-        pool_cache_dir=str(config.data.cache_dir))
+        pool_cache_dir=str(config.data.cache_dir),
+        model_aug_lr_jitter=float(idm.model_aug_lr_jitter),
+        model_aug_class_fraction=float(idm.model_aug_class_fraction))
 
 
 def auto_class_batch(images_per_class: int, on_cpu: bool) -> int:
@@ -213,38 +262,74 @@ def make_init_fn(s: StepSettings):
     return init
 
 
-def make_member_train_fn(s: StepSettings, data: DeviceData):
-    """(params, opt_state, key) -> trained for K steps on random real batches.
+def make_member_train_fn(s: StepSettings, data: DeviceData | HostBatch):
+    """(params, opt_state, key[, extras]) -> trained for K steps on random real batches.
 
     Plain supervised SGD without augmentation, as the release trains its
-    queue; returns the correct/seen counts for the accuracy meter.
+    queue; returns the correct/seen counts for the accuracy meter. extras (a
+    dict, one member's row of queue.train's member_inputs) holds the member's
+    "lr_scale" / "class_mask" under model augmentation and, for a HostBatch,
+    its batches "images" uint8[K, B, H, W, C] / "labels" int32[K, B]. With a
+    class subset, a step trains on the images of the member's classes within
+    its batch_train-image batch (CE averaged over those; the meter counts them).
     """
     tx = s.model_optimizer()
     model = s.model
+    aug = s.model_augment
+    subset = aug is not None and aug.class_fraction < 1.0
+    scale_lr = aug is not None and aug.lr_jitter > 0.0
+    host = isinstance(data, HostBatch)
 
-    def ce_loss(params, x, y):
+    def ce_loss(params, x, y, w):
         logits = model.apply({"params": params}, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        if w is None:
+            return ce.mean(), logits
+        return jnp.sum(w * ce) / jnp.maximum(jnp.sum(w), 1.0), logits
 
-    def sgd_step(carry, key):
-        params, opt_state, correct = carry
-        idx = data_lib.sample_batch(key, data.labels.shape[0], s.batch_train)
-        x = data_lib.normalize(data.images[idx], data.mean, data.std)
-        y = data.labels[idx]
-        (_, logits), grads = jax.value_and_grad(ce_loss, has_aux=True)(params, x, y)
+    def sgd_step(extras, carry, inputs):
+        params, opt_state, correct, seen = carry
+        if host:
+            x_u8, y = inputs
+        else:
+            idx = data_lib.sample_batch(inputs, data.labels.shape[0], s.batch_train)
+            x_u8, y = data.images[idx], data.labels[idx]
+        x = data_lib.normalize(x_u8, data.mean, data.std)
+        w = extras["class_mask"][y].astype(jnp.float32) if subset else None
+        (_, logits), grads = jax.value_and_grad(ce_loss, has_aux=True)(params, x, y, w)
         updates, opt_state = tx.update(grads, opt_state, params)
-        correct = correct + jnp.sum(jnp.argmax(logits, -1) == y)
-        return (optax.apply_updates(params, updates), opt_state, correct), None
+        if scale_lr:  # SGD: scaling the update scales the lr (momentum and decay included)
+            updates = jax.tree.map(lambda u: u * extras["lr_scale"], updates)
+        hit = jnp.argmax(logits, -1) == y
+        if subset:
+            correct, seen = correct + jnp.sum(w * hit), seen + jnp.sum(w)
+        else:
+            correct = correct + jnp.sum(hit)
+        return (optax.apply_updates(params, updates), opt_state, correct, seen), None
 
-    def train(params, opt_state, key):
-        keys = jax.random.split(key, s.model_train_steps)
-        (params, opt_state, correct), _ = jax.lax.scan(
-            sgd_step, (params, opt_state, jnp.zeros((), jnp.int32)), keys,
-            unroll=s.unroll_loops)
-        seen = jnp.asarray(s.model_train_steps * s.batch_train, jnp.float32)
+    def train(params, opt_state, key, extras=None):
+        extras = extras or {}
+        steps = (extras["images"], extras["labels"]) if host else jax.random.split(key, s.model_train_steps)
+        zero = jnp.zeros((), jnp.float32 if subset else jnp.int32)
+        (params, opt_state, correct, seen), _ = jax.lax.scan(
+            functools.partial(sgd_step, extras), (params, opt_state, zero, jnp.zeros((), jnp.float32)),
+            steps, unroll=s.unroll_loops)
+        if not subset:
+            seen = jnp.asarray(s.model_train_steps * s.batch_train, jnp.float32)
         return params, opt_state, correct.astype(jnp.float32), seen
 
     return train
+
+
+def member_inputs(s: StepSettings, queue: queue_lib.ModelQueue, slots: Array,
+                  data: DeviceData | HostBatch):
+    """queue.train's member_inputs for the members at `slots` (see make_member_train_fn), or None."""
+    extras = {}
+    if s.model_augment is not None:
+        extras.update(lr_scale=queue.lr_scale[slots], class_mask=queue.class_mask[slots])
+    if isinstance(data, HostBatch):
+        extras.update(images=data.train_images, labels=data.train_labels)
+    return extras or None
 
 
 # ----------------------------------------------------------------------------
@@ -313,7 +398,7 @@ def init_state(s: StepSettings, ds: data_lib.ArrayDataset, seed: int, init: str)
     k_queue, k_run = jax.random.split(jax.random.PRNGKey(seed))
     queue = None
     if s.use_queue:
-        queue = queue_lib.create(make_init_fn(s), k_queue, s.net_num, s.net_init_num)
+        queue = queue_lib.create(make_init_fn(s), k_queue, s.net_num, s.net_init_num, s.model_augment)
     pool = None
     if s.pool_epochs:
         pool = jax.tree.map(jnp.asarray, pool_lib.load_or_build(
@@ -342,10 +427,11 @@ def _matching_nets(s: StepSettings, state: CondenseState, key: Array, init_fn):
             nets = [init_fn(k)[0] for k in keys]
         return None, nets, jnp.zeros((s.train_net_num,), jnp.float32)
     k_push, k_pick = jax.random.split(key)
-    reset = (state.step > 0) & (state.step % s.meter_reset_interval == 0)
-    queue = jax.lax.cond(reset, queue_lib.reset_meters, lambda q: q, queue)
+    if s.meter_reset_interval:  # 0 = never (the release's ImageNet script)
+        reset = (state.step > 0) & (state.step % s.meter_reset_interval == 0)
+        queue = jax.lax.cond(reset, queue_lib.reset_meters, lambda q: q, queue)
     queue = jax.lax.cond(state.step % s.net_generate_interval == 0,
-                         lambda q: queue_lib.push(q, init_fn, k_push, state.step),
+                         lambda q: queue_lib.push(q, init_fn, k_push, state.step, s.model_augment),
                          lambda q: q, queue)
     slots = queue_lib.sample(queue, k_pick, s.train_net_num)
     params = [queue_lib.member(queue, slots[t]) for t in range(s.train_net_num)]
@@ -409,11 +495,18 @@ def replicate(tree, mesh: Mesh | None):
     return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
-def real_class_mean(s: StepSettings, params, apply_fn, data: DeviceData, cls: Array,
+def real_class_mean(s: StepSettings, params, apply_fn, data: DeviceData | HostBatch, cls: Array,
                     sample_key: Array, dsa_key: Array) -> Array:
-    """Mean embedding f32[D] of batch_real random real images of class `cls` after Siamese DSA."""
-    idx = data_lib.sample_class_batch(sample_key, data.class_table, data.class_counts, cls, s.batch_real)
-    real = data_lib.normalize(data.images[idx], data.mean, data.std)
+    """Mean embedding f32[D] of batch_real random real images of class `cls` after Siamese DSA.
+
+    DeviceData: the images are drawn here with sample_key; HostBatch: they were drawn on
+    the host with the same key (HostSampler) and arrive as data.real[cls].
+    """
+    if isinstance(data, HostBatch):
+        real = data_lib.normalize(data.real[cls], data.mean, data.std)
+    else:
+        idx = data_lib.sample_class_batch(sample_key, data.class_table, data.class_counts, cls, s.batch_real)
+        real = data_lib.normalize(data.images[idx], data.mean, data.std)
     return loss_lib.mean_embedding(params, apply_fn, real, dsa_key, s.loss)
 
 
@@ -458,9 +551,19 @@ def _update_synset(s: StepSettings, syn: SynSet, params, acc, key: Array,
     return syn.replace(images=images, momentum=momentum), metrics
 
 
+def iteration_keys(base_key: Array, step) -> tuple[Array, Array, Array]:
+    """(k_net, k_syn, k_train) of iteration `step`: the matching net, the synthetic update
+    (real batches + DSA), the queue training. HostSampler derives its indices from the same."""
+    k_net, k_syn, k_train = jax.random.split(jax.random.fold_in(base_key, step), 3)
+    return k_net, k_syn, k_train
+
+
 @functools.lru_cache(maxsize=8)
 def make_step(s: StepSettings, mesh: Mesh | None = None):
     """The jitted condensation step: (state, data) -> (state, metrics). State is donated.
+
+    data: DeviceData (real batches drawn inside the step) or HostBatch (drawn by HostSampler);
+    each traces its own program.
 
     Cached per settings (and mesh), so runs in one process (tests, sweeps,
     resumes) share one compilation. With a mesh, pass a `shard_state` state
@@ -469,9 +572,8 @@ def make_step(s: StepSettings, mesh: Mesh | None = None):
     apply_fn = make_apply_fn(s.model, s.embedding)
     init_fn = make_init_fn(s)
 
-    def step(state: CondenseState, data: DeviceData):
-        key = jax.random.fold_in(state.key, state.step)
-        k_net, k_syn, k_train = jax.random.split(key, 3)
+    def step(state: CondenseState, data: DeviceData | HostBatch):
+        k_net, k_syn, k_train = iteration_keys(state.key, state.step)
         queue, nets, accs = _matching_nets(s, state, k_net, init_fn)
         # Several matching nets (train_net_num > 1): as the release, one pass of per-class
         # steps per net, net after net, on the same momentum buffer; the loss metric is the
@@ -485,7 +587,7 @@ def make_step(s: StepSettings, mesh: Mesh | None = None):
         if s.use_queue:
             slots = queue_lib.sample(queue, k_train, s.fetch_net_num)
             queue = queue_lib.train(queue, slots, make_member_train_fn(s, data), k_train,
-                                    s.queue_train_impl)
+                                    s.queue_train_impl, member_inputs(s, queue, slots, data))
             metrics["queue_acc"] = jnp.mean(jax.vmap(lambda i: queue_lib.accuracy(queue, i))(slots))
             metrics["queue_size"] = queue.size
         metrics["match_acc"] = acc
@@ -502,6 +604,96 @@ def make_step(s: StepSettings, mesh: Mesh | None = None):
         return new, metrics
 
     return jax.jit(step, donate_argnums=0)
+
+
+# ----------------------------------------------------------------------------
+# Real batches from the host (data.on_device = "host")
+
+
+def plan_indices(s: StepSettings, class_table: Array, class_counts: Array, num_examples: int,
+                 base_key: Array, step) -> tuple[Array, Array | None]:
+    """The train-set indices iteration `step` reads: (int32[classes, batch_real],
+    int32[fetch_net_num, model_train_steps, batch_train] or None without a queue).
+
+    Exactly the draws the step makes with DeviceData (same keys, same functions), so a
+    HostBatch of these images reproduces the device path.
+    """
+    _, k_syn, k_train = iteration_keys(base_key, step)
+    k_real = jax.random.split(k_syn)[0]  # as _update_synset splits k_syn
+    draw = lambda k, c: data_lib.sample_class_batch(k, class_table, class_counts, c, s.batch_real)
+    real = jax.vmap(draw)(jax.random.split(k_real, s.num_classes), jnp.arange(s.num_classes))
+    if not s.use_queue:
+        return real, None
+    # As queue.train splits k_train over members and the member's train fn over its steps.
+    member = lambda km: jax.vmap(lambda k: data_lib.sample_batch(k, num_examples, s.batch_train))(
+        jax.random.split(km, s.model_train_steps))
+    return real, jax.vmap(member)(jax.random.split(k_train, s.fetch_net_num))
+
+
+class HostSampler:
+    """Feeds the step HostBatches gathered on the host from (memory-mapped) uint8 arrays.
+
+    For datasets that do not fit on the device (the 224x224 ImageNet subset): indices come
+    from `plan_indices` (jax on the CPU, the device path's draws), images from
+    ds.train_images in a few threads (sorted reads, kind to a memmap), and the next
+    iteration's batch is prepared while the current one runs. Peak host memory: two
+    iterations' images (ImageNet subset IPC 10: 2 x (12,800 + 2,560) x 150 KB = 4.6 GB).
+    """
+
+    def __init__(self, s: StepSettings, ds: data_lib.ArrayDataset, base_key, mesh: Mesh | None = None,
+                 threads: int = 8):
+        self.s, self.ds, self.mesh = s, ds, mesh
+        table, counts = data_lib.class_index_table(ds.train_labels, ds.num_classes)
+        data_lib.check_batch_size(counts, s.batch_real)
+        cpu = jax.local_devices(backend="cpu")[0]
+        self._args = jax.device_put((jnp.asarray(table), jnp.asarray(counts),
+                                     jnp.asarray(np.asarray(base_key))), cpu)
+        self._plan = jax.jit(functools.partial(plan_indices, s), static_argnums=2)
+        self._num_examples = len(ds.train_labels)
+        self._labels = np.asarray(ds.train_labels, np.int32)
+        self._mean, self._std = np.asarray(ds.mean, np.float32), np.asarray(ds.std, np.float32)
+        self._threads = threads
+        self._pool = futures.ThreadPoolExecutor(threads)
+
+    def indices(self, step: int) -> tuple[np.ndarray, np.ndarray | None]:
+        table, counts, key = self._args
+        real, train = self._plan(table, counts, self._num_examples, key, step)
+        return np.asarray(real), None if train is None else np.asarray(train)
+
+    def _gather(self, idx: np.ndarray) -> np.ndarray:
+        flat = idx.reshape(-1)
+        out = np.empty((flat.size,) + self.ds.image_shape, np.uint8)
+
+        def copy(part):
+            order = part[np.argsort(flat[part], kind="stable")]
+            out[order] = self.ds.train_images[flat[order]]
+
+        list(self._pool.map(copy, np.array_split(np.arange(flat.size), self._threads)))
+        return out.reshape(idx.shape + self.ds.image_shape)
+
+    def batch(self, step: int) -> HostBatch:
+        """The HostBatch of iteration `step`, on the device (replicated over `mesh`)."""
+        real_idx, train_idx = self.indices(step)
+        batch = HostBatch(
+            real=self._gather(real_idx),
+            train_images=None if train_idx is None else self._gather(train_idx),
+            train_labels=None if train_idx is None else self._labels[train_idx],
+            mean=self._mean, std=self._std)
+        if self.mesh is None:
+            return jax.device_put(batch)
+        return replicate(batch, self.mesh)
+
+    def batches(self, start: int, stop: int) -> Iterator[HostBatch]:
+        """HostBatches of iterations start .. stop-1, each prepared while the previous one runs."""
+        with futures.ThreadPoolExecutor(1) as ahead:
+            pending = ahead.submit(self.batch, start) if start < stop else None
+            for step in range(start, stop):
+                current = pending.result()
+                pending = ahead.submit(self.batch, step + 1) if step + 1 < stop else None
+                yield current
+
+    def close(self) -> None:
+        self._pool.shutdown()
 
 
 def synthetic_arrays(state: CondenseState) -> tuple[np.ndarray, np.ndarray]:

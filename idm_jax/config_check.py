@@ -16,6 +16,8 @@ QUEUE_TRAIN_IMPLS = ("auto", "vmap", "map")
 SEED_PARALLEL = ("auto", "vmap", "map")
 EVAL_LOOPS = ("auto", "device", "host")
 EVAL_SCHEDULES = ("release", "paper")
+RESIZE_MODES = ("stretch", "center_crop")  # idm_jax.data.RESIZE_MODES
+PLACEMENTS = ("auto", "device", "host")  # idm_jax.condense.PLACEMENTS
 
 
 def _require(ok: bool, message: str) -> None:
@@ -47,7 +49,15 @@ def validate(config) -> None:
     _positive_ints(idm, "idm.", [
         "iterations", "partition_factor", "batch_real", "net_num", "net_init_num",
         "net_generate_interval", "train_net_num", "fetch_net_num", "model_train_steps",
-        "batch_train", "meter_reset_interval", "real_chunk_size"])
+        "batch_train", "real_chunk_size"])
+    _require(isinstance(idm.meter_reset_interval, int) and idm.meter_reset_interval >= 0,
+             f"idm.meter_reset_interval must be an integer >= 0 (0 = never reset), got "
+             f"{idm.meter_reset_interval!r}")
+    _require(0.0 <= idm.get("model_aug_lr_jitter", 0.0) < 1.0,
+             f"idm.model_aug_lr_jitter must be in [0, 1) (0.1 = lr +-10 %), got {idm.get('model_aug_lr_jitter')!r}")
+    _require(0.0 < idm.get("model_aug_class_fraction", 1.0) <= 1.0,
+             f"idm.model_aug_class_fraction must be in (0, 1] (1 = all classes), got "
+             f"{idm.get('model_aug_class_fraction')!r}")
     _require(idm.update_mode in UPDATE_MODES,
              f"idm.update_mode must be one of {UPDATE_MODES}, got {idm.update_mode!r}")
     _require(idm.init in INITS, f"idm.init must be one of {INITS}, got {idm.init!r}")
@@ -86,6 +96,12 @@ def validate(config) -> None:
             _require(idm[name] == dm_value,
                      f"method 'dm' needs idm.{name}={dm_value!r}, got {idm[name]!r} (load the "
                      "DM preset with e.g. --config=configs/cifar10.py:10,dm)")
+
+    data = config.data
+    _require(data.get("resize", "stretch") in RESIZE_MODES,
+             f"data.resize must be one of {RESIZE_MODES}, got {data.get('resize')!r}")
+    _require(data.get("on_device", "auto") in PLACEMENTS,
+             f"data.on_device must be one of {PLACEMENTS}, got {data.get('on_device')!r}")
 
     ev = config.eval
     _positive_ints(ev, "eval.", ["num_seeds", "epochs", "batch_size", "test_batch_size", "interval_epochs"])

@@ -10,7 +10,12 @@ mean/std):
   fashion_mnist, ...) with its normal download, or its manual_dir offline.
 * a folder or ``.tar.gz``/``.tgz``/``.tar`` archive laid out as
   ``[<top>/]<split>/<class>/<image>.(png|jpg|jpeg)``; decoded arrays are cached
-  as one .npz so the second load takes seconds.
+  as one .npz so the second load takes seconds. ``classes`` picks (and orders)
+  a subset of the class folders, e.g. "imagenet_subset": the 100 ImageNet
+  classes of IDM's release, shipped as package data. Decoded datasets larger
+  than `MEMMAP_BYTES` are cached as memory-mapped .npy files instead and come
+  back as read-only memmaps, so a 224x224 ImageNet subset (~19 GB) never has
+  to fit in RAM.
 
 The real data then lives on the device as uint8 together with per-class
 index tables (`class_index_table`), so the jitted step draws its own real
@@ -27,10 +32,13 @@ import io
 import json
 import logging
 import os
+import shutil
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent import futures
+from importlib import resources
 from typing import Any
 
 import jax
@@ -60,6 +68,17 @@ _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _TEST_SPLITS = ("test", "val", "valid")  # first one present is the test split
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 _CACHE_VERSION = 1  # bump when the cached arrays' meaning changes
+# How images are brought to image_size x image_size: "stretch" resizes both sides (bilinear,
+# aspect ratio not kept); "center_crop" resizes the shorter side to image_size (the longer
+# to int(image_size * long / short), as torchvision's Resize(int)) and cuts the central
+# square (offsets rounded as torchvision's CenterCrop): the ImageNet-subset protocol.
+RESIZE_MODES = ("stretch", "center_crop")
+# Named class lists shipped with the package (files of one class folder name per line).
+CLASS_LISTS = {"imagenet_subset": "imagenet_subset_classes.txt"}
+# Decoded folder datasets larger than this are cached as memory-mapped .npy files (and served
+# to the condensation step from the host, see condense.resolve_data_placement).
+MEMMAP_BYTES = 4 << 30
+_DECODE_THREADS = min(16, os.cpu_count() or 1)
 _LAYOUT = "[<top>/]<split>/<class>/<image>.(png|jpg|jpeg) with splits train and test (or val/valid)"
 _ACCEPTED_SOURCES = (
     '"digits" (embedded scikit-learn digits), "tfds:<name>" (e.g. "tfds:cifar10"), '
@@ -127,6 +146,9 @@ def load_dataset(
     normalization: str | None = None,
     image_size: int | None = None,
     cache_dir: str | None = None,
+    resize: str = "stretch",
+    classes: str | Sequence[str] | None = None,
+    memmap: bool | None = None,
 ) -> ArrayDataset:
     """Loads a dataset spec into host arrays.
 
@@ -142,6 +164,15 @@ def load_dataset(
       cache_dir: where decoded folder/archive arrays are cached (default: env
         IDM_CACHE_DIR or ~/.cache/idm_jax); for tfds it is the data_dir
         (default: env TFDS_DATA_DIR or tfds' own default).
+      resize: one of RESIZE_MODES, how image_size is reached ("stretch" or
+        "center_crop": shorter side to image_size, then the central square).
+      classes: folder/archive sources only: the class folders to keep, in label
+        order - a name of CLASS_LISTS (e.g. "imagenet_subset"), a path to a text
+        file (one name per line, '#' comments), a comma-separated string or a
+        sequence of names. None or "" keeps every class folder, sorted.
+      memmap: folder/archive sources only: cache the decoded arrays as .npy files
+        and return read-only memmaps (True), one in-memory .npz (False), or by
+        size (None: memmaps above MEMMAP_BYTES).
 
     Returns:
       An ArrayDataset with uint8[N, H, W, C] images and int32 labels.
@@ -157,6 +188,12 @@ def load_dataset(
         if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
             raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
         image_size = int(image_size)  # also a JSON-able cache key
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {resize!r}: expected one of {RESIZE_MODES}")
+    class_list = load_class_list(classes)
+    if class_list is not None and (source == "digits" or source.startswith("tfds:")):
+        raise ValueError(f"a class list ({classes!r}) applies to folder/archive sources only, "
+                         f"not {source!r}")
 
     if source == "digits":
         name, arrays = "digits", _load_digits(image_size or DIGITS_SIZE)
@@ -164,7 +201,8 @@ def load_dataset(
         name = source[len("tfds:"):]
         arrays = _load_tfds(name, data_dir=cache_dir or os.environ.get("TFDS_DATA_DIR"))
         if image_size is not None:
-            arrays = {**arrays, **{k: _resize(arrays[k], image_size) for k in ("train_images", "test_images")}}
+            arrays = {**arrays, **{k: _resize(arrays[k], image_size, resize)
+                                   for k in ("train_images", "test_images")}}
     else:
         path = os.path.abspath(os.path.expanduser(source))
         if not os.path.exists(path):
@@ -178,7 +216,8 @@ def load_dataset(
                 f"dataset file {source!r} is not a .tar.gz/.tgz/.tar archive: expected {_ACCEPTED_SOURCES}"
             )
         name = _source_stem(path)
-        arrays = _load_image_tree(path, image_size, _cache_dir(cache_dir))
+        arrays = _load_image_tree(path, image_size, _cache_dir(cache_dir), resize=resize,
+                                  classes=class_list, memmap=memmap)
 
     mean, std = _resolve_normalization(normalization, name, arrays["train_images"])
     return ArrayDataset(name=name, mean=mean, std=std, **arrays)
@@ -261,17 +300,63 @@ def _cache_dir(cache_dir: str | None) -> str:
     return cache_dir or os.environ.get("IDM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "idm_jax")
 
 
-def _resize(images: np.ndarray, size: int) -> np.ndarray:
+def _resize(images: np.ndarray, size: int, mode: str = "stretch") -> np.ndarray:
     """Bilinear resize of uint8[N, H, W, C] to uint8[N, size, size, C] (PIL, per image)."""
     if images.shape[1:3] == (size, size):
         return images
-    return np.stack([_resize_one(img, size) for img in images]) if len(images) else images[:, :size, :size]
+    return np.stack([_resize_one(img, size, mode) for img in images]) if len(images) else images[:, :size, :size]
 
 
-def _resize_one(image: np.ndarray, size: int) -> np.ndarray:
+def _resize_one(image: np.ndarray, size: int, mode: str = "stretch") -> np.ndarray:
+    """uint8[H, W, C] -> uint8[size, size, C], by `mode` (see RESIZE_MODES)."""
     pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    out = np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR))
+    if mode == "center_crop":
+        h, w = image.shape[:2]
+        short, long = min(h, w), max(h, w)
+        scaled = (size, int(size * long / short))  # (short side, long side)
+        new_h, new_w = scaled if h <= w else scaled[::-1]
+        if (new_h, new_w) != (h, w):
+            pil = pil.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+        out = np.asarray(pil)[top:top + size, left:left + size]
+    else:
+        out = np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR))
     return out[..., None] if out.ndim == 2 else out
+
+
+def load_class_list(classes: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """The class folder names `classes` stands for (see load_dataset), or None for all.
+
+    "imagenet_subset" -> the 100 WordNet ids of IDM's ImageNet subset, in the release's order.
+    """
+    if classes is None or (isinstance(classes, str) and not classes.strip()):
+        return None
+    if isinstance(classes, str):
+        spec = classes.strip()
+        if spec in CLASS_LISTS:
+            text = resources.files("idm_jax").joinpath(CLASS_LISTS[spec]).read_text()
+            names = _class_lines(text)
+        elif os.path.isfile(os.path.expanduser(spec)):
+            with open(os.path.expanduser(spec)) as f:
+                names = _class_lines(f.read())
+        elif _looks_like_path(spec) and "," not in spec:
+            raise FileNotFoundError(f"class list file {spec!r} does not exist; data.classes takes "
+                                    f"{', '.join(map(repr, CLASS_LISTS))}, a file or comma-separated names")
+        else:
+            names = [n.strip() for n in spec.split(",") if n.strip()]
+    else:
+        names = [str(n).strip() for n in classes]
+    if not names:
+        raise ValueError(f"class list {classes!r} names no classes")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"class list {classes!r} repeats {repeated}")
+    return tuple(names)
+
+
+def _class_lines(text: str) -> list[str]:
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return [line for line in lines if line]
 
 
 # --------------------------------------------------------------------------- #
@@ -366,46 +451,67 @@ def _as_nhwc_uint8(images: np.ndarray, what: str) -> np.ndarray:
 _Listing = tuple[set[tuple[str, ...]], dict[tuple[str, ...], "bytes | str"]]
 
 
-def _load_image_tree(path: str, image_size: int | None, cache_dir: str) -> dict[str, Any]:
+def _load_image_tree(path: str, image_size: int | None, cache_dir: str, *, resize: str = "stretch",
+                     classes: tuple[str, ...] | None = None, memmap: bool | None = None) -> dict[str, Any]:
     """Decodes a folder/archive (or reads its cache) into split arrays and class names."""
-    cache_file = os.path.join(cache_dir, f"{_source_stem(path)}-{_fingerprint(path, image_size)}.npz")
-    cached = _read_cache(cache_file)
+    cache_base = os.path.join(cache_dir, f"{_source_stem(path)}-{_fingerprint(path, image_size, resize, classes)}")
+    cached = _read_cache(cache_base)
     if cached is not None:
-        _log.info("loaded %s from cache %s", path, cache_file)
+        _log.info("loaded %s from cache %s", path, cache_base)
         return cached
-    listing = _list_archive(path) if os.path.isfile(path) else _list_folder(path)
-    train, test = _select_splits(listing, path)
-    arrays = _decode_splits(train, test, image_size)
-    _write_cache(cache_file, arrays)
-    return arrays
+    listing = _list_archive(path) if os.path.isfile(path) else _list_folder(path, classes)
+    train, test = _select_splits(listing, path, classes)
+    return _decode_splits(train, test, image_size, resize, cache_base, memmap)
 
 
-def _fingerprint(path: str, image_size: int | None) -> str:
-    """Hash of what determines the decoded arrays: path, size and mtime of the source."""
+def _fingerprint(path: str, image_size: int | None, resize: str = "stretch",
+                 classes: tuple[str, ...] | None = None) -> str:
+    """Hash of what determines the decoded arrays: path, size and mtime of the source, options."""
     if os.path.isfile(path):
         st = os.stat(path)
         stamp: Any = [st.st_size, st.st_mtime_ns]
-    else:  # a folder's own mtime misses edits inside it: stamp every file
+    else:  # a folder's own mtime misses edits inside it: stamp every file (of the listed classes)
         stamp = []
         for root, dirs, files in os.walk(path):
-            dirs.sort()
+            dirs[:] = sorted(_keep_dirs(path, root, dirs, classes))
             for f in sorted(files):
                 st = os.stat(os.path.join(root, f))
                 stamp.append([os.path.relpath(os.path.join(root, f), path), st.st_size, st.st_mtime_ns])
-    blob = json.dumps([_CACHE_VERSION, path, image_size, stamp]).encode()
+    options = [image_size]
+    if resize != "stretch" or classes is not None:  # the defaults keep earlier caches valid
+        options += [resize, list(classes or ())]
+    blob = json.dumps([_CACHE_VERSION, path, *options, stamp]).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _read_cache(cache_file: str) -> dict[str, Any] | None:
-    if not os.path.exists(cache_file):
-        return None
+def _keep_dirs(top: str, root: str, dirs: list[str], classes: tuple[str, ...] | None) -> list[str]:
+    """Subfolders of `root` (under `top`) worth walking: with a class list, a split's class
+    folders not in it are skipped (ImageNet: 100 of 1000 classes are read)."""
+    if classes is None or root == top or os.path.basename(root) not in ("train",) + _TEST_SPLITS:
+        return list(dirs)
+    wanted = set(classes)
+    return [d for d in dirs if d in wanted]
+
+
+_ARRAY_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+def _read_cache(cache_base: str) -> dict[str, Any] | None:
+    """Arrays cached under cache_base: a folder of .npy files (memory-mapped) or cache_base.npz."""
     try:
-        with np.load(cache_file, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in ("train_images", "train_labels", "test_images", "test_labels")}
+        if os.path.isdir(cache_base):
+            arrays = {k: np.load(os.path.join(cache_base, f"{k}.npy"), mmap_mode="r") for k in _ARRAY_KEYS}
+            with open(os.path.join(cache_base, "class_names.json")) as f:
+                arrays["class_names"] = tuple(json.load(f))
+            return arrays
+        if not os.path.exists(cache_base + ".npz"):
+            return None
+        with np.load(cache_base + ".npz", allow_pickle=False) as z:
+            arrays = {k: z[k] for k in _ARRAY_KEYS}
             arrays["class_names"] = tuple(str(s) for s in z["class_names"])
         return arrays
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        _log.warning("ignoring unreadable cache %s (%s); decoding again", cache_file, e)
+        _log.warning("ignoring unreadable cache %s (%s); decoding again", cache_base, e)
         return None
 
 
@@ -428,6 +534,38 @@ def _write_cache(cache_file: str, arrays: Mapping[str, Any]) -> None:
             os.unlink(tmp)
 
 
+class _MemmapCache:
+    """Decodes straight into .npy files in a temporary folder, renamed to cache_base when complete
+    (a killed run leaves no partial cache); the arrays then come back as read-only memmaps."""
+
+    def __init__(self, cache_base: str):
+        self.base = cache_base
+        try:
+            os.makedirs(os.path.dirname(cache_base), exist_ok=True)
+            self.tmp = tempfile.mkdtemp(dir=os.path.dirname(cache_base), prefix=".tmp-")
+        except OSError as e:
+            raise ValueError(f"a dataset this large is decoded into memory-mapped files, but the cache "
+                             f"folder {os.path.dirname(cache_base)!r} is not writable ({e}); set "
+                             "data.cache_dir (or $IDM_CACHE_DIR) to a writable folder with room") from e
+
+    def allocate(self, key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        return np.lib.format.open_memmap(os.path.join(self.tmp, f"{key}.npy"), mode="w+", dtype=dtype,
+                                         shape=shape)
+
+    def finish(self, arrays: dict[str, Any]) -> dict[str, Any]:
+        for k in _ARRAY_KEYS:
+            arrays[k].flush()
+        with open(os.path.join(self.tmp, "class_names.json"), "w") as f:
+            json.dump(list(arrays["class_names"]), f)
+        os.chmod(self.tmp, 0o755)
+        os.replace(self.tmp, self.base)
+        _log.info("cached decoded images (memory-mapped .npy) in %s", self.base)
+        return _read_cache(self.base)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 def _is_hidden(parts: Iterable[str]) -> bool:
     # Skips .DS_Store, AppleDouble "._x.jpg" files and macOS "__MACOSX" folders.
     return any(p.startswith(".") or p == "__MACOSX" for p in parts)
@@ -437,10 +575,11 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(_IMAGE_SUFFIXES)
 
 
-def _list_folder(path: str) -> _Listing:
+def _list_folder(path: str, classes: tuple[str, ...] | None = None) -> _Listing:
     dirs: set[tuple[str, ...]] = set()
     files: dict[tuple[str, ...], bytes | str] = {}
     for root, subdirs, names in os.walk(path):
+        subdirs[:] = _keep_dirs(path, root, subdirs, classes)  # ImageNet: skip the 900 classes not listed
         rel = os.path.relpath(root, path)
         parts = () if rel == "." else tuple(rel.split(os.sep))
         if _is_hidden(parts):
@@ -471,11 +610,14 @@ def _list_archive(path: str) -> _Listing:
     return dirs, files
 
 
-def _select_splits(listing: _Listing, source: str):
+def _select_splits(listing: _Listing, source: str, classes: tuple[str, ...] | None = None):
     """Finds the train and test split of a listing and checks its classes.
 
+    classes: keep only these class folders, in this order (each must exist in both splits;
+    other folders are ignored); None: every class folder, sorted.
+
     Returns:
-      (train, test): each a list over sorted classes of (class name,
+      (train, test): each a list over classes of (class name,
       [(file display name, bytes | path), ...] in sorted file order).
     """
     dirs, files = listing
@@ -498,11 +640,21 @@ def _select_splits(listing: _Listing, source: str):
     def split_classes(split: str):
         prefix = top + (split,)
         names = sorted(d[-1] for d in dirs if len(d) == len(prefix) + 1 and d[:-1] == prefix)
+        loose = sum(1 for parts in files if len(parts) == len(prefix) + 1 and parts[:-1] == prefix)
+        hint = (f" ({loose} images lie directly in {'/'.join(prefix)}/: sort them into one folder per class, "
+                "e.g. ImageNet's val images into val/<wnid>/)" if loose else "")
+        if classes is not None:
+            absent = [c for c in classes if c not in names]
+            if absent:
+                shown = ", ".join(absent[:5]) + (f", ... ({len(absent)} of {len(classes)})" if len(absent) > 5 else "")
+                raise ValueError(f"{source!r}: split {split!r} lacks class folder(s) {shown} of the class "
+                                 f"list{hint}; expected layout {_LAYOUT}")
+            names = list(classes)
         if not names:
-            raise ValueError(f"{source!r}: split {split!r} has no class folders; expected layout {_LAYOUT}")
+            raise ValueError(f"{source!r}: split {split!r} has no class folders{hint}; expected layout {_LAYOUT}")
         by_class = {c: [] for c in names}
         for parts, data in files.items():
-            if len(parts) == len(prefix) + 2 and parts[: len(prefix)] == prefix:
+            if len(parts) == len(prefix) + 2 and parts[: len(prefix)] == prefix and parts[-2] in by_class:
                 # Errors name the file: its path, or archive:member.
                 shown = data if isinstance(data, str) else f"{source}:{'/'.join(parts)}"
                 by_class[parts[-2]].append((shown, data))
@@ -538,34 +690,63 @@ def _decode_image(data: bytes | str, name: str, mode: str | None) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else array
 
 
-def _decode_splits(train, test, image_size: int | None) -> dict[str, Any]:
-    """Decodes both splits into preallocated uint8 arrays; labels = sorted class index."""
+def _decode_splits(train, test, image_size: int | None, resize: str = "stretch",
+                   cache_base: str | None = None, memmap: bool | None = None) -> dict[str, Any]:
+    """Decodes both splits (threads) into preallocated uint8 arrays; labels = class index in order.
+
+    Caches the result under cache_base (if given): one .npz, or memory-mapped .npy files when
+    `memmap` is True (None: when the arrays exceed MEMMAP_BYTES), returned as memmaps.
+    """
     first_name, first_data = train[0][1][0]
     first = _decode_image(first_data, first_name, None)
     if image_size is not None:
-        first = _resize_one(first, image_size)
+        first = _resize_one(first, image_size, resize)
     mode = "L" if first.shape[-1] == 1 else "RGB"  # the first image decides the channels
     total = sum(len(e) for split in (train, test) for _, e in split)
-    _log.info("decoding %d images (%s)", total, "x".join(map(str, first.shape)))
+    if memmap is None:
+        memmap = total * first.nbytes > MEMMAP_BYTES
+    if memmap and cache_base is None:
+        raise ValueError("memory-mapped decoding needs a cache folder")
+    _log.info("decoding %d images (%s)%s", total, "x".join(map(str, first.shape)),
+              " into memory-mapped files" if memmap else "")
+    sink = _MemmapCache(cache_base) if memmap else None
+    allocate = sink.allocate if sink else (lambda key, shape, dtype: np.empty(shape, dtype))
+
+    def decode_into(images, i, name, data):
+        img = _decode_image(data, name, mode)
+        if image_size is not None:
+            img = _resize_one(img, image_size, resize)
+        elif img.shape != first.shape:
+            raise ValueError(
+                f"image {name!r} is {img.shape[0]}x{img.shape[1]} (HxW) but {first_name!r} is "
+                f"{first.shape[0]}x{first.shape[1]}; pass image_size=<int> to resize all images"
+            )
+        images[i] = img
+
     arrays: dict[str, Any] = {"class_names": tuple(c for c, _ in train)}
-    for key, split in (("train", train), ("test", test)):
-        n = sum(len(e) for _, e in split)
-        images = np.empty((n,) + first.shape, np.uint8)
-        labels = np.empty((n,), np.int32)
-        i = 0
-        for label, (_, entries) in enumerate(split):
-            for name, data in entries:
-                img = _decode_image(data, name, mode)
-                if image_size is not None:
-                    img = _resize_one(img, image_size)
-                elif img.shape != first.shape:
-                    raise ValueError(
-                        f"image {name!r} is {img.shape[0]}x{img.shape[1]} (HxW) but {first_name!r} is "
-                        f"{first.shape[0]}x{first.shape[1]}; pass image_size=<int> to resize all images"
-                    )
-                images[i], labels[i] = img, label
-                i += 1
-        arrays[f"{key}_images"], arrays[f"{key}_labels"] = images, labels
+    try:
+        with futures.ThreadPoolExecutor(_DECODE_THREADS) as pool:  # PIL decodes without the GIL
+            for key, split in (("train", train), ("test", test)):
+                n = sum(len(e) for _, e in split)
+                images = allocate(f"{key}_images", (n,) + first.shape, np.uint8)
+                labels = allocate(f"{key}_labels", (n,), np.int32)
+                jobs, i = [], 0
+                for label, (_, entries) in enumerate(split):
+                    labels[i:i + len(entries)] = label
+                    jobs += [pool.submit(decode_into, images, i + j, name, data)
+                             for j, (name, data) in enumerate(entries)]
+                    i += len(entries)
+                for job in jobs:
+                    job.result()  # re-raises a decoding error
+                arrays[f"{key}_images"], arrays[f"{key}_labels"] = images, labels
+    except BaseException:
+        if sink:
+            sink.abort()
+        raise
+    if sink:
+        return sink.finish(arrays)
+    if cache_base is not None:
+        _write_cache(cache_base + ".npz", arrays)
     return arrays
 
 

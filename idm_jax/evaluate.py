@@ -634,11 +634,17 @@ def evaluate_archs(images: Any, labels: Any, dataset: Any, eval_cfg: Mapping[str
 
 
 def load_config_dataset(config: Any):
-    """The dataset named by config.data (empty strings / 0 mean 'default')."""
+    """The dataset named by config.data (empty strings / 0 mean 'default').
+
+    data.on_device="host" also asks for a memory-mapped cache (large sets are memory-mapped
+    whatever it says, see data.MEMMAP_BYTES).
+    """
     from idm_jax import data  # pylint: disable=g-import-not-at-top
-    return data.load_dataset(config.data.source, normalization=config.data.normalization or None,
-                             image_size=config.data.image_size or None,
-                             cache_dir=config.data.cache_dir or None)
+    d = config.data
+    return data.load_dataset(d.source, normalization=d.normalization or None,
+                             image_size=d.image_size or None, cache_dir=d.cache_dir or None,
+                             resize=d.get("resize", "stretch"), classes=d.get("classes", "") or None,
+                             memmap=True if d.get("on_device", "auto") == "host" else None)
 
 
 def renormalize(images: np.ndarray, from_mean: Any, from_std: Any, to_mean: Any, to_std: Any) -> np.ndarray:

@@ -7,10 +7,17 @@ full); sampling draws distinct valid slots; training gathers the drawn
 members, runs K SGD steps on each with `jax.vmap` (or `lax.map`) over
 members, and scatters them back. Everything is jittable; there are no
 Python lists of models and no host round-trips.
+
+Model augmentation (paper supplement, ImageNet subset; off by default): each
+network gets, when it is created, a learning-rate factor drawn uniformly from
+[1 - lr_jitter, 1 + lr_jitter] and a random subset of the classes to train on
+(`ModelAugment`); they are kept for its life in `lr_scale` / `class_mask` and
+handed to the train function with the member.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.struct
@@ -34,38 +41,88 @@ class ModelQueue:
     born: Array  # int32[capacity] iteration the member was pushed; -1 = empty
     size: Array  # int32[] members held
     head: Array  # int32[] slot the next push writes (the oldest when full)
+    # Model augmentation (None when off): lr factor and trained classes of every member.
+    lr_scale: Array | None = None  # f32[capacity], in [1 - lr_jitter, 1 + lr_jitter]
+    class_mask: Array | None = None  # bool[capacity, classes], True = the member trains on it
 
     @property
     def capacity(self) -> int:
         return self.born.shape[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelAugment:
+    """Model augmentation (paper supplement, Eq. 6): per-network lr factor and class subset.
+
+    lr_jitter: each network's lr is model_lr * U(1 - lr_jitter, 1 + lr_jitter) (paper: 0.1).
+    class_fraction: each network trains on round(class_fraction * num_classes) classes (at
+    least 1), drawn uniformly without replacement; 1.0 = all classes.
+    """
+
+    num_classes: int
+    lr_jitter: float = 0.0
+    class_fraction: float = 1.0
+
+    @property
+    def num_subset_classes(self) -> int:
+        return max(1, min(self.num_classes, int(round(self.class_fraction * self.num_classes))))
+
+    def draw(self, key: Array) -> tuple[Array, Array]:
+        """(lr_scale f32[], class_mask bool[num_classes]) of one new network."""
+        k_lr, k_cls = jax.random.split(key)
+        lr_scale = 1.0 + self.lr_jitter * jax.random.uniform(k_lr, (), minval=-1.0, maxval=1.0)
+        picked = jax.lax.top_k(jax.random.uniform(k_cls, (self.num_classes,)), self.num_subset_classes)[1]
+        return lr_scale, jnp.zeros(self.num_classes, bool).at[picked].set(True)
+
+
+# The augmentation draw uses its own key, so the networks' initial weights do not change with it.
+_AUG_SALT = 0x5EED
+
+
 def _stack(trees: list[Any]) -> Any:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def create(init_fn: InitFn, key: Array, capacity: int, num_initial: int) -> ModelQueue:
-    """A queue of `capacity` slots, the first `num_initial` holding fresh networks."""
+def create(init_fn: InitFn, key: Array, capacity: int, num_initial: int,
+           augment: ModelAugment | None = None) -> ModelQueue:
+    """A queue of `capacity` slots, the first `num_initial` holding fresh networks.
+
+    augment: model augmentation drawn for every slot (None: off, no lr_scale/class_mask).
+    """
     if not 1 <= num_initial <= capacity:
         raise ValueError(f"need 1 <= net_init_num ({num_initial}) <= net_num ({capacity})")
     members = jax.vmap(init_fn)(jax.random.split(key, capacity))
     params, opt_state = members
+    lr_scale = class_mask = None
+    if augment is not None:
+        lr_scale, class_mask = jax.vmap(augment.draw)(
+            jax.random.split(jax.random.fold_in(key, _AUG_SALT), capacity))
     born = jnp.where(jnp.arange(capacity) < num_initial, 0, -1).astype(jnp.int32)
     return ModelQueue(
         params=params, opt_state=opt_state,
         correct=jnp.zeros(capacity, jnp.float32), seen=jnp.zeros(capacity, jnp.float32),
         born=born, size=jnp.asarray(num_initial, jnp.int32),
-        head=jnp.asarray(num_initial % capacity, jnp.int32))
+        head=jnp.asarray(num_initial % capacity, jnp.int32),
+        lr_scale=lr_scale, class_mask=class_mask)
 
 
 def _write(tree: Any, slot: Array, value: Any) -> Any:
     return jax.tree.map(lambda t, v: t.at[slot].set(v), tree, value)
 
 
-def push(queue: ModelQueue, init_fn: InitFn, key: Array, step: Array) -> ModelQueue:
-    """Adds a fresh network; when full, the oldest member is replaced."""
+def push(queue: ModelQueue, init_fn: InitFn, key: Array, step: Array,
+         augment: ModelAugment | None = None) -> ModelQueue:
+    """Adds a fresh network; when full, the oldest member is replaced.
+
+    augment: must be given iff the queue was created with it; draws the new member's lr
+    factor and class subset.
+    """
     params, opt_state = init_fn(key)
     slot = queue.head
+    if augment is not None:
+        lr_scale, class_mask = augment.draw(jax.random.fold_in(key, _AUG_SALT))
+        queue = queue.replace(lr_scale=queue.lr_scale.at[slot].set(lr_scale),
+                              class_mask=queue.class_mask.at[slot].set(class_mask))
     return queue.replace(
         params=_write(queue.params, slot, params),
         opt_state=_write(queue.opt_state, slot, opt_state),
@@ -106,8 +163,12 @@ def reset_meters(queue: ModelQueue) -> ModelQueue:
 
 
 def train(queue: ModelQueue, slots: Array, train_fn: TrainFn, key: Array,
-          impl: str = "vmap") -> ModelQueue:
+          impl: str = "vmap", member_inputs: Any = None) -> ModelQueue:
     """Trains the members at `slots` (int32[M]) with `train_fn`, all at once.
+
+    member_inputs: None, or a pytree with leading axis M (e.g. real batches fed from the
+    host, or the members' lr_scale / class_mask) handed to train_fn as a fourth argument,
+    row m with the member at slots[m] and the m-th of jax.random.split(key, M).
 
     impl "vmap" batches members into one computation (fast on GPU/TPU);
     "map" runs them one after another (fast on CPU, where a vmapped
@@ -117,6 +178,8 @@ def train(queue: ModelQueue, slots: Array, train_fn: TrainFn, key: Array,
     """
     gather = lambda tree: jax.tree.map(lambda t: t[slots], tree)
     inputs = (gather(queue.params), gather(queue.opt_state), jax.random.split(key, slots.shape[0]))
+    if member_inputs is not None:
+        inputs += (member_inputs,)
     if impl == "vmap":
         params, opt_state, correct, seen = jax.vmap(train_fn)(*inputs)
     elif impl == "map":

@@ -8,6 +8,7 @@ run (every random draw derives from the seed and the iteration number).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -194,20 +195,27 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None) -> d
         logging.info("sharding the %d classes over %d devices", ds.num_classes, mesh.size)
     mngr = checkpoint_manager(workdir, config.keep_checkpoints)
     state = restore_or_init(mngr, s, ds, config, mesh)
-    data = condense.replicate(condense.device_data(ds), mesh)
     step_fn = condense.make_step(s, mesh)
     writer = MetricsWriter(workdir)
     total = config.idm.iterations
     start = int(state.step)
     stop_at = total if max_steps is None else min(total, start + max_steps)
-    summary = {"start_step": start}
+    placement = condense.resolve_data_placement(config.data.get("on_device", "auto"), ds)
+    if placement == "device":
+        feed = itertools.repeat(condense.replicate(condense.device_data(ds), mesh))
+    else:  # state.key is read before the first step donates the state
+        sampler = condense.HostSampler(s, ds, jax.device_get(state.key), mesh)
+        feed = sampler.batches(start, stop_at)
+    logging.info("real batches drawn on the %s (data.on_device=%s, train images %.2f GB)", placement,
+                 config.data.get("on_device", "auto"), ds.train_images.nbytes / 1e9)
+    summary = {"start_step": start, "data_placement": placement}
     t_window, steps_window = time.time(), 0
     try:
         with StopFlag() as stop:
             t0 = time.time()
             in_flight = None
             for it in range(start, stop_at):
-                state, metrics = step_fn(state, data)
+                state, metrics = step_fn(state, next(feed))
                 # Async dispatch would let the loop queue every remaining iteration and notice
                 # Ctrl-C only at the end; waiting for the previous one keeps at most two in flight.
                 if in_flight is not None:
@@ -244,6 +252,9 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None) -> d
                     summary.update(interrupted=True, step=done)
                     return summary
     finally:
+        if placement == "host":
+            feed.close()
+            sampler.close()
         writer.close()
         mngr.close()
 

@@ -1,0 +1,313 @@
+"""The ImageNet-subset setting: config pins, 224 centre crop, the shipped class list, the
+memory-mapped cache, host-fed real batches (same step as the device path) and queue model
+augmentation."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import imagenet_subset
+from idm_jax import condense
+from idm_jax import config_check
+from idm_jax import data as data_lib
+from idm_jax import queue as queue_lib
+from idm_jax import runner
+from tests.test_condense import tiny_config
+
+WNIDS = ("n01000003", "n01000001", "n01000002")  # a list order that is not sorted
+
+
+# --------------------------------------------------------------------------- #
+# Config: REFERENCE.md's per-setting table, ImageNet subset rows
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("ipc, net_num", [(1, 50), (10, 50), (50, 100)])
+def test_imagenet_subset_config_pins_the_release_row(ipc, net_num):
+    c = imagenet_subset.get_config(str(ipc))
+    config_check.validate(c)
+    assert c.ipc == ipc
+    assert (c.data.image_size, c.data.resize, c.data.normalization, c.data.classes) == (
+        224, "center_crop", "imagenet", "imagenet_subset")
+    assert (c.model, c.eval.archs, c.eval.batch_size) == ("ConvNetD6", "ConvNetD6", 128)
+    assert (c.idm.batch_real, c.idm.batch_train, c.idm.ce_weight, c.idm.net_generate_interval,
+            c.idm.net_num, c.idm.meter_reset_interval) == (128, 128, 3.0, 50, net_num, 0)
+    # Model augmentation is a paper-supplement option the release's command does not use.
+    assert (c.idm.model_aug_lr_jitter, c.idm.model_aug_class_fraction) == (0.0, 1.0)
+    # Release defaults everywhere else (embed_last 100 = the full last block, our only embedding).
+    assert (c.idm.net_init_num, c.idm.train_net_num, c.idm.fetch_net_num, c.idm.model_train_steps,
+            c.idm.lr_img, c.idm.momentum_img, c.idm.partition_factor, c.idm.iterations,
+            c.idm.update_mode, c.idm.init, c.data.on_device) == (
+        3, 1, 2, 10, 0.2, 0.5, 2, 20000, "per_class", "real", "auto")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("idm.meter_reset_interval", -1, "idm.meter_reset_interval must be an integer >= 0"),
+    ("idm.model_aug_lr_jitter", 1.5, "idm.model_aug_lr_jitter must be in \\[0, 1\\)"),
+    ("idm.model_aug_class_fraction", 0.0, "idm.model_aug_class_fraction must be in \\(0, 1\\]"),
+    ("data.resize", "squash", "data.resize must be one of .* got 'squash'"),
+    ("data.on_device", "gpu", "data.on_device must be one of .* got 'gpu'"),
+])
+def test_bad_imagenet_knobs_are_named(field, value, message):
+    c = imagenet_subset.get_config("10")
+    section, leaf = field.split(".")
+    c[section][leaf] = value
+    with pytest.raises(ValueError, match=message):
+        config_check.validate(c)
+
+
+# --------------------------------------------------------------------------- #
+# Data: 224 centre crop, class list, memory-mapped cache
+# --------------------------------------------------------------------------- #
+
+
+def _bands(h, w, edges):
+    """uint8[h, w, 3]: red left of edges[0], green between, blue right of edges[1]."""
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:, :edges[0], 0] = 255
+    img[:, edges[0]:edges[1], 1] = 255
+    img[:, edges[1]:, 2] = 255
+    return img
+
+
+def test_center_crop_keeps_the_middle_of_a_non_square_image():
+    # 224 x 448 (H x W): no resize needed; the crop is columns 112..335 = the green band.
+    out = data_lib._resize_one(_bands(224, 448, (112, 336)), 224, "center_crop")
+    assert out.shape == (224, 224, 3)
+    assert (out[..., 1] == 255).all() and (out[..., 0] == 0).all() and (out[..., 2] == 0).all()
+    # 300 x 600: shorter side 300 -> 224, longer 600 -> 448, then the same crop. Only the
+    # bilinear filter's reach blends the outermost columns.
+    out = data_lib._resize_one(_bands(300, 600, (150, 450)), 224, "center_crop")
+    assert out.shape == (224, 224, 3)
+    assert (out[:, 2:-2, 1] == 255).all() and out[:, 2:-2, [0, 2]].max() == 0
+    # Portrait 500 x 250 -> 448 x 224 and the central rows: rows 112..335 of the resized image.
+    tall = np.swapaxes(_bands(250, 500, (125, 375)), 0, 1)
+    out = data_lib._resize_one(tall, 224, "center_crop")
+    assert (out[2:-2, :, 1] == 255).all() and out[2:-2, :, [0, 2]].max() == 0
+    # Odd margin: 224 x 301 -> offset round(77 / 2) = 38 (as torchvision's CenterCrop).
+    ramp = np.broadcast_to(np.arange(301, dtype=np.uint8)[None, :, None], (224, 301, 3)).copy()
+    np.testing.assert_array_equal(data_lib._resize_one(ramp, 224, "center_crop")[0, :, 0], np.arange(38, 262) % 256)
+    # "stretch" squashes the whole width in: all three bands survive.
+    squashed = data_lib._resize_one(_bands(224, 448, (112, 336)), 224, "stretch")
+    assert squashed[:, :50, 0].min() == 255 and squashed[:, -50:, 2].min() == 255
+
+
+def test_shipped_class_list_is_the_release_subset():
+    wnids = data_lib.load_class_list("imagenet_subset")
+    assert len(wnids) == 100 and len(set(wnids)) == 100
+    assert all(w.startswith("n") and len(w) == 9 and w[1:].isdigit() for w in wnids)
+    assert (wnids[0], wnids[1], wnids[-1]) == ("n02486261", "n01692333", "n01641577")  # release order
+    assert data_lib.load_class_list("a, b") == ("a", "b") and data_lib.load_class_list("") is None
+    with pytest.raises(ValueError, match="repeats \\['a'\\]"):
+        data_lib.load_class_list("a,b,a")
+    with pytest.raises(FileNotFoundError, match="class list file '/no/such/list.txt'"):
+        data_lib.load_class_list("/no/such/list.txt")
+
+
+def make_imagenet_tree(root, classes, extra=("n09999999",), size=(80, 64), n_train=6, n_val=2,
+                       flat_val=False):
+    """root/train/<wnid>/*.JPEG and root/val/<wnid>/*.JPEG (or loose val images), non-square
+    (size = (W, H)), a distinct noisy pattern per class."""
+    rng = np.random.default_rng(0)
+    for c, wnid in enumerate(tuple(classes) + tuple(extra)):
+        for split, n in (("train", n_train), ("val", n_val)):
+            folder = root / split if (split == "val" and flat_val) else root / split / wnid
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                base = np.array([60 * c % 256, 255 - 50 * c % 256, 40 + 30 * c], np.float64)
+                img = np.clip(base + rng.normal(0, 30, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(folder / f"{wnid}_{i:04d}.JPEG", quality=95)
+    return root
+
+
+def test_class_list_picks_listed_folders_in_list_order(tmp_path):
+    root = make_imagenet_tree(tmp_path / "imnet", WNIDS)
+    listed = ",".join(WNIDS)
+    ds = data_lib.load_dataset(str(root), classes=listed, image_size=32, resize="center_crop",
+                               normalization="imagenet", cache_dir=str(tmp_path / "cache"))
+    assert ds.class_names == WNIDS and ds.image_shape == (32, 32, 3)
+    np.testing.assert_array_equal(np.bincount(ds.train_labels), [6, 6, 6])
+    np.testing.assert_array_equal(np.bincount(ds.test_labels), [2, 2, 2])
+    # Label 0 is the first listed class (n01000003, generated as class 0), not the sorted first.
+    everything = data_lib.load_dataset(str(root), image_size=32, resize="center_crop",
+                                       cache_dir=str(tmp_path / "cache"))
+    assert everything.class_names == tuple(sorted(WNIDS + ("n09999999",)))
+    first = everything.class_names.index(WNIDS[0])
+    np.testing.assert_array_equal(ds.train_images[:6], everything.train_images[everything.train_labels == first])
+
+
+def test_missing_classes_and_flat_val_are_named(tmp_path):
+    root = make_imagenet_tree(tmp_path / "imnet", WNIDS[:2], extra=())
+    with pytest.raises(ValueError, match="split 'train' lacks class folder\\(s\\) n01000002 of the class list"):
+        data_lib.load_dataset(str(root), classes=",".join(WNIDS), cache_dir=str(tmp_path / "c"))
+    flat = make_imagenet_tree(tmp_path / "flat", WNIDS, extra=(), flat_val=True)
+    with pytest.raises(ValueError, match="split 'val' lacks .*6 images lie directly in val/: sort them"):
+        data_lib.load_dataset(str(flat), classes=",".join(WNIDS), image_size=32, cache_dir=str(tmp_path / "c"))
+
+
+def test_memmap_cache_matches_in_memory_arrays(tmp_path, monkeypatch):
+    root = make_imagenet_tree(tmp_path / "imnet", WNIDS, extra=())
+    kw = dict(classes=",".join(WNIDS), image_size=32, resize="center_crop", normalization="imagenet")
+    in_memory = data_lib.load_dataset(str(root), cache_dir=str(tmp_path / "c1"), memmap=False, **kw)
+    mapped = data_lib.load_dataset(str(root), cache_dir=str(tmp_path / "c2"), memmap=True, **kw)
+    assert isinstance(mapped.train_images, np.memmap) and not mapped.train_images.flags.writeable
+    for k in ("train_images", "train_labels", "test_images", "test_labels"):
+        np.testing.assert_array_equal(getattr(mapped, k), getattr(in_memory, k))
+    (folder,) = [p for p in (tmp_path / "c2").iterdir()]
+    assert folder.is_dir() and json.loads((folder / "class_names.json").read_text()) == list(WNIDS)
+    monkeypatch.setattr(data_lib, "_decode_splits", lambda *a, **k: pytest.fail("decoded again"))
+    again = data_lib.load_dataset(str(root), cache_dir=str(tmp_path / "c2"), **kw)
+    assert isinstance(again.train_images, np.memmap) and again.class_names == WNIDS
+
+
+def test_data_placement_rule(monkeypatch):
+    ds = data_lib.load_dataset("digits")
+    assert condense.resolve_data_placement("auto", ds) == "device"
+    assert condense.resolve_data_placement("host", ds) == "host"
+    monkeypatch.setattr(data_lib, "MEMMAP_BYTES", ds.train_images.nbytes - 1)
+    assert condense.resolve_data_placement("auto", ds) == "host"
+    with pytest.raises(ValueError, match="data.on_device must be one of .* got 'tpu'"):
+        condense.resolve_data_placement("tpu", ds)
+
+
+# --------------------------------------------------------------------------- #
+# Host-fed real batches: the same step as the device path
+# --------------------------------------------------------------------------- #
+
+
+def test_host_batches_give_the_same_steps_as_device_sampling():
+    ds = data_lib.load_dataset("digits")
+    c = tiny_config()
+    c.idm.meter_reset_interval = 0  # never: the release's ImageNet setting
+    c.idm.net_generate_interval = 10  # one push (iteration 0), so no trained member is replaced
+    s = condense.settings_from_config(c, ds)
+    step = condense.make_step(s)
+    device_state = condense.init_state(s, ds, 0, "real")
+    host_state = jax.tree.map(jnp.copy, device_state)
+    sampler = condense.HostSampler(s, ds, jax.device_get(host_state.key))
+    data = condense.device_data(ds)
+    real_idx, train_idx = sampler.indices(0)
+    assert real_idx.shape == (10, 8) and train_idx.shape == (2, 2, 16)
+    for cls, row in enumerate(real_idx):  # each class's batch: distinct images of that class
+        assert len(set(row)) == 8 and (ds.train_labels[row] == cls).all()
+    batches = sampler.batches(0, 4)
+    for _ in range(4):
+        device_state, m_device = step(device_state, data)
+        host_state, m_host = step(host_state, next(batches))
+    batches.close()
+    sampler.close()
+    np.testing.assert_allclose(np.asarray(host_state.syn.images), np.asarray(device_state.syn.images),
+                               rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(host_state.queue.params), jax.tree.leaves(device_state.queue.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(host_state.queue.seen), np.asarray(device_state.queue.seen))
+    assert float(m_host["loss"]) == pytest.approx(float(m_device["loss"]), rel=1e-5)
+    # Meters never reset (tiny_config's would at iteration 3): 4 iterations x 2 nets x 2 steps x 16.
+    assert float(device_state.queue.seen.sum()) == 4 * 2 * 2 * 16
+
+
+def _imagenet_test_config(root, tmp_path, image_size, model, iterations=2):
+    c = imagenet_subset.get_config("1")
+    c.data.source, c.data.classes, c.data.image_size = str(root), ",".join(WNIDS), image_size
+    c.data.cache_dir, c.data.on_device = str(tmp_path / "cache"), "host"
+    c.model = c.eval.archs = model
+    c.idm.iterations, c.idm.batch_real, c.idm.batch_train = iterations, 4, 8
+    c.idm.model_train_steps, c.idm.net_num = 2, 4
+    c.eval.epochs, c.eval.num_seeds, c.eval.test_batch_size = 2, 2, 6
+    c.log_every = c.checkpoint_every = 1
+    return c
+
+
+def test_imagenet_path_end_to_end_through_the_host_sampler(tmp_path):
+    # The ImageNet config on a tiny folder (3 listed classes + 1 extra, non-square JPEGs),
+    # centre-cropped to 32x32 with ConvNet-D2 to stay cheap; the 224/ConvNet-6 run is `slow`.
+    root = make_imagenet_tree(tmp_path / "imnet", WNIDS)
+    c = _imagenet_test_config(root, tmp_path, 32, "ConvNetD2")
+    summary = runner.run_condensation(c, str(tmp_path / "run"))
+    assert summary["data_placement"] == "host" and summary["step"] == 2
+    res = summary["results"]
+    assert res["archs"]["ConvNetD2"]["num_train_images"] == 3 * 1 * 4  # IPC 1, partition 2x2
+    with np.load(summary["synthetic"]) as z:
+        assert z["images"].shape == (3, 32, 32, 3) and tuple(z["class_names"]) == WNIDS
+
+
+@pytest.mark.slow
+def test_imagenet_224_convnet6_end_to_end(tmp_path):
+    root = make_imagenet_tree(tmp_path / "imnet", WNIDS, size=(300, 240), n_train=5)
+    c = _imagenet_test_config(root, tmp_path, 224, "ConvNetD6")
+    summary = runner.run_condensation(c, str(tmp_path / "run"))
+    assert summary["data_placement"] == "host" and summary["step"] == 2
+    assert 0.0 <= summary["results"]["archs"]["ConvNetD6"]["mean"] <= 100.0
+    with np.load(summary["synthetic"]) as z:
+        assert z["images"].shape == (3, 224, 224, 3)
+
+
+# --------------------------------------------------------------------------- #
+# Model augmentation (paper supplement)
+# --------------------------------------------------------------------------- #
+
+
+def _toy_init(key):
+    return {"w": jax.random.normal(key, (3,))}, ()
+
+
+def test_model_augmentation_draws_per_network_lr_and_class_subsets():
+    aug = queue_lib.ModelAugment(num_classes=10, lr_jitter=0.1, class_fraction=0.3)
+    q = queue_lib.create(_toy_init, jax.random.PRNGKey(0), capacity=6, num_initial=3, augment=aug)
+    scales, masks = np.asarray(q.lr_scale), np.asarray(q.class_mask)
+    assert ((scales >= 0.9) & (scales <= 1.1)).all() and len(set(scales.round(6))) == 6
+    assert masks.shape == (6, 10) and (masks.sum(1) == 3).all()
+    assert len({tuple(m) for m in masks}) > 1  # different subsets
+    pushed = queue_lib.push(q, _toy_init, jax.random.PRNGKey(5), 7, aug)
+    assert int(np.asarray(pushed.class_mask[3]).sum()) == 3 and 0.9 <= float(pushed.lr_scale[3]) <= 1.1
+    assert not np.array_equal(np.asarray(pushed.class_mask[3]), masks[3])
+    # The same key gives the same weights with or without augmentation; off = no extra fields.
+    plain = queue_lib.create(_toy_init, jax.random.PRNGKey(0), capacity=6, num_initial=3)
+    np.testing.assert_array_equal(np.asarray(plain.params["w"]), np.asarray(q.params["w"]))
+    assert plain.lr_scale is None and plain.class_mask is None
+    assert queue_lib.ModelAugment(100, class_fraction=0.001).num_subset_classes == 1
+
+
+def test_member_training_uses_its_lr_factor_and_only_its_classes():
+    ds = data_lib.load_dataset("digits")
+    c = tiny_config()
+    c.idm.model_train_steps = 1
+    c.idm.model_aug_lr_jitter, c.idm.model_aug_class_fraction = 0.1, 0.3
+    s = condense.settings_from_config(c, ds)
+    assert s.model_augment is not None and s.model_augment.num_subset_classes == 3
+    data = condense.device_data(ds)
+    train = jax.jit(condense.make_member_train_fn(s, data))
+    params, opt_state = condense.make_init_fn(s)(jax.random.PRNGKey(0))
+    key = jax.random.PRNGKey(1)
+    mask = jnp.zeros(10, bool).at[jnp.array([0, 4, 7])].set(True)
+    out = {f: train(params, opt_state, key, {"lr_scale": jnp.float32(f), "class_mask": mask}) for f in (1.0, 1.1)}
+    # One SGD step from zero momentum: the update scales with the lr factor.
+    for a, b, p in zip(*(jax.tree.leaves(out[f][0]) for f in (1.0, 1.1)), jax.tree.leaves(params)):
+        np.testing.assert_allclose(np.asarray(b - p), 1.1 * np.asarray(a - p), rtol=1e-3, atol=1e-6)
+    # The meter counts only the batch's images of classes 0, 4 and 7.
+    idx = data_lib.sample_batch(jax.random.split(key, 1)[0], len(ds.train_labels), s.batch_train)
+    in_subset = np.isin(ds.train_labels[np.asarray(idx)], [0, 4, 7]).sum()
+    assert float(out[1.0][3]) == in_subset and 0 <= float(out[1.0][2]) <= in_subset
+    # All classes in the mask = plain training (same loss, same counts).
+    full = train(params, opt_state, key, {"lr_scale": jnp.float32(1.0), "class_mask": jnp.ones(10, bool)})
+    assert float(full[3]) == s.batch_train
+    # A batch without any of the member's classes adds nothing to its meter.
+    none = train(params, opt_state, key, {"lr_scale": jnp.float32(1.0), "class_mask": jnp.zeros(10, bool)})
+    assert float(none[3]) == 0.0
+
+
+def test_condensation_step_runs_with_model_augmentation():
+    ds = data_lib.load_dataset("digits")
+    c = tiny_config()
+    c.idm.model_aug_lr_jitter, c.idm.model_aug_class_fraction = 0.1, 0.5
+    s = condense.settings_from_config(c, ds)
+    state = condense.init_state(s, ds, 0, "real")
+    assert (np.asarray(state.queue.class_mask).sum(1) == 5).all()
+    state, m = condense.make_step(s)(state, condense.device_data(ds))
+    assert np.isfinite(float(m["loss"])) and int(state.step) == 1
+    # Each trained member saw only images of its 5 classes: fewer than 2 steps x 16 in all.
+    assert 0 < float(state.queue.seen.sum()) < 2 * 2 * 16
