@@ -55,6 +55,12 @@ PAPER_CELLS = {
                            0.5, 500),
     ("tinyimagenet", 50): ("ConvNet", "ConvNet", 256, 0, "tinyimagenet", "real_whole", 256, 256, 100, 30, 50,
                            0.8, 1000),
+    # ImageNet subset: 224 centre crop, ConvNet-6 both ways, eval batch 128, meters never reset (0).
+    ("imagenet_subset", 1): ("ConvNetD6", "ConvNetD6", 128, 224, "imagenet", "real", 128, 128, 50, 50, 10, 3.0, 0),
+    ("imagenet_subset", 10): ("ConvNetD6", "ConvNetD6", 128, 224, "imagenet", "real", 128, 128, 50, 50, 10, 3.0,
+                              0),
+    ("imagenet_subset", 50): ("ConvNetD6", "ConvNetD6", 128, 224, "imagenet", "real", 128, 128, 100, 50, 10, 3.0,
+                              0),
 }
 
 
