@@ -59,7 +59,8 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _TEST_SPLITS = ("test", "val", "valid")  # first one present is the test split
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
-_CACHE_VERSION = 1  # bump when the cached arrays' meaning changes
+_CACHE_VERSION = 2  # bump when the cached arrays' meaning changes
+_HASHED_BYTES = 1 << 20  # an archive's cache key hashes its first and last MiB (and its size)
 _LAYOUT = "[<top>/]<split>/<class>/<image>.(png|jpg|jpeg) with splits train and test (or val/valid)"
 _ACCEPTED_SOURCES = (
     '"digits" (embedded scikit-learn digits), "tfds:<name>" (e.g. "tfds:cifar10"), '
@@ -368,7 +369,7 @@ _Listing = tuple[set[tuple[str, ...]], dict[tuple[str, ...], "bytes | str"]]
 
 def _load_image_tree(path: str, image_size: int | None, cache_dir: str) -> dict[str, Any]:
     """Decodes a folder/archive (or reads its cache) into split arrays and class names."""
-    cache_file = os.path.join(cache_dir, f"{_source_stem(path)}-{_fingerprint(path, image_size)}.npz")
+    cache_file = os.path.join(cache_dir, f"decoded-{_fingerprint(path, image_size)}.npz")
     cached = _read_cache(cache_file)
     if cached is not None:
         _log.info("loaded %s from cache %s", path, cache_file)
@@ -381,10 +382,21 @@ def _load_image_tree(path: str, image_size: int | None, cache_dir: str) -> dict[
 
 
 def _fingerprint(path: str, image_size: int | None) -> str:
-    """Hash of what determines the decoded arrays: path, size and mtime of the source."""
+    """Hash of what determines the decoded arrays, independent of where the source lies.
+
+    An archive is keyed by its content: its size and a hash of its first and last
+    MiB, so one archive under two paths shares one cache entry. A folder is keyed
+    by every file's relative path, size and modification time.
+    """
     if os.path.isfile(path):
-        st = os.stat(path)
-        stamp: Any = [st.st_size, st.st_mtime_ns]
+        size = os.path.getsize(path)
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            digest.update(f.read(_HASHED_BYTES))
+            if size > _HASHED_BYTES:
+                f.seek(max(size - _HASHED_BYTES, _HASHED_BYTES))
+                digest.update(f.read())
+        stamp: Any = [size, digest.hexdigest()]
     else:  # a folder's own mtime misses edits inside it: stamp every file
         stamp = []
         for root, dirs, files in os.walk(path):
@@ -392,7 +404,7 @@ def _fingerprint(path: str, image_size: int | None) -> str:
             for f in sorted(files):
                 st = os.stat(os.path.join(root, f))
                 stamp.append([os.path.relpath(os.path.join(root, f), path), st.st_size, st.st_mtime_ns])
-    blob = json.dumps([_CACHE_VERSION, path, image_size, stamp]).encode()
+    blob = json.dumps([_CACHE_VERSION, image_size, stamp]).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
