@@ -23,12 +23,17 @@ from idm_jax import baselines
 from idm_jax import config_check
 from idm_jax import evaluate
 from idm_jax import runner
+from idm_jax import workdir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py:10.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics, results).")
 _MODE = flags.DEFINE_enum("mode", "condense", ["condense", "evaluate", "baseline"], "What to run.")
 _SYNTHETIC = flags.DEFINE_string("synthetic", None, "synthetic.npz to score with --mode=evaluate.")
+_RESTART = flags.DEFINE_bool("restart", False, "condense: delete the workdir's run outputs (checkpoints, "
+                             "metrics, synthetic set, results) and start over; configs are kept.")
+_REEVALUATE = flags.DEFINE_bool("reevaluate", False, "condense: evaluate a completed run again "
+                                "(by default a finished workdir is only reported).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -36,20 +41,22 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
-    logging.info("JAX %s, devices: %s", jax.__version__, jax.devices())
+    runner.quiet_library_logs()
     try:
         config_check.validate(config)
+        workdir.check_writable(_WORKDIR.value)  # before any compute
+        logging.info("JAX %s, devices: %s", jax.__version__, jax.devices())
         if _MODE.value == "condense":
-            runner.run_condensation(config, _WORKDIR.value)
+            runner.run_condensation(config, _WORKDIR.value, restart=_RESTART.value,
+                                    reevaluate=_REEVALUATE.value)
         elif _MODE.value == "evaluate":
             if not _SYNTHETIC.value:
                 raise ValueError("--mode=evaluate needs --synthetic=<path to synthetic.npz>")
             evaluate.run_evaluation(config, _WORKDIR.value, _SYNTHETIC.value)
         else:
             baselines.run_baseline(config, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, runner.NonFiniteLossError) as e:
-        # Bad input: one clear line, not a traceback from deep inside JAX.
-        logging.error("%s", e)
+    except (ValueError, OSError, runner.NonFiniteLossError) as e:
+        # Bad input (or a full disk): one clear line, not a traceback from deep inside JAX.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

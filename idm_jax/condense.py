@@ -290,11 +290,14 @@ def init_state(s: StepSettings, ds: data_lib.ArrayDataset, seed: int, init: str)
 
 
 def _matching_net(s: StepSettings, state: CondenseState, key: Array, init_fn):
-    """(queue, params, acc): the network the loss is matched in, this step."""
+    """(queue, params, acc, seen): the network the loss is matched in, this step.
+
+    acc: its training accuracy in percent; seen: images its meter counted (0: untrained).
+    """
     queue = state.queue
     if not s.use_queue:
         params, _ = init_fn(key)
-        return None, params, jnp.zeros((), jnp.float32)
+        return None, params, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
     k_push, k_pick = jax.random.split(key)
     reset = (state.step > 0) & (state.step % s.meter_reset_interval == 0)
     queue = jax.lax.cond(reset, queue_lib.reset_meters, lambda q: q, queue)
@@ -302,7 +305,7 @@ def _matching_net(s: StepSettings, state: CondenseState, key: Array, init_fn):
                          lambda q: queue_lib.push(q, init_fn, k_push, state.step),
                          lambda q: q, queue)
     slot = queue_lib.sample(queue, k_pick, s.train_net_num)[0]
-    return queue, queue_lib.member(queue, slot), queue_lib.accuracy(queue, slot)
+    return queue, queue_lib.member(queue, slot), queue_lib.accuracy(queue, slot), queue.seen[slot]
 
 
 def map_in_chunks(fn, inputs, chunk: int, *, unroll: bool):
@@ -424,7 +427,7 @@ def make_step(s: StepSettings, mesh: Mesh | None = None):
     def step(state: CondenseState, data: DeviceData):
         key = jax.random.fold_in(state.key, state.step)
         k_net, k_syn, k_train = jax.random.split(key, 3)
-        queue, params, acc = _matching_net(s, state, k_net, init_fn)
+        queue, params, acc, seen = _matching_net(s, state, k_net, init_fn)
         syn, metrics = _update_synset(s, state.syn, params, acc, k_syn, data, apply_fn, mesh)
         if s.use_queue:
             slots = queue_lib.sample(queue, k_train, s.fetch_net_num)
@@ -433,6 +436,7 @@ def make_step(s: StepSettings, mesh: Mesh | None = None):
             metrics["queue_acc"] = jnp.mean(jax.vmap(lambda i: queue_lib.accuracy(queue, i))(slots))
             metrics["queue_size"] = queue.size
         metrics["match_acc"] = acc
+        metrics["match_seen"] = seen
         new = state.replace(step=state.step + 1, syn=syn, queue=queue)
         # A non-finite loss freezes the state at the last good iteration; the
         # host sees nonfinite_step >= 0 and stops without checkpointing garbage.

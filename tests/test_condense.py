@@ -165,7 +165,9 @@ def test_run_end_to_end_outputs_and_resume_equals_uninterrupted(tmp_path):
         assert os.path.exists(os.path.join(full_dir, name)), name
     rows = [json.loads(l) for l in open(os.path.join(full_dir, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert all(np.isfinite(r["loss"]) and "it_per_s" in r for r in rows)
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    # The first iteration compiles: no speed for it; the others have one.
+    assert "it_per_s" not in rows[0] and all(r["it_per_s"] > 0 for r in rows[1:])
     results = json.load(open(os.path.join(full_dir, "results.json")))
     assert results["ipc"] == 1 and 0.0 <= results["archs"]["ConvNetD2"]["mean"] <= 100.0
     assert summary["step"] == 4
