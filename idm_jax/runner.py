@@ -204,16 +204,14 @@ def quiet_library_logs() -> None:
     A filter on the absl handler (orbax logs through absl.logging, so its records
     share our logger; they are told apart by the file that wrote them).
     """
-    def keep(record: std_logging.LogRecord) -> bool:
-        if record.levelno >= std_logging.WARNING:
-            return True
-        where = record.pathname.replace(os.sep, "/")
-        return "/orbax/" not in where and "/jax/_src/" not in where and "/jax/" not in record.name
-
     handler = logging.get_absl_handler()
-    if not any(getattr(f, "__name__", "") == "keep" for f in handler.filters):
-        handler.addFilter(keep)
-    std_logging.getLogger("jax").setLevel(std_logging.WARNING)
+    if _not_orbax_info not in handler.filters:
+        handler.addFilter(_not_orbax_info)
+    std_logging.getLogger("jax").setLevel(std_logging.WARNING)  # e.g. "Unable to initialize backend 'tpu'"
+
+
+def _not_orbax_info(record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname.replace(os.sep, "/")
 
 
 def _plural(n: int, word: str) -> str:
@@ -287,10 +285,11 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None,
     logging.info("outputs in %s (checkpoints %s and at the end)", workdir, " or ".join(cadence) or "only")
     mngr = checkpoint_manager(workdir, config.keep_checkpoints, config.checkpoint_every,
                               config.checkpoint_every_minutes)
+    logging.info("%s, then compiling the step (on a CPU, a minute or more before the first line)",
+                 f"restoring the checkpoint at iteration {latest} of {total}" if latest is not None
+                 else "initialising the synthetic set and the model queue")
     state = restore_or_init(mngr, s, ds, config, mesh)
     start = int(state.step)
-    if start:
-        logging.info("resuming from the checkpoint at iteration %d of %d", start, total)
     data = condense.replicate(condense.device_data(ds), mesh)
     step_fn = condense.make_step(s, mesh)
     writer = MetricsWriter(workdir, start)
