@@ -31,6 +31,7 @@ from idm_jax import evaluate
 from idm_jax import plots
 from idm_jax import runner
 from idm_jax import sweeps
+from idm_jax import workdir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py:10.",
                                           lock_config=True)
@@ -40,6 +41,10 @@ _MODE = flags.DEFINE_enum("mode", "condense",
                           "What to run.")
 _SYNTHETIC = flags.DEFINE_string("synthetic", None, "synthetic.npz to score with --mode=evaluate; "
                                  "with --mode=consistency, NAME=PATH[,NAME=PATH...] (empty: condense them).")
+_RESTART = flags.DEFINE_bool("restart", False, "condense: delete the workdir's run outputs (checkpoints, "
+                             "metrics, synthetic set, results) and start over; configs are kept.")
+_REEVALUATE = flags.DEFINE_bool("reevaluate", False, "condense: evaluate a completed run again "
+                                "(by default a finished workdir is only reported).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -47,13 +52,16 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
-    logging.info("JAX %s, devices: %s", jax.__version__, jax.devices())
+    runner.quiet_library_logs()
     try:
         config_check.validate(config)
+        workdir.check_writable(_WORKDIR.value)  # before any compute
+        logging.info("JAX %s, devices: %s", jax.__version__, jax.devices())
         if _MODE.value == "condense" and config.runs > 1:
             runner.run_repeated(config, _WORKDIR.value)
         elif _MODE.value == "condense":
-            runner.run_condensation(config, _WORKDIR.value)
+            runner.run_condensation(config, _WORKDIR.value, restart=_RESTART.value,
+                                    reevaluate=_REEVALUATE.value)
         elif _MODE.value == "evaluate":
             if not _SYNTHETIC.value:
                 raise ValueError("--mode=evaluate needs --synthetic=<path to synthetic.npz>")
@@ -66,9 +74,8 @@ def main(argv):
             consistency.run_consistency(config, _WORKDIR.value, _SYNTHETIC.value)
         else:
             sweeps.run_sweep(config, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, runner.NonFiniteLossError, plots.MissingDependency) as e:
-        # Bad input: one clear line, not a traceback from deep inside JAX.
-        logging.error("%s", e)
+    except (ValueError, OSError, runner.NonFiniteLossError, plots.MissingDependency) as e:
+        # Bad input (or a full disk): one clear line, not a traceback from deep inside JAX.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -51,6 +51,7 @@ def _config(name: str, ipc: int, method: str, args):
     c.eval.num_seeds = args.seeds or c.eval.num_seeds
     c.log_every = max(1, min(c.log_every, c.idm.iterations))
     c.checkpoint_every = c.idm.iterations
+    c.checkpoint_every_minutes = 0.0  # timed runs: no extra saves
     if method == "random":
         c.baseline.method = "random"
     return c
@@ -62,7 +63,8 @@ def _row(method, c, ds, workdir, results, seconds):
     rates = []
     metrics = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(metrics):
-        rates = [json.loads(line)["it_per_s"] for line in open(metrics)]
+        rows = [json.loads(line) for line in open(metrics)]
+        rates = [r["it_per_s"] for r in rows if r.get("it_per_s")]  # none for the compiling one
     rate = sorted(rates)[len(rates) // 2] if rates else float("nan")
     paper = export.paper_accuracy(results["dataset"], method, c.ipc, arch,
                                   partition_factor=results.get("partition_factor", 1))

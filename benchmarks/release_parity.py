@@ -72,6 +72,7 @@ def make_config(args, iterations: int):
     c.eval.archs = "ConvNet"
     c.log_every = 1  # every iteration's time lands in metrics.jsonl
     c.checkpoint_every = 1_000_000  # the runner saves at the end of each call
+    c.checkpoint_every_minutes = 0.0
     return c
 
 

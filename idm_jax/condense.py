@@ -411,11 +411,12 @@ def init_state(s: StepSettings, ds: data_lib.ArrayDataset, seed: int, init: str)
 
 
 def _matching_nets(s: StepSettings, state: CondenseState, key: Array, init_fn):
-    """(queue, params, accs): the train_net_num networks the loss is matched in, this step.
+    """(queue, params, accs, seen): the train_net_num networks the loss is matched in, this step.
 
-    params is a list of parameter trees and accs f32[train_net_num] their training
-    accuracies in percent: distinct random queue members (as the release draws them), or
-    fresh random networks (accuracy 0) when the queue is off.
+    params is a list of parameter trees; accs f32[train_net_num] their training accuracies in
+    percent and seen f32[train_net_num] the images their meters counted (0: untrained):
+    distinct random queue members (as the release draws them), or fresh random (or pool)
+    networks (accuracy 0) when the queue is off.
     """
     queue = state.queue
     if not s.use_queue:
@@ -425,7 +426,8 @@ def _matching_nets(s: StepSettings, state: CondenseState, key: Array, init_fn):
                     for k in keys]
         else:
             nets = [init_fn(k)[0] for k in keys]
-        return None, nets, jnp.zeros((s.train_net_num,), jnp.float32)
+        zeros = jnp.zeros((s.train_net_num,), jnp.float32)
+        return None, nets, zeros, zeros
     k_push, k_pick = jax.random.split(key)
     if s.meter_reset_interval:  # 0 = never (the release's ImageNet script)
         reset = (state.step > 0) & (state.step % s.meter_reset_interval == 0)
@@ -436,7 +438,7 @@ def _matching_nets(s: StepSettings, state: CondenseState, key: Array, init_fn):
     slots = queue_lib.sample(queue, k_pick, s.train_net_num)
     params = [queue_lib.member(queue, slots[t]) for t in range(s.train_net_num)]
     accs = jnp.stack([queue_lib.accuracy(queue, slots[t]) for t in range(s.train_net_num)])
-    return queue, params, accs
+    return queue, params, accs, queue.seen[slots]
 
 
 def map_in_chunks(fn, inputs, chunk: int, *, unroll: bool):
@@ -574,7 +576,7 @@ def make_step(s: StepSettings, mesh: Mesh | None = None):
 
     def step(state: CondenseState, data: DeviceData | HostBatch):
         k_net, k_syn, k_train = iteration_keys(state.key, state.step)
-        queue, nets, accs = _matching_nets(s, state, k_net, init_fn)
+        queue, nets, accs, seens = _matching_nets(s, state, k_net, init_fn)
         # Several matching nets (train_net_num > 1): as the release, one pass of per-class
         # steps per net, net after net, on the same momentum buffer; the loss metric is the
         # sum over nets of the class-mean loss (the release's printed loss).
@@ -583,7 +585,7 @@ def make_step(s: StepSettings, mesh: Mesh | None = None):
             k_t = k_syn if t == 0 else jax.random.fold_in(k_syn, t)
             syn, m = _update_synset(s, syn, params, accs[t], k_t, data, apply_fn, mesh)
             metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
-        acc = accs.mean()
+        acc, seen = accs.mean(), seens.min()
         if s.use_queue:
             slots = queue_lib.sample(queue, k_train, s.fetch_net_num)
             queue = queue_lib.train(queue, slots, make_member_train_fn(s, data), k_train,
@@ -591,6 +593,7 @@ def make_step(s: StepSettings, mesh: Mesh | None = None):
             metrics["queue_acc"] = jnp.mean(jax.vmap(lambda i: queue_lib.accuracy(queue, i))(slots))
             metrics["queue_size"] = queue.size
         metrics["match_acc"] = acc
+        metrics["match_seen"] = seen
         new = state.replace(step=state.step + 1, syn=syn, queue=queue)
         # A non-finite loss freezes the state at the last good iteration; the
         # host sees nonfinite_step >= 0 and stops without checkpointing garbage.

@@ -114,7 +114,11 @@ def validate(config) -> None:
     _require(ev.loop in EVAL_LOOPS, f"eval.loop must be one of {EVAL_LOOPS}, got {ev.loop!r}")
     _require(ev.schedule in EVAL_SCHEDULES,
              f"eval.schedule must be one of {EVAL_SCHEDULES}, got {ev.schedule!r}")
-    _positive_ints(config, "", ["log_every", "checkpoint_every", "keep_checkpoints", "runs"])
+    _positive_ints(config, "", ["log_every", "keep_checkpoints", "runs"])
+    _require(isinstance(config.checkpoint_every, int) and config.checkpoint_every >= 0,
+             f"checkpoint_every must be an integer >= 0 (0 = off), got {config.checkpoint_every!r}")
+    _require(config.checkpoint_every_minutes >= 0,
+             f"checkpoint_every_minutes must be >= 0 (0 = off), got {config.checkpoint_every_minutes!r}")
 
 
 def eval_archs(config) -> list[str]:

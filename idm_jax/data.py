@@ -67,7 +67,8 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _TEST_SPLITS = ("test", "val", "valid")  # first one present is the test split
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
-_CACHE_VERSION = 1  # bump when the cached arrays' meaning changes
+_CACHE_VERSION = 2  # bump when the cached arrays' meaning changes
+_HASHED_BYTES = 1 << 20  # an archive's cache key hashes its first and last MiB (and its size)
 # How images are brought to image_size x image_size: "stretch" resizes both sides (bilinear,
 # aspect ratio not kept); "center_crop" resizes the shorter side to image_size (the longer
 # to int(image_size * long / short), as torchvision's Resize(int)) and cuts the central
@@ -454,7 +455,7 @@ _Listing = tuple[set[tuple[str, ...]], dict[tuple[str, ...], "bytes | str"]]
 def _load_image_tree(path: str, image_size: int | None, cache_dir: str, *, resize: str = "stretch",
                      classes: tuple[str, ...] | None = None, memmap: bool | None = None) -> dict[str, Any]:
     """Decodes a folder/archive (or reads its cache) into split arrays and class names."""
-    cache_base = os.path.join(cache_dir, f"{_source_stem(path)}-{_fingerprint(path, image_size, resize, classes)}")
+    cache_base = os.path.join(cache_dir, f"decoded-{_fingerprint(path, image_size, resize, classes)}")
     cached = _read_cache(cache_base)
     if cached is not None:
         _log.info("loaded %s from cache %s", path, cache_base)
@@ -466,10 +467,22 @@ def _load_image_tree(path: str, image_size: int | None, cache_dir: str, *, resiz
 
 def _fingerprint(path: str, image_size: int | None, resize: str = "stretch",
                  classes: tuple[str, ...] | None = None) -> str:
-    """Hash of what determines the decoded arrays: path, size and mtime of the source, options."""
+    """Hash of what determines the decoded arrays, independent of where the source lies.
+
+    An archive is keyed by its content: its size and a hash of its first and last
+    MiB, so one archive under two paths shares one cache entry. A folder is keyed
+    by every file's relative path, size and modification time (of the listed classes).
+    The options (image size, resize mode, class list) are part of the key.
+    """
     if os.path.isfile(path):
-        st = os.stat(path)
-        stamp: Any = [st.st_size, st.st_mtime_ns]
+        size = os.path.getsize(path)
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            digest.update(f.read(_HASHED_BYTES))
+            if size > _HASHED_BYTES:
+                f.seek(max(size - _HASHED_BYTES, _HASHED_BYTES))
+                digest.update(f.read())
+        stamp: Any = [size, digest.hexdigest()]
     else:  # a folder's own mtime misses edits inside it: stamp every file (of the listed classes)
         stamp = []
         for root, dirs, files in os.walk(path):
@@ -478,9 +491,9 @@ def _fingerprint(path: str, image_size: int | None, resize: str = "stretch",
                 st = os.stat(os.path.join(root, f))
                 stamp.append([os.path.relpath(os.path.join(root, f), path), st.st_size, st.st_mtime_ns])
     options = [image_size]
-    if resize != "stretch" or classes is not None:  # the defaults keep earlier caches valid
+    if resize != "stretch" or classes is not None:
         options += [resize, list(classes or ())]
-    blob = json.dumps([_CACHE_VERSION, path, *options, stamp]).encode()
+    blob = json.dumps([_CACHE_VERSION, *options, stamp]).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

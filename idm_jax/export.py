@@ -386,7 +386,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     ipc = results.get("ipc")
     partition = int(results.get("partition_factor", 1))
     train_arch = str(results.get("train_arch", "ConvNet"))
-    title = f"{method} on {dataset}" + (f", {ipc} images per class" if ipc else "")
+    title = f"{method} on {dataset}" + (f", {ipc} image{'s' if ipc != 1 else ''} per class" if ipc else "")
     lines = [f"### {title} (partition l={partition})", "",
              "| eval arch | seeds | epochs | train images | measured acc. (%) | paper (%) | paper setting |",
              "|---|---|---|---|---|---|---|"]

@@ -4,12 +4,17 @@
 Rerunning the same command in the same workdir resumes from the newest
 orbax checkpoint and produces the same synthetic set as an uninterrupted
 run (every random draw derives from the seed and the iteration number).
+Checkpoints are written every `checkpoint_every` iterations and at least every
+`checkpoint_every_minutes` of wall-clock time; the workdir is checked (and a
+config that would change the condensed state refused) before any compute
+(idm_jax/workdir.py).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging as std_logging
 import os
 import signal
 import time
@@ -25,6 +30,7 @@ from idm_jax import config_check
 from idm_jax import data as data_lib
 from idm_jax import evaluate
 from idm_jax import export
+from idm_jax import workdir as workdir_lib
 
 
 class NonFiniteLossError(RuntimeError):
@@ -32,13 +38,23 @@ class NonFiniteLossError(RuntimeError):
 
 
 class MetricsWriter:
-    """metrics.jsonl (one JSON object per row) + TensorBoard events in workdir."""
+    """metrics.jsonl (one JSON object per row) + TensorBoard events in workdir.
 
-    def __init__(self, workdir: str):
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    start_step: the iteration the run resumes from. metrics.jsonl rows beyond it
+    (written before a crash, now redone) are dropped atomically, and TensorBoard
+    is told to purge its events beyond it, so each iteration appears once.
+    """
+
+    def __init__(self, workdir: str, start_step: int = 0):
+        dropped = workdir_lib.truncate_metrics(workdir, start_step)
+        if dropped:
+            logging.info("dropped %d metrics.jsonl rows beyond iteration %d (redone now)",
+                         dropped, start_step)
+        self._jsonl = open(os.path.join(workdir, workdir_lib.METRICS), "a")
         try:
             from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                     purge_step=start_step + 1 if start_step else None)
         except ImportError:  # TensorBoard output is optional
             self._tb = None
 
@@ -86,16 +102,40 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir: str, keep: int, every: int = 0,
+                       every_minutes: float = 0.0) -> ocp.CheckpointManager:
+    """Orbax manager of workdir/checkpoints; `mngr.should_save(step)` follows the cadence.
+
+    every: save when the iteration is a multiple of it; every_minutes: save when
+    that much wall-clock time passed since the newest checkpoint (orbax's
+    ContinuousCheckpointingPolicy; with no checkpoint yet, at the first
+    iteration). 0 turns either off. A save is written to a temporary folder and
+    renamed when complete, so a kill during a save leaves the previous
+    checkpoint as the newest; leftovers are cleaned up on the next start.
+    """
+    policies = []
+    if every:
+        policies.append(ocp.checkpoint_managers.FixedIntervalPolicy(every))
+    if every_minutes:
+        policies.append(ocp.checkpoint_managers.ContinuousCheckpointingPolicy(
+            minimum_interval_secs=every_minutes * 60))
     return ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), "checkpoints"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+            save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies)))
+
+
+def latest_checkpoint(workdir: str) -> int | None:
+    """The newest complete checkpoint's iteration in workdir, without writing anything."""
+    steps = ocp.utils.checkpoint_steps(os.path.join(os.path.abspath(workdir), "checkpoints"))
+    return max(steps) if steps else None
 
 
 def _save(mngr: ocp.CheckpointManager, state: condense.CondenseState) -> None:
     step = int(state.step)
     if mngr.latest_step() != step:
-        mngr.save(step, args=ocp.args.StandardSave(state))
+        mngr.save(step, args=ocp.args.StandardSave(state), force=True)
         mngr.wait_until_finished()
 
 
@@ -106,34 +146,14 @@ def restore_or_init(mngr, s: condense.StepSettings, ds, config,
     latest = mngr.latest_step()
     if latest is None:
         return state
-    logging.info("resuming from checkpoint at iteration %d", latest)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    return mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
-
-
-def _check_resume_config(workdir: str, config_json: str) -> None:
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        new = json.loads(config_json)
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if changed:
-            logging.warning("config differs from %s in %s; resuming anyway", path, changed)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(config_json)
-    os.replace(tmp, path)
-
-
-def _flat(config) -> dict[str, Any]:
-    out = {}
-    for k, v in config.items():
-        if hasattr(v, "items"):
-            out.update({f"{k}.{kk}": vv for kk, vv in _flat(v).items()})
-        else:
-            out[k] = v
-    return out
+    try:
+        return mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # orbax's own message is long and internal: say what it means
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise workdir_lib.WorkdirError(
+            f"cannot restore the checkpoint at iteration {latest} in {mngr.directory} with this "
+            f"config ({first[:200]}); use a new --workdir, or pass --restart to start over") from None
 
 
 def export_synthetic(workdir: str, state, ds, s: condense.StepSettings, config) -> str:
@@ -143,18 +163,26 @@ def export_synthetic(workdir: str, state, ds, s: condense.StepSettings, config) 
     export.save_synthetic(path, images, labels, mean=ds.mean, std=ds.std,
                           class_names=ds.class_names, partition_factor=s.loss.partition_factor,
                           method=config.method, dataset=ds.name,
-                          config_json=json.dumps(_flat(config)))
+                          config_json=json.dumps(workdir_lib.flat(config)))
     pixels = np.clip(np.asarray(data_lib.denormalize(images, ds.mean, ds.std)), 0.0, 1.0)
     export.save_grid_png(os.path.join(workdir, "synthetic.png"), pixels, labels, ds.num_classes)
     return path
 
 
 def _progress_line(step, total, m, rate, eta) -> str:
-    parts = [f"it {step}/{total}", f"loss {m['loss']:.4f}", f"mmd {m['mmd']:.4f}",
-             f"ce {m['ce']:.3f}", f"acc {m['match_acc']:.1f}%"]
+    """One line per log interval; rate/eta None until measured (the first iteration compiles)."""
+    parts = [f"it {step}/{total}", f"loss {m['loss']:.4f}", f"mmd {m['mmd']:.4f}"]
     if "queue_acc" in m:
+        parts.append(f"ce {m['ce']:.3f}")
+        # The matching net's training accuracy (it weights the CE term); its meter is
+        # empty for a net not trained yet (or just after a meter reset).
+        parts.append(f"match net acc {m['match_acc']:.1f}%" if m.get("match_seen", 1) > 0
+                     else "match net untrained")
         parts.append(f"queue {int(m['queue_size'])} nets, train acc {m['queue_acc']:.1f}%")
-    parts += [f"{rate:.2f} it/s", f"ETA {_hms(eta)}"]
+    if rate:
+        parts += [f"{rate:.3g} it/s" if rate >= 1 else f"{1 / rate:.3g} s/it", f"ETA {_hms(eta)}"]
+    else:
+        parts.append("ETA after the next interval (the first iteration compiles)")
     return " | ".join(parts)
 
 
@@ -171,48 +199,115 @@ def _evaluate(state, ds, s, config, *, epochs, step) -> dict:
         partition_factor=s.loss.partition_factor, epochs=epochs)
 
 
-def run_condensation(config, workdir: str, *, max_steps: int | None = None) -> dict[str, Any]:
+def quiet_library_logs() -> None:
+    """Hides orbax's and JAX's INFO lines (about 100 per checkpoint); warnings still show.
+
+    A filter on the absl handler (orbax logs through absl.logging, so its records
+    share our logger; they are told apart by the file that wrote them).
+    """
+    handler = logging.get_absl_handler()
+    if _not_orbax_info not in handler.filters:
+        handler.addFilter(_not_orbax_info)
+    std_logging.getLogger("jax").setLevel(std_logging.WARNING)  # e.g. "Unable to initialize backend 'tpu'"
+
+
+def _not_orbax_info(record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname.replace(os.sep, "/")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _completed(workdir: str, config, latest: int | None) -> dict[str, Any] | None:
+    """results.json (or {} without eval.at_end) if workdir holds this run finished, else None."""
+    total = config.idm.iterations
+    if latest != total or not os.path.exists(os.path.join(workdir, "synthetic.npz")):
+        return None
+    if not config.eval.at_end:
+        return {}
+    try:
+        with open(os.path.join(workdir, "results.json")) as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        return None  # killed during the final evaluation: do it now
+    return results if results.get("iterations") == total else None
+
+
+def run_condensation(config, workdir: str, *, max_steps: int | None = None,
+                     restart: bool = False, reevaluate: bool = False) -> dict[str, Any]:
     """Condenses config.data into config.ipc images per class in workdir.
 
+    Resumes from the newest checkpoint in workdir. A workdir whose run is
+    complete is only reported (no training, no evaluation) unless `reevaluate`.
+    `restart` deletes the workdir's run outputs first (workdir.RUN_OUTPUTS).
     max_steps stops after that many iterations in this call (the run stays
     resumable); used by tests and benchmarks. Returns a summary dict.
     """
     config_check.validate(config)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = workdir_lib.check_writable(workdir)
+    if restart:
+        removed = workdir_lib.start_over(workdir)
+        logging.info("--restart: removed %s from %s", ", ".join(removed) or "nothing", workdir)
+    config_json = config.to_json_best_effort(indent=2)
+    latest = latest_checkpoint(workdir)
+    diff = workdir_lib.check_resume(workdir, workdir_lib.flat(json.loads(config_json)), latest)
+    total = config.idm.iterations
+    if latest is not None and latest > total:
+        raise workdir_lib.WorkdirError(
+            f"workdir {workdir} has a checkpoint at iteration {latest}, past idm.iterations={total}; "
+            f"set --config.idm.iterations={latest} (or more), or pass --restart to start over")
+    results = None if reevaluate else _completed(workdir, config, latest)
+    if results is not None:
+        return _report_complete(workdir, total, results, diff)
+
+    workdir_lib.record_config(workdir, config_json, start_step=latest or 0, diff=diff)
+    if diff:
+        logging.info("config changed since this workdir's last start (recorded in %s): %s",
+                     workdir_lib.HISTORY, "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
     ds = evaluate.load_config_dataset(config)
     s = condense.settings_from_config(config, ds)
-    _check_resume_config(workdir, config.to_json_best_effort(indent=2))
-    logging.info("dataset %s: %d train images %s, %d classes; %s IPC %d on %s (%s)",
-                 ds.name, len(ds.train_labels), ds.image_shape, ds.num_classes, config.method,
-                 config.ipc, jax.default_backend(), jax.devices()[0].device_kind)
+    h, w, c = ds.image_shape
+    devices = jax.devices()
+    logging.info("%s on %s: %s, %d classes (%d train images, %dx%dx%d), matching net %s",
+                 config.method.upper(), ds.name, _plural(config.ipc, "image") + " per class",
+                 ds.num_classes, len(ds.train_labels), h, w, c, config.model)
     logging.info("synthetic update: %s (lr %g, momentum %g); real batch %d per class",
                  "one SGD step per class, shared momentum (release)" if s.per_class_update
                  else "one joint step on the summed class losses", s.lr_img, s.momentum_img,
                  s.batch_real)
-
     mesh = condense.class_mesh(config.mesh_devices, ds.num_classes)
-    if mesh is not None:
-        logging.info("sharding the %d classes over %d devices", ds.num_classes, mesh.size)
-    mngr = checkpoint_manager(workdir, config.keep_checkpoints)
+    logging.info("%d iterations on %s %s%s", total, _plural(mesh.size if mesh else 1, "device"),
+                 f"({devices[0].device_kind})",
+                 ", the classes sharded over them" if mesh is not None else "")
+    cadence = [f"every {_plural(config.checkpoint_every, 'iteration')}"] if config.checkpoint_every else []
+    if config.checkpoint_every_minutes:
+        cadence.append(f"every {config.checkpoint_every_minutes:g} minutes")
+    logging.info("outputs in %s (checkpoints %s and at the end)", workdir, " or ".join(cadence) or "only")
+    mngr = checkpoint_manager(workdir, config.keep_checkpoints, config.checkpoint_every,
+                              config.checkpoint_every_minutes)
+    logging.info("%s, then compiling the step (on a CPU, a minute or more before the first line)",
+                 f"restoring the checkpoint at iteration {latest} of {total}" if latest is not None
+                 else "initialising the synthetic set and the model queue")
     state = restore_or_init(mngr, s, ds, config, mesh)
-    step_fn = condense.make_step(s, mesh)
-    writer = MetricsWriter(workdir)
-    total = config.idm.iterations
     start = int(state.step)
+    step_fn = condense.make_step(s, mesh)
+    writer = MetricsWriter(workdir, start)
     stop_at = total if max_steps is None else min(total, start + max_steps)
-    placement = condense.resolve_data_placement(config.data.get("on_device", "auto"), ds)
+    placement = condense.resolve_data_placement(config.data.on_device, ds)
     if placement == "device":
         feed = itertools.repeat(condense.replicate(condense.device_data(ds), mesh))
     else:  # state.key is read before the first step donates the state
         sampler = condense.HostSampler(s, ds, jax.device_get(state.key), mesh)
         feed = sampler.batches(start, stop_at)
     logging.info("real batches drawn on the %s (data.on_device=%s, train images %.2f GB)", placement,
-                 config.data.get("on_device", "auto"), ds.train_images.nbytes / 1e9)
+                 config.data.on_device, ds.train_images.nbytes / 1e9)
     summary = {"start_step": start, "data_placement": placement}
-    t_window, steps_window = time.time(), 0
+    t_start = time.time()
+    t_window, steps_window = t_start, 0
+    t_first, eval_seconds = None, 0.0  # ETA: iterations after the first (compiling) one
     try:
         with StopFlag() as stop:
-            t0 = time.time()
             in_flight = None
             for it in range(start, stop_at):
                 state, metrics = step_fn(state, next(feed))
@@ -225,27 +320,33 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None) -> d
                 done = it + 1
                 if it == start:
                     jax.block_until_ready(state)
-                    summary["first_step_seconds"] = time.time() - t0
+                    t_first = time.time()
+                    summary["first_step_seconds"] = t_first - t_start
                     logging.info("first iteration (incl. compilation) took %.1f s",
                                  summary["first_step_seconds"])
-                    t_window, steps_window = time.time(), 0
+                    t_window, steps_window = t_first, 0
                 log_now = done % config.log_every == 0 or done == stop_at
-                ckpt_now = done % config.checkpoint_every == 0 or done == stop_at
-                if log_now or ckpt_now or stop.signal:
+                ckpt_now = done == stop_at or bool(stop.signal) or mngr.should_save(done)
+                if log_now or ckpt_now:
                     _check_finite(state, mngr)
                 if log_now:
                     m = jax.device_get(metrics)
-                    rate = steps_window / max(time.time() - t_window, 1e-9) if steps_window else 0.0
-                    logging.info(_progress_line(done, total, m, rate,
-                                                (total - done) / rate if rate else 0.0))
-                    writer.write(done, {**m, "it_per_s": rate})
-                    t_window, steps_window = time.time(), 0
-                if ckpt_now or stop.signal:
-                    _save(mngr, state)
+                    now = time.time()
+                    rate = steps_window / (now - t_window) if steps_window else None
+                    measured = done - start - 1
+                    avg = measured / max(now - t_first - eval_seconds, 1e-9) if measured else None
+                    logging.info(_progress_line(done, total, m, avg, (total - done) / avg if avg else 0))
+                    writer.write(done, {**m, **({"it_per_s": rate} if rate else {})})
+                    t_window, steps_window = now, 0
                 if config.eval.interval and done % config.eval.interval == 0 and done < total:
+                    t_eval = time.time()
                     res = _evaluate(state, ds, s, config,
                                     epochs=config.eval.interval_epochs, step=done)
                     writer.write(done, {f"eval/{a}/mean": r["mean"] for a, r in res.items()})
+                    eval_seconds += time.time() - t_eval
+                    t_window += time.time() - t_eval
+                if ckpt_now:
+                    _save(mngr, state)
                 if stop.signal:
                     logging.warning("stopped by signal %d at iteration %d; checkpoint saved, "
                                     "rerun the same command to resume", stop.signal, done)
@@ -259,6 +360,9 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None) -> d
         mngr.close()
 
     summary.update(step=int(state.step), synthetic=export_synthetic(workdir, state, ds, s, config))
+    logging.info("condensation %s at iteration %d/%d after %s in this start; synthetic set: %s (+ .png)",
+                 "done" if int(state.step) >= total else "paused", int(state.step), total,
+                 _hms(time.time() - t_start), summary["synthetic"])
     if int(state.step) >= total and config.eval.at_end:
         archs = _evaluate(state, ds, s, config, epochs=config.eval.epochs, step=total)
         results = {"method": config.method, "dataset": ds.name, "ipc": config.ipc,
@@ -266,6 +370,33 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None) -> d
                    "num_images": int(config.ipc * ds.num_classes), "train_arch": config.model,
                    "iterations": total, "synthetic": summary["synthetic"], "archs": archs}
         evaluate.finish_results(workdir, results)
+        summary["results"] = results
+        logging.info("finished: %s; results in %s", _accuracies(results),
+                     os.path.join(workdir, "results.json"))
+    return summary
+
+
+def _accuracies(results: dict) -> str:
+    return ", ".join(f"{a} {r['mean']:.2f} ± {r['std']:.2f} %" for a, r in results.get("archs", {}).items())
+
+
+def _report_complete(workdir: str, total: int, results: dict, diff: dict) -> dict[str, Any]:
+    """A rerun of a finished workdir: say so and show its results; nothing is computed."""
+    table_path = os.path.join(workdir, "results.md")
+    table = open(table_path).read() if results and os.path.exists(table_path) else ""
+    eval_changed = sorted(k for k in diff if k.startswith("eval."))
+    logging.info(
+        "the run in %s is complete (%d iterations): nothing to do. %s%s",
+        workdir, total, f"Results: {_accuracies(results)} (results.json, results.md)." if results
+        else "Synthetic set: synthetic.npz (eval.at_end is off).",
+        f" The evaluation settings changed ({', '.join(eval_changed)}): pass --reevaluate to "
+        "evaluate again with them." if eval_changed else " Pass --reevaluate to evaluate again, "
+        "--restart to start over.")
+    if table:
+        logging.info("results (%s):\n%s", os.path.join(workdir, "results.json"), table)
+    summary = {"start_step": total, "step": total, "complete": True,
+               "synthetic": os.path.join(workdir, "synthetic.npz")}
+    if results:
         summary["results"] = results
     return summary
 

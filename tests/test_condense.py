@@ -123,7 +123,7 @@ def test_two_matching_nets_step_is_one_pass_per_net(digits, setup):
     state = condense.init_state(s2, digits, 0, "real")
     # By hand: the nets and keys the step draws, then one per-class pass per net, in order.
     k_net, k_syn, _ = jax.random.split(jax.random.fold_in(state.key, state.step), 3)
-    _, nets, accs = condense._matching_nets(s2, state, k_net, condense.make_init_fn(s2))
+    _, nets, accs, _ = condense._matching_nets(s2, state, k_net, condense.make_init_fn(s2))
     assert len(nets) == 2 and accs.shape == (2,)
     assert not np.allclose(nets[0]["classifier"]["kernel"], nets[1]["classifier"]["kernel"])  # distinct nets
     apply_fn = condense.make_apply_fn(s2.model)
@@ -198,7 +198,9 @@ def test_run_end_to_end_outputs_and_resume_equals_uninterrupted(tmp_path):
         assert os.path.exists(os.path.join(full_dir, name)), name
     rows = [json.loads(l) for l in open(os.path.join(full_dir, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert all(np.isfinite(r["loss"]) and "it_per_s" in r for r in rows)
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    # The first iteration compiles: no speed for it; the others have one.
+    assert "it_per_s" not in rows[0] and all(r["it_per_s"] > 0 for r in rows[1:])
     results = json.load(open(os.path.join(full_dir, "results.json")))
     assert results["ipc"] == 1 and 0.0 <= results["archs"]["ConvNetD2"]["mean"] <= 100.0
     assert summary["step"] == 4

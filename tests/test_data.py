@@ -199,17 +199,38 @@ def test_second_load_uses_cache(toy_tree, tmp_path, monkeypatch):
     archive = make_archive(toy_tree, tmp_path / "toy.tar.gz", arcname="toy")
     first = data.load_dataset(str(archive), cache_dir=str(cache))
     files = sorted(p.name for p in cache.iterdir())
-    assert len(files) == 1 and files[0].startswith("toy-") and files[0].endswith(".npz")  # no tmp left
+    assert len(files) == 1 and files[0].startswith("decoded-") and files[0].endswith(".npz")  # no tmp left
 
     monkeypatch.setattr(data, "_decode_image", no_decoding)
     assert_is_toy(data.load_dataset(str(archive), cache_dir=str(cache)), "toy")
-    # A different image_size or a modified archive must not reuse that cache.
+    # The key is the content, not the path or the time: a copy elsewhere (another
+    # name, a newer mtime) reuses the entry, and no second file is written.
+    (tmp_path / "elsewhere").mkdir()
+    copy = tmp_path / "elsewhere" / "toy-copy.tar.gz"
+    copy.write_bytes(archive.read_bytes())
+    os.utime(copy, ns=(0, os.stat(archive).st_mtime_ns + 10**9))
+    assert_is_toy(data.load_dataset(str(copy), cache_dir=str(cache)), "toy-copy")
+    assert sorted(p.name for p in cache.iterdir()) == files
+    # A different image_size or different content must not reuse that cache.
     with pytest.raises(AssertionError, match="decoded although"):
         data.load_dataset(str(archive), image_size=4, cache_dir=str(cache))
-    os.utime(archive, ns=(0, os.stat(archive).st_mtime_ns + 10**9))
+    make_tree(tmp_path / "other", size=(4, 4))
+    changed = make_archive(tmp_path / "other", tmp_path / "toy.tar.gz", arcname="toy")
     with pytest.raises(AssertionError, match="decoded although"):
-        data.load_dataset(str(archive), cache_dir=str(cache))
+        data.load_dataset(str(changed), cache_dir=str(cache))
     assert_is_toy(first, "toy")
+
+
+def test_archive_key_reads_only_its_ends(tmp_path):
+    """The key hashes the size and the first and last MiB: a change at the end is seen."""
+    big = tmp_path / "big.tar"
+    payload = bytearray(os.urandom(3 * data._HASHED_BYTES))  # pylint: disable=protected-access
+    big.write_bytes(payload)
+    key = data._fingerprint(str(big), None)  # pylint: disable=protected-access
+    payload[-1] ^= 1  # last MiB
+    big.write_bytes(payload)
+    assert data._fingerprint(str(big), None) != key  # pylint: disable=protected-access
+    assert data._fingerprint(str(big), 8) != data._fingerprint(str(big), None)  # pylint: disable=protected-access
 
 
 def test_folder_cache_notices_changed_files(toy_tree, tmp_path, monkeypatch):
