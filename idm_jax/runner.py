@@ -23,6 +23,7 @@ from absl import logging
 from idm_jax import condense
 from idm_jax import config_check
 from idm_jax import data as data_lib
+from idm_jax import distributed
 from idm_jax import evaluate
 from idm_jax import export
 
@@ -137,9 +138,11 @@ def _flat(config) -> dict[str, Any]:
 
 
 def export_synthetic(workdir: str, state, ds, s: condense.StepSettings, config) -> str:
-    """synthetic.npz + synthetic.png in workdir; returns the .npz path."""
-    images, labels = condense.synthetic_arrays(state)
+    """synthetic.npz + synthetic.png in workdir (process 0 writes them); returns the .npz path."""
+    images, labels = condense.synthetic_arrays(state)  # gathered from every process
     path = os.path.join(workdir, "synthetic.npz")
+    if not distributed.is_main():
+        return path
     export.save_synthetic(path, images, labels, mean=ds.mean, std=ds.std,
                           class_names=ds.class_names, partition_factor=s.loss.partition_factor,
                           method=config.method, dataset=ds.name,
@@ -165,7 +168,7 @@ def _hms(seconds: float) -> str:
 
 def _evaluate(state, ds, s, config, *, epochs, step) -> dict:
     images, labels = condense.synthetic_arrays(state)
-    return evaluate.evaluate_archs(
+    return distributed.evaluate_archs(  # one process: evaluate.evaluate_archs
         images, labels, ds, config.eval, archs=config_check.eval_archs(config),
         key=jax.random.fold_in(jax.random.PRNGKey(config.seed), step),
         partition_factor=s.loss.partition_factor, epochs=epochs)
@@ -181,7 +184,10 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None) -> d
     os.makedirs(workdir, exist_ok=True)
     ds = evaluate.load_config_dataset(config)
     s = condense.settings_from_config(config, ds)
-    _check_resume_config(workdir, config.to_json_best_effort(indent=2))
+    if distributed.is_main():
+        _check_resume_config(workdir, config.to_json_best_effort(indent=2))
+    if distributed.multi_process():
+        distributed.check_replicated(distributed.data_fingerprint(ds), "the loaded dataset")
     logging.info("dataset %s: %d train images %s, %d classes; %s IPC %d on %s (%s)",
                  ds.name, len(ds.train_labels), ds.image_shape, ds.num_classes, config.method,
                  config.ipc, jax.default_backend(), jax.devices()[0].device_kind)
@@ -190,13 +196,14 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None) -> d
                  else "one joint step on the summed class losses", s.lr_img, s.momentum_img,
                  s.batch_real)
 
-    mesh = condense.class_mesh(config.mesh_devices, ds.num_classes)
+    mesh = distributed.class_mesh(config.mesh_devices, ds.num_classes)  # all processes' devices
     if mesh is not None:
-        logging.info("sharding the %d classes over %d devices", ds.num_classes, mesh.size)
+        logging.info("sharding the %d classes over %d devices (%d process(es))", ds.num_classes,
+                     mesh.size, jax.process_count())
     mngr = checkpoint_manager(workdir, config.keep_checkpoints)
     state = restore_or_init(mngr, s, ds, config, mesh)
     step_fn = condense.make_step(s, mesh)
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir) if distributed.is_main() else distributed.NullWriter()
     total = config.idm.iterations
     start = int(state.step)
     stop_at = total if max_steps is None else min(total, start + max_steps)
@@ -231,7 +238,12 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None) -> d
                     t_window, steps_window = time.time(), 0
                 log_now = done % config.log_every == 0 or done == stop_at
                 ckpt_now = done % config.checkpoint_every == 0 or done == stop_at
-                if log_now or ckpt_now or stop.signal:
+                stop_now = stop.signal is not None
+                if distributed.multi_process():
+                    # A signal reaches the processes at different iterations: they agree at the
+                    # next log or checkpoint iteration, and all checkpoint and stop there.
+                    stop_now = (log_now or ckpt_now) and distributed.any_process(stop_now)
+                if log_now or ckpt_now or stop_now:
                     _check_finite(state, mngr)
                 if log_now:
                     m = jax.device_get(metrics)
@@ -240,15 +252,18 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None) -> d
                                                 (total - done) / rate if rate else 0.0))
                     writer.write(done, {**m, "it_per_s": rate})
                     t_window, steps_window = time.time(), 0
-                if ckpt_now or stop.signal:
+                if ckpt_now or stop_now:
+                    if distributed.multi_process():
+                        distributed.check_replicated(state.replace(syn=None), "the replicated state")
                     _save(mngr, state)
                 if config.eval.interval and done % config.eval.interval == 0 and done < total:
                     res = _evaluate(state, ds, s, config,
                                     epochs=config.eval.interval_epochs, step=done)
                     writer.write(done, {f"eval/{a}/mean": r["mean"] for a, r in res.items()})
-                if stop.signal:
+                if stop_now:
                     logging.warning("stopped by signal %d at iteration %d; checkpoint saved, "
-                                    "rerun the same command to resume", stop.signal, done)
+                                    "rerun the same command to resume",
+                                    stop.signal or signal.SIGTERM, done)
                     summary.update(interrupted=True, step=done)
                     return summary
     finally:
@@ -265,7 +280,8 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None) -> d
                    "partition_factor": s.loss.partition_factor,
                    "num_images": int(config.ipc * ds.num_classes), "train_arch": config.model,
                    "iterations": total, "synthetic": summary["synthetic"], "archs": archs}
-        evaluate.finish_results(workdir, results)
+        if distributed.is_main():
+            evaluate.finish_results(workdir, results)
         summary["results"] = results
     return summary
 
@@ -328,5 +344,6 @@ def run_repeated(config, workdir: str) -> dict[str, Any]:
             return {**summary, "run": i}
         results.append(summary["results"])
     combined = combine_runs(results)
-    evaluate.finish_results(workdir, combined)
+    if distributed.is_main():
+        evaluate.finish_results(workdir, combined)
     return {"step": int(config.idm.iterations), "runs": config.runs, "results": combined}
