@@ -27,6 +27,7 @@ from idm_jax import baselines
 from idm_jax import config_check
 from idm_jax import consistency
 from idm_jax import continual
+from idm_jax import distributed
 from idm_jax import evaluate
 from idm_jax import plots
 from idm_jax import runner
@@ -45,6 +46,17 @@ _RESTART = flags.DEFINE_bool("restart", False, "condense: delete the workdir's r
                              "metrics, synthetic set, results) and start over; configs are kept.")
 _REEVALUATE = flags.DEFINE_bool("reevaluate", False, "condense: evaluate a completed run again "
                                 "(by default a finished workdir is only reported).")
+# Several processes (hosts), see idm_jax/distributed.py and the README: every process runs the
+# same command; these (or $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID) say
+# where they meet, unless JAX detects the cluster (SLURM, Cloud TPU).
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", list(distributed.MODES),
+                                 "auto: join other processes when an address/count is given or a "
+                                 "cluster is detected; on: always (JAX detects the rest); off: never.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the run (0 = from the cluster).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (-1 = from the cluster).")
+_DIST_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300,
+                                     "Seconds to wait for all processes to start before failing.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -56,7 +68,12 @@ def main(argv):
     try:
         config_check.validate(config)
         workdir.check_writable(_WORKDIR.value)  # before any compute
+        several = distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                                         _PROCESS_ID.value, _DIST_TIMEOUT.value)
         logging.info("JAX %s, devices: %s", jax.__version__, jax.devices())
+        if several and (_MODE.value != "condense" or config.runs > 1):
+            raise ValueError(f"--mode={_MODE.value} (runs={config.runs}) runs on one process; "
+                             "several processes run --mode=condense with runs=1")
         if _MODE.value == "condense" and config.runs > 1:
             runner.run_repeated(config, _WORKDIR.value)
         elif _MODE.value == "condense":
@@ -74,7 +91,8 @@ def main(argv):
             consistency.run_consistency(config, _WORKDIR.value, _SYNTHETIC.value)
         else:
             sweeps.run_sweep(config, _WORKDIR.value)
-    except (ValueError, OSError, runner.NonFiniteLossError, plots.MissingDependency) as e:
+    except (ValueError, OSError, runner.NonFiniteLossError, plots.MissingDependency,
+            distributed.DistributedError) as e:
         # Bad input (or a full disk): one clear line, not a traceback from deep inside JAX.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -16,6 +16,7 @@ Several devices: `class_mesh` builds a 1-D mesh, `shard_state` splits the
 synthetic set's class axis over it (everything else is replicated) and
 `make_step(s, mesh)` runs the per-class loss and update under `shard_map`,
 each device on its own classes; the queue training stays replicated.
+Several processes (hosts): `idm_jax.distributed` builds the same mesh over all of them.
 """
 
 from __future__ import annotations
@@ -700,8 +701,20 @@ class HostSampler:
 
 
 def synthetic_arrays(state: CondenseState) -> tuple[np.ndarray, np.ndarray]:
-    """(images f32[classes*ipc, H, W, C] normalized, labels int32[classes*ipc])."""
-    images = np.asarray(state.syn.images)
+    """(images f32[classes*ipc, H, W, C] normalized, labels int32[classes*ipc]).
+
+    With classes on several processes (idm_jax.distributed) the set is gathered first: a
+    collective, so every process must call this.
+    """
+    images = host_array(state.syn.images)
     k, ipc = images.shape[:2]
-    labels = np.repeat(np.asarray(state.syn.labels), ipc).astype(np.int32)
+    labels = np.repeat(host_array(state.syn.labels), ipc).astype(np.int32)
     return images.reshape((k * ipc,) + images.shape[2:]), labels
+
+
+def host_array(x: Array) -> np.ndarray:
+    """x as one numpy array on this host, gathered from the other processes if they hold parts."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

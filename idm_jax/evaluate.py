@@ -388,7 +388,7 @@ def train_networks(model: nn.Module, images: Any, labels: Any, *, key: jax.Array
                    weight_decay: float = 5e-4, dsa_strategy: str = augment.DEFAULT_STRATEGY,
                    mean: Any = None, std: Any = None, seed_parallel: str = "auto",
                    loop: str = "auto", schedule: str = "release", log_every: int = 50,
-                   name: str = "") -> TrainedNets:
+                   name: str = "", seed_indices: Sequence[int] | None = None) -> TrainedNets:
     """Trains `num_seeds` freshly initialised copies of `model` on (images, labels).
 
     images: f32[N, H, W, C] already normalized, or uint8[N, H, W, C] normalized on the fly with
@@ -396,7 +396,8 @@ def train_networks(model: nn.Module, images: Any, labels: Any, *, key: jax.Array
     computation, "map" one after another; loop: "device" runs chunks of epochs inside one jitted
     call, "host" drives every step from Python (fast on CPU, see resolve_loop). A seed's result
     does not depend on either choice. Progress (epoch, loss, s/epoch, ETA) is logged every
-    `log_every` passes.
+    `log_every` passes. seed_indices: train only these of the num_seeds networks (each as it
+    is trained among all; the results hold them in this order), e.g. one process's share.
     """
     if isinstance(num_seeds, bool) or not isinstance(num_seeds, (int, np.integer)) or num_seeds < 1:
         raise ValueError(f"num_seeds must be a positive integer, got {num_seeds!r}")
@@ -416,9 +417,13 @@ def train_networks(model: nn.Module, images: Any, labels: Any, *, key: jax.Array
                  float(weight_decay), seed_mode)
     image_shape = tuple(int(d) for d in images.shape[1:])
     init_key, train_key = jax.random.split(key)
-    all_states = _init_fn(model, image_shape, n, spec.momentum, spec.weight_decay)(
-        jax.random.split(init_key, num_seeds))
-    all_keys = jax.random.split(train_key, num_seeds)
+    init_keys, all_keys = jax.random.split(init_key, num_seeds), jax.random.split(train_key, num_seeds)
+    if seed_indices is not None:
+        picked = np.asarray(seed_indices, np.int32).reshape(-1)
+        if picked.size == 0 or picked.min() < 0 or picked.max() >= num_seeds:
+            raise ValueError(f"seed_indices {list(seed_indices)} must be non-empty, within 0..{num_seeds - 1}")
+        init_keys, all_keys, num_seeds = init_keys[picked], all_keys[picked], int(picked.size)
+    all_states = _init_fn(model, image_shape, n, spec.momentum, spec.weight_decay)(init_keys)
     data = (jnp.asarray(images), jnp.asarray(labels), mean, std)
     groups = [slice(s, s + 1) for s in range(num_seeds)] if seed_mode == "single" else [slice(0, num_seeds)]
     label = name or type(model).__name__
@@ -528,7 +533,8 @@ def train_and_evaluate(images: Any, labels: Any, test_images: Any, test_labels: 
                        momentum: float = 0.9, weight_decay: float = 5e-4,
                        dsa_strategy: str = augment.DEFAULT_STRATEGY, test_batch_size: int = 1000,
                        seed_parallel: str = "auto", loop: str = "auto",
-                       schedule: str = "release", log_every: int = 50) -> dict[str, Any]:
+                       schedule: str = "release", log_every: int = 50,
+                       seed_indices: Sequence[int] | None = None) -> dict[str, Any]:
     """The paper's protocol: train `num_seeds` fresh `arch` networks on (images, labels), test them.
 
     images: f32[N, H, W, C] normalized (or uint8, normalized with mean/std); labels: int[N];
@@ -536,7 +542,7 @@ def train_and_evaluate(images: Any, labels: Any, test_images: Any, test_labels: 
     Returns {accuracies: [% per seed], mean, std (np.std, ddof 0), train_seconds,
     test_seconds, epochs, passes, num_seeds, arch, num_train_images, seed_parallel, loop,
     schedule, dsa_strategy, train_loss, train_accuracy}. See `train_networks` for seed_parallel
-    and loop, `epoch_plan` for schedule.
+    and loop, `epoch_plan` for schedule; seed_indices: only these seeds (see train_networks).
     """
     images = images if isinstance(images, jax.Array) else np.asarray(images)
     channels = int(images.shape[-1]) if np.ndim(images) == 4 else 0
@@ -546,7 +552,7 @@ def train_and_evaluate(images: Any, labels: Any, test_images: Any, test_labels: 
                           batch_size=batch_size, lr=lr, momentum=momentum,
                           weight_decay=weight_decay, dsa_strategy=dsa_strategy, mean=mean,
                           std=std, seed_parallel=mode, loop=loop, schedule=schedule, log_every=log_every,
-                          name=arch)
+                          name=arch, seed_indices=seed_indices)
     t = time.perf_counter()
     accs = measure_accuracy(model, nets.variables, test_images, test_labels, mean=mean, std=std,
                          test_batch_size=test_batch_size, seed_parallel=mode)
@@ -556,7 +562,7 @@ def train_and_evaluate(images: Any, labels: Any, test_images: Any, test_labels: 
         "accuracies": [float(a) for a in accs],
         "mean": float(np.mean(accs)),
         "std": float(np.std(accs)),
-        "num_seeds": int(num_seeds),
+        "num_seeds": int(num_seeds if seed_indices is None else len(seed_indices)),
         "epochs": int(epochs),
         "passes": int(nets.num_passes),
         "schedule": schedule,
@@ -592,14 +598,16 @@ def _cfg(eval_cfg: Mapping[str, Any], name: str, default: Any) -> Any:
 
 def evaluate_archs(images: Any, labels: Any, dataset: Any, eval_cfg: Mapping[str, Any], *,
                    archs: Sequence[str], key: jax.Array, partition_factor: int,
-                   epochs: int | None = None) -> dict[str, dict[str, Any]]:
+                   epochs: int | None = None,
+                   seeds_of: Mapping[str, Sequence[int]] | None = None) -> dict[str, dict[str, Any]]:
     """Cross-architecture evaluation: {arch: train_and_evaluate result} for every arch.
 
     images: f32[N, H, W, C] normalized with dataset.mean/std (or uint8); labels: int[N];
     dataset: an ArrayDataset (its test split is the test set); eval_cfg: `config.eval`;
     partition_factor: each image is cut into l x l pieces first (l = 1: as is), so an IPC-10
     CIFAR-10 set with l = 2 trains on 400 images. epochs overrides eval_cfg.epochs (periodic
-    evaluation during condensation uses fewer).
+    evaluation during condensation uses fewer). seeds_of: {arch: seed indices} trains only
+    those networks (archs without any are left out; see distributed.evaluate_archs).
     """
     archs = parse_archs(archs)
     if partition_factor > 1 and np.asarray(images).dtype == np.uint8:
@@ -613,6 +621,9 @@ def evaluate_archs(images: Any, labels: Any, dataset: Any, eval_cfg: Mapping[str
     strategy = augment.DEFAULT_STRATEGY if _cfg(eval_cfg, "dsa", True) else ""
     results = {}
     for i, arch in enumerate(archs):
+        seeds = None if seeds_of is None else list(seeds_of.get(arch, []))
+        if seeds is not None and not seeds:
+            continue
         results[arch] = train_and_evaluate(
             images, labels, dataset.test_images, dataset.test_labels, mean=dataset.mean,
             std=dataset.std, arch=arch, num_classes=dataset.num_classes,
@@ -625,7 +636,7 @@ def evaluate_archs(images: Any, labels: Any, dataset: Any, eval_cfg: Mapping[str
             test_batch_size=int(_cfg(eval_cfg, "test_batch_size", 1000)),
             seed_parallel=str(_cfg(eval_cfg, "seed_parallel", "auto")),
             loop=str(_cfg(eval_cfg, "loop", "auto")),
-            schedule=str(_cfg(eval_cfg, "schedule", "release")))
+            schedule=str(_cfg(eval_cfg, "schedule", "release")), seed_indices=seeds)
         r = results[arch]
         logging.info("%s: test accuracy %.2f ± %.2f %% over %d seeds (%s) in %.0f s", arch,
                      r["mean"], r["std"], r["num_seeds"],

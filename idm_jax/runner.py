@@ -28,6 +28,7 @@ from absl import logging
 from idm_jax import condense
 from idm_jax import config_check
 from idm_jax import data as data_lib
+from idm_jax import distributed
 from idm_jax import evaluate
 from idm_jax import export
 from idm_jax import workdir as workdir_lib
@@ -158,8 +159,10 @@ def restore_or_init(mngr, s: condense.StepSettings, ds, config,
 
 def export_synthetic(workdir: str, state, ds, s: condense.StepSettings, config) -> str:
     """synthetic.npz + synthetic.png in workdir; returns the .npz path."""
-    images, labels = condense.synthetic_arrays(state)
+    images, labels = condense.synthetic_arrays(state)  # gathered from every process
     path = os.path.join(workdir, "synthetic.npz")
+    if not distributed.is_main():  # process 0 writes the outputs
+        return path
     export.save_synthetic(path, images, labels, mean=ds.mean, std=ds.std,
                           class_names=ds.class_names, partition_factor=s.loss.partition_factor,
                           method=config.method, dataset=ds.name,
@@ -193,7 +196,7 @@ def _hms(seconds: float) -> str:
 
 def _evaluate(state, ds, s, config, *, epochs, step) -> dict:
     images, labels = condense.synthetic_arrays(state)
-    return evaluate.evaluate_archs(
+    return distributed.evaluate_archs(  # one process: evaluate.evaluate_archs
         images, labels, ds, config.eval, archs=config_check.eval_archs(config),
         key=jax.random.fold_in(jax.random.PRNGKey(config.seed), step),
         partition_factor=s.loss.partition_factor, epochs=epochs)
@@ -246,7 +249,7 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None,
     """
     config_check.validate(config)
     workdir = workdir_lib.check_writable(workdir)
-    if restart:
+    if restart and distributed.is_main():
         removed = workdir_lib.start_over(workdir)
         logging.info("--restart: removed %s from %s", ", ".join(removed) or "nothing", workdir)
     config_json = config.to_json_best_effort(indent=2)
@@ -261,12 +264,15 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None,
     if results is not None:
         return _report_complete(workdir, total, results, diff)
 
-    workdir_lib.record_config(workdir, config_json, start_step=latest or 0, diff=diff)
+    if distributed.is_main():
+        workdir_lib.record_config(workdir, config_json, start_step=latest or 0, diff=diff)
     if diff:
         logging.info("config changed since this workdir's last start (recorded in %s): %s",
                      workdir_lib.HISTORY, "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
     ds = evaluate.load_config_dataset(config)
     s = condense.settings_from_config(config, ds)
+    if distributed.multi_process():
+        distributed.check_replicated(distributed.data_fingerprint(ds), "the loaded dataset")
     h, w, c = ds.image_shape
     devices = jax.devices()
     logging.info("%s on %s: %s, %d classes (%d train images, %dx%dx%d), matching net %s",
@@ -276,10 +282,11 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None,
                  "one SGD step per class, shared momentum (release)" if s.per_class_update
                  else "one joint step on the summed class losses", s.lr_img, s.momentum_img,
                  s.batch_real)
-    mesh = condense.class_mesh(config.mesh_devices, ds.num_classes)
-    logging.info("%d iterations on %s %s%s", total, _plural(mesh.size if mesh else 1, "device"),
+    mesh = distributed.class_mesh(config.mesh_devices, ds.num_classes)  # all processes' devices
+    logging.info("%d iterations on %s %s%s%s", total, _plural(mesh.size if mesh else 1, "device"),
                  f"({devices[0].device_kind})",
-                 ", the classes sharded over them" if mesh is not None else "")
+                 ", the classes sharded over them" if mesh is not None else "",
+                 f" in {jax.process_count()} processes" if distributed.multi_process() else "")
     cadence = [f"every {_plural(config.checkpoint_every, 'iteration')}"] if config.checkpoint_every else []
     if config.checkpoint_every_minutes:
         cadence.append(f"every {config.checkpoint_every_minutes:g} minutes")
@@ -292,7 +299,7 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None,
     state = restore_or_init(mngr, s, ds, config, mesh)
     start = int(state.step)
     step_fn = condense.make_step(s, mesh)
-    writer = MetricsWriter(workdir, start)
+    writer = MetricsWriter(workdir, start) if distributed.is_main() else distributed.NullWriter()
     stop_at = total if max_steps is None else min(total, start + max_steps)
     placement = condense.resolve_data_placement(config.data.on_device, ds)
     if placement == "device":
@@ -326,7 +333,16 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None,
                                  summary["first_step_seconds"])
                     t_window, steps_window = t_first, 0
                 log_now = done % config.log_every == 0 or done == stop_at
-                ckpt_now = done == stop_at or bool(stop.signal) or mngr.should_save(done)
+                stop_now, save_due = stop.signal is not None, mngr.should_save(done)
+                if distributed.multi_process():
+                    # A signal, and the wall-clock checkpoint cadence, reach the processes at
+                    # different iterations: they agree (a collective) at iterations every process
+                    # knows - log, iteration-cadence and last ones - and all save and stop there.
+                    agree = log_now or done == stop_at or (
+                        config.checkpoint_every and done % config.checkpoint_every == 0)
+                    stop_now = bool(agree) and distributed.any_process(stop_now)
+                    save_due = bool(agree) and distributed.any_process(save_due)
+                ckpt_now = done == stop_at or stop_now or save_due
                 if log_now or ckpt_now:
                     _check_finite(state, mngr)
                 if log_now:
@@ -346,10 +362,12 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None,
                     eval_seconds += time.time() - t_eval
                     t_window += time.time() - t_eval
                 if ckpt_now:
+                    if distributed.multi_process():
+                        distributed.check_replicated(state.replace(syn=None), "the replicated state")
                     _save(mngr, state)
-                if stop.signal:
+                if stop_now:
                     logging.warning("stopped by signal %d at iteration %d; checkpoint saved, "
-                                    "rerun the same command to resume", stop.signal, done)
+                                    "rerun the same command to resume", stop.signal or signal.SIGTERM, done)
                     summary.update(interrupted=True, step=done)
                     return summary
     finally:
@@ -369,7 +387,8 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None,
                    "partition_factor": s.loss.partition_factor,
                    "num_images": int(config.ipc * ds.num_classes), "train_arch": config.model,
                    "iterations": total, "synthetic": summary["synthetic"], "archs": archs}
-        evaluate.finish_results(workdir, results)
+        if distributed.is_main():
+            evaluate.finish_results(workdir, results)
         summary["results"] = results
         logging.info("finished: %s; results in %s", _accuracies(results),
                      os.path.join(workdir, "results.json"))
@@ -459,5 +478,6 @@ def run_repeated(config, workdir: str) -> dict[str, Any]:
             return {**summary, "run": i}
         results.append(summary["results"])
     combined = combine_runs(results)
-    evaluate.finish_results(workdir, combined)
+    if distributed.is_main():
+        evaluate.finish_results(workdir, combined)
     return {"step": int(config.idm.iterations), "runs": config.runs, "results": combined}
