@@ -154,13 +154,13 @@ def stage_release(args, ds) -> None:
     out = os.path.join(args.root, "release")
     budgets = parse_budgets(args.budgets)
     if not os.path.exists(os.path.join(out, "timings.json")):
-        if not args.release:
-            print("[parity] no --release given: skipping the release's condensation", flush=True)
-            return
-        subprocess.run([args.release_python, RELEASE_SIDE, "condense", f"--release={args.release}",
-                        f"--data={os.path.join(args.root, 'data.npz')}", f"--out={out}",
-                        f"--dataset={RELEASE_DATASET[args.config]}", f"--ipc={args.ipc}",
-                        f"--budgets={args.budgets}", f"--seed={args.seed}"], check=True)
+        if not args.release:  # snapshots already written (e.g. by a run still going) are converted
+            print("[parity] no --release given: not running the release's condensation", flush=True)
+        else:
+            subprocess.run([args.release_python, RELEASE_SIDE, "condense", f"--release={args.release}",
+                            f"--data={os.path.join(args.root, 'data.npz')}", f"--out={out}",
+                            f"--dataset={RELEASE_DATASET[args.config]}", f"--ipc={args.ipc}",
+                            f"--budgets={args.budgets}", f"--seed={args.seed}"], check=True)
     for budget in budgets:
         synthetic = os.path.join(out, f"synthetic_{budget}.npz")
         snap = os.path.join(out, f"snap_{budget}.npz")
