@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from idm_jax import data, evaluate, export, models
+from idm_jax import data, evaluate, export, models, trainer
 
 BASELINES = ("random", "herding", "forgetting", "whole")
 
@@ -111,11 +111,11 @@ def select_forgetting(forget_counts: Any, labels: Any, num_classes: int, ipc: in
     return np.concatenate(picks).astype(np.int64)
 
 
-def _feature_network(config: Any, dataset: Any, key: jax.Array) -> tuple[Any, evaluate.TrainedNets]:
+def _feature_network(config: Any, dataset: Any, key: jax.Array) -> tuple[Any, trainer.TrainedNets]:
     """One config.model network trained on the whole real training set, no augmentation,
     for config.baseline.train_epochs epochs (lr x 0.1 half way)."""
     model = models.get_model(config.model, dataset.num_classes, dataset.channels)
-    nets = evaluate.train_networks(
+    nets = trainer.train_networks(
         model, dataset.train_images, dataset.train_labels, key=key, num_seeds=1,
         epochs=int(config.baseline.train_epochs), batch_size=int(config.eval.batch_size),
         lr=float(config.eval.lr), momentum=float(config.eval.momentum),
@@ -137,7 +137,7 @@ def select_coreset(method: str, config: Any, dataset: Any, key: jax.Array) -> tu
             "feature_net_seconds": float(nets.seconds)}
     if method == "herding":
         variables = jax.tree.map(lambda a: a[0], nets.variables)
-        features = evaluate.embed_images(model, variables, dataset.train_images, mean=dataset.mean,
+        features = trainer.embed_images(model, variables, dataset.train_images, mean=dataset.mean,
                                          std=dataset.std)
         return select_herding(features, dataset.train_labels, k, ipc), info
     return select_forgetting(nets.forget_counts[0], dataset.train_labels, k, ipc, pick_key), info
@@ -154,7 +154,7 @@ def run_baseline(config: Any, workdir: str) -> dict[str, Any]:
     if method not in BASELINES:
         raise ValueError(f"unknown baseline {method!r}; valid: {', '.join(BASELINES)}")
     archs = evaluate.parse_archs(config.eval.archs)
-    dataset = evaluate.load_config_dataset(config)
+    dataset = data.load_config_dataset(config)
     key = jax.random.PRNGKey(int(config.seed))
     select_key, eval_key = jax.random.split(key)
     os.makedirs(workdir, exist_ok=True)
@@ -183,4 +183,4 @@ def run_baseline(config: Any, workdir: str) -> dict[str, Any]:
                        selected_indices=idx.tolist(), selection_seconds=time.perf_counter() - t, **info)
     results["archs"] = evaluate.evaluate_archs(images, labels, dataset, config.eval, archs=archs,
                                                key=eval_key, partition_factor=1)
-    return evaluate.finish_results(workdir, results)
+    return export.finish_results(workdir, results)

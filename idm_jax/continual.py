@@ -210,7 +210,7 @@ def run_continual(config: Any, workdir: str) -> dict[str, Any]:
     for m in methods:
         if m != "random":
             config_check.validate(method_config(config, m))
-    ds = evaluate.load_config_dataset(config)
+    ds = data_lib.load_config_dataset(config)
     for n in step_settings:
         split_steps(np.arange(ds.num_classes), n)  # fail before any compute
     os.makedirs(workdir, exist_ok=True)

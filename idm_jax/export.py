@@ -35,6 +35,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 REQUIRED_KEYS = ("images", "labels", "mean", "std", "class_names", "partition_factor",
                  "method", "dataset")
@@ -398,3 +399,16 @@ def results_markdown(results: Mapping[str, Any]) -> str:
                      f"{r.get('epochs', '?')} | {r.get('num_train_images', '?')} | "
                      f"{_fmt(r['mean'], r['std'], 2)} | {paper_text} | {where} |")
     return "\n".join(lines) + "\n"
+
+
+def finish_results(workdir: str, results: dict[str, Any]) -> dict[str, Any]:
+    """Writes results.json and results.md in workdir and logs the markdown table."""
+    os.makedirs(workdir, exist_ok=True)
+    write_results(workdir, results)
+    table = results_markdown(results)
+    path = os.path.join(workdir, "results.md")
+    with open(path + ".tmp", "w") as f:
+        f.write(table)
+    os.replace(path + ".tmp", path)
+    logging.info("results (%s):\n%s", os.path.join(workdir, "results.json"), table)
+    return results

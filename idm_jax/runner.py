@@ -179,7 +179,7 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None) -> d
     """
     config_check.validate(config)
     os.makedirs(workdir, exist_ok=True)
-    ds = evaluate.load_config_dataset(config)
+    ds = data_lib.load_config_dataset(config)
     s = condense.settings_from_config(config, ds)
     _check_resume_config(workdir, config.to_json_best_effort(indent=2))
     logging.info("dataset %s: %d train images %s, %d classes; %s IPC %d on %s (%s)",
@@ -265,7 +265,7 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None) -> d
                    "partition_factor": s.loss.partition_factor,
                    "num_images": int(config.ipc * ds.num_classes), "train_arch": config.model,
                    "iterations": total, "synthetic": summary["synthetic"], "archs": archs}
-        evaluate.finish_results(workdir, results)
+        export.finish_results(workdir, results)
         summary["results"] = results
     return summary
 
@@ -328,5 +328,5 @@ def run_repeated(config, workdir: str) -> dict[str, Any]:
             return {**summary, "run": i}
         results.append(summary["results"])
     combined = combine_runs(results)
-    evaluate.finish_results(workdir, combined)
+    export.finish_results(workdir, combined)
     return {"step": int(config.idm.iterations), "runs": config.runs, "results": combined}
