@@ -867,7 +867,12 @@ def denormalize(images: jax.Array | np.ndarray, mean: Any, std: Any) -> jax.Arra
 
 
 def renormalize(images: np.ndarray, from_mean: Any, from_std: Any, to_mean: Any, to_std: Any) -> np.ndarray:
-    """Images normalized with (from_mean, from_std) -> the same pixels under (to_mean, to_std)."""
+    """Images normalized with (from_mean, from_std) -> the same pixels under (to_mean, to_std): f32.
+
+    The host-side (numpy) twin of `normalize` / `denormalize` for float images:
+    (0, 1) -> (mean, std) normalizes [0, 1] pixels, (mean, std) -> (0, 1) gives them back
+    (unclipped). Statistics that agree to np.allclose's tolerance return the images as they are.
+    """
     from_mean, from_std = np.asarray(from_mean, np.float32), np.asarray(from_std, np.float32)
     to_mean, to_std = np.asarray(to_mean, np.float32), np.asarray(to_std, np.float32)
     if np.allclose(from_mean, to_mean) and np.allclose(from_std, to_std):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from idm_jax import augment, data, export, models, trainer
+from idm_jax import augment, backend, data, export, models, trainer
 
 def train_and_evaluate(images: Any, labels: Any, test_images: Any, test_labels: Any, *, mean: Any,
                        std: Any, arch: str, num_classes: int, key: jax.Array, num_seeds: int = 5,
@@ -40,7 +40,7 @@ def train_and_evaluate(images: Any, labels: Any, test_images: Any, test_labels: 
     images = images if isinstance(images, jax.Array) else np.asarray(images)
     channels = int(images.shape[-1]) if np.ndim(images) == 4 else 0
     model = models.get_model(arch, num_classes, channels or 1)
-    mode = trainer.resolve_seed_parallel(seed_parallel)
+    mode = backend.seed_parallel(seed_parallel)
     nets = trainer.train_networks(model, images, labels, key=key, num_seeds=num_seeds, epochs=epochs,
                           batch_size=batch_size, lr=lr, momentum=momentum,
                           weight_decay=weight_decay, dsa_strategy=dsa_strategy, mean=mean,
@@ -65,24 +65,11 @@ def train_and_evaluate(images: Any, labels: Any, test_images: Any, test_labels: 
         "seconds_per_epoch": float(nets.seconds_per_epoch),
         "test_seconds": float(test_seconds),
         "seed_parallel": mode,
-        "loop": trainer.resolve_loop(loop),
+        "loop": backend.eval_loop(loop),
         "dsa_strategy": dsa_strategy,
         "train_loss": [float(x) for x in nets.train_loss],
         "train_accuracy": [float(x) for x in nets.train_accuracy],
     }
-
-
-def parse_archs(archs: str | Sequence[str]) -> list[str]:
-    """"ConvNet, AlexNet" -> ["ConvNet", "AlexNet"], each checked against models.MODEL_NAMES."""
-    names = [a.strip() for a in archs.split(",")] if isinstance(archs, str) else [str(a).strip() for a in archs]
-    names = [a for a in names if a]
-    if not names:
-        raise ValueError(f"no evaluation architecture given in {archs!r}")
-    for a in names:
-        if a not in models.MODEL_NAMES:
-            raise ValueError(f"unknown evaluation architecture {a!r} in {archs!r}; valid: "
-                             f"{', '.join(models.MODEL_NAMES)}")
-    return names
 
 
 def _cfg(eval_cfg: Mapping[str, Any], name: str, default: Any) -> Any:
@@ -100,7 +87,7 @@ def evaluate_archs(images: Any, labels: Any, dataset: Any, eval_cfg: Mapping[str
     CIFAR-10 set with l = 2 trains on 400 images. epochs overrides eval_cfg.epochs (periodic
     evaluation during condensation uses fewer).
     """
-    archs = parse_archs(archs)
+    archs = models.parse_archs(archs)
     if partition_factor > 1 and np.asarray(images).dtype == np.uint8:
         raise ValueError("partition needs normalized float images, got uint8 (pass "
                          "normalize(images, mean, std))")
@@ -139,7 +126,7 @@ def run_evaluation(config: Any, workdir: str, synthetic_path: str) -> dict[str, 
     Loads config.data, checks that the synthetic set fits it, trains and tests, writes
     workdir/results.json and results.md, and returns the results dict.
     """
-    archs = parse_archs(config.eval.archs)
+    archs = models.parse_archs(config.eval.archs)
     synset = export.load_synthetic(synthetic_path)
     dataset = data.load_config_dataset(config)
     export.check_compatible(synset, dataset)
@@ -150,14 +137,8 @@ def run_evaluation(config: Any, workdir: str, synthetic_path: str) -> dict[str, 
     key = jax.random.PRNGKey(int(config.seed))
     archs_results = evaluate_archs(images, synset.labels, dataset, config.eval, archs=archs,
                                    key=key, partition_factor=synset.partition_factor)
-    results = {
-        "method": synset.method,
-        "dataset": dataset.name,
-        "ipc": synset.ipc,
-        "partition_factor": synset.partition_factor,
-        "num_images": int(synset.labels.shape[0]),
-        "train_arch": str(config.model),
-        "synthetic": os.path.abspath(synthetic_path),
-        "archs": archs_results,
-    }
+    results = export.results_record(
+        method=synset.method, dataset=dataset.name, ipc=synset.ipc,
+        partition_factor=synset.partition_factor, num_images=synset.labels.shape[0],
+        train_arch=config.model, synthetic=os.path.abspath(synthetic_path), archs=archs_results)
     return export.finish_results(workdir, results)

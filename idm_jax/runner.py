@@ -25,6 +25,8 @@ from idm_jax import config_check
 from idm_jax import data as data_lib
 from idm_jax import evaluate
 from idm_jax import export
+from idm_jax import models
+from idm_jax import progress
 
 
 class NonFiniteLossError(RuntimeError):
@@ -149,24 +151,19 @@ def export_synthetic(workdir: str, state, ds, s: condense.StepSettings, config) 
     return path
 
 
-def _progress_line(step, total, m, rate, eta) -> str:
+def _progress_line(step, total, m, rate) -> str:
     parts = [f"it {step}/{total}", f"loss {m['loss']:.4f}", f"mmd {m['mmd']:.4f}",
              f"ce {m['ce']:.3f}", f"acc {m['match_acc']:.1f}%"]
     if "queue_acc" in m:
         parts.append(f"queue {int(m['queue_size'])} nets, train acc {m['queue_acc']:.1f}%")
-    parts += [f"{rate:.2f} it/s", f"ETA {_hms(eta)}"]
+    parts.append(progress.speed_and_eta(rate, total - step, "it"))
     return " | ".join(parts)
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _evaluate(state, ds, s, config, *, epochs, step) -> dict:
     images, labels = condense.synthetic_arrays(state)
     return evaluate.evaluate_archs(
-        images, labels, ds, config.eval, archs=config_check.eval_archs(config),
+        images, labels, ds, config.eval, archs=models.parse_archs(config.eval.archs),
         key=jax.random.fold_in(jax.random.PRNGKey(config.seed), step),
         partition_factor=s.loss.partition_factor, epochs=epochs)
 
@@ -236,8 +233,7 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None) -> d
                 if log_now:
                     m = jax.device_get(metrics)
                     rate = steps_window / max(time.time() - t_window, 1e-9) if steps_window else 0.0
-                    logging.info(_progress_line(done, total, m, rate,
-                                                (total - done) / rate if rate else 0.0))
+                    logging.info(_progress_line(done, total, m, rate))
                     writer.write(done, {**m, "it_per_s": rate})
                     t_window, steps_window = time.time(), 0
                 if ckpt_now or stop.signal:
@@ -261,10 +257,10 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None) -> d
     summary.update(step=int(state.step), synthetic=export_synthetic(workdir, state, ds, s, config))
     if int(state.step) >= total and config.eval.at_end:
         archs = _evaluate(state, ds, s, config, epochs=config.eval.epochs, step=total)
-        results = {"method": config.method, "dataset": ds.name, "ipc": config.ipc,
-                   "partition_factor": s.loss.partition_factor,
-                   "num_images": int(config.ipc * ds.num_classes), "train_arch": config.model,
-                   "iterations": total, "synthetic": summary["synthetic"], "archs": archs}
+        results = export.results_record(
+            method=config.method, dataset=ds.name, ipc=config.ipc,
+            partition_factor=s.loss.partition_factor, num_images=config.ipc * ds.num_classes,
+            train_arch=config.model, iterations=total, synthetic=summary["synthetic"], archs=archs)
         export.finish_results(workdir, results)
         summary["results"] = results
     return summary

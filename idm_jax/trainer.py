@@ -17,7 +17,7 @@ remainder batch is one more step of its own static shape: exact for batch norm t
 enters the batch statistics) and no compute is spent on padding.
 
 The `num_seeds` networks' states are stacked on a leading axis. Two switches say how they run
-(``"auto"`` picks by backend; a seed's randomness does not depend on them):
+(``"auto"`` picks by backend, see `idm_jax.backend`; a seed's randomness does not depend on them):
 
 * ``seed_parallel``: ``"vmap"`` trains all seeds in one batched computation (the intended
   path on GPU/TPU, where small per-network batches leave the device idle); ``"map"`` one after
@@ -26,7 +26,7 @@ The `num_seeds` networks' states are stacked on a leading axis. Two switches say
 * ``loop``: ``"device"`` runs a chunk of epochs in one jitted call (`lax.fori_loop` over epochs
   with a traced count, so one compile serves every chunk; `lax.scan` over batches);
   ``"host"`` jits one step and loops in Python (CPU: a training step inside a device loop is
-  slower there, see `resolve_loop`).
+  slower there).
 """
 
 from __future__ import annotations
@@ -46,10 +46,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from idm_jax import augment, models
+from idm_jax import augment, backend, models, progress
+from idm_jax import data as data_lib
 
-SEED_PARALLEL = ("auto", "vmap", "map")
-LOOPS = ("auto", "device", "host")
 SCHEDULES = ("release", "paper")
 LR_DECAY = 0.1
 
@@ -74,14 +73,6 @@ def epoch_plan(epochs: int, schedule: str = "release") -> tuple[int, int]:
     raise ValueError(f"unknown lr schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
 
 
-def learning_rates(epochs: int, lr: float, schedule: str = "release") -> np.ndarray:
-    """The lr of every pass: f32[num_passes], `lr` before the decay pass and 0.1 * lr after."""
-    num_passes, decay_pass = epoch_plan(epochs, schedule)
-    rates = np.full(num_passes, lr, np.float64)
-    rates[decay_pass:] = lr * LR_DECAY
-    return rates
-
-
 def batch_plan(num_examples: int, batch_size: int) -> tuple[int, int, int]:
     """(full batches, their size, size of the last smaller batch or 0) of one epoch.
 
@@ -100,32 +91,6 @@ def epoch_batches(key: jax.Array, num_examples: int, batch_size: int) -> tuple[j
     num_full, size, rest = batch_plan(num_examples, batch_size)
     perm = jax.random.permutation(key, num_examples).astype(jnp.int32)
     return perm[:num_full * size].reshape(num_full, size), perm[num_full * size:]
-
-
-def resolve_seed_parallel(seed_parallel: str) -> str:
-    """"vmap" or "map"; "auto" -> "map" on CPU (vmapped convs become slow grouped convs), else "vmap"."""
-    if seed_parallel not in SEED_PARALLEL:
-        raise ValueError(f"unknown seed_parallel {seed_parallel!r}; valid: {', '.join(SEED_PARALLEL)}")
-    if seed_parallel == "auto":
-        return "map" if jax.default_backend() == "cpu" else "vmap"
-    return seed_parallel
-
-
-def resolve_loop(loop: str) -> str:
-    """"device" or "host"; "auto" -> "host" on CPU, else "device".
-
-    On XLA:CPU a training step inside a device loop (scan / while) is slower than the same step
-    jitted alone: XLA's weight-gradient convolutions keep non-canonical layouts in loop bodies
-    and miss the fast path (ConvNet-2 step: 45 ms alone, 930 ms in a scan with
-    conv_impl="xla"). With the models' CPU default (conv_impl="matmul") the gap is smaller but
-    remains: CIFAR-10 IPC 10, 5 ConvNets, 53.9 s per epoch host vs 66.8 s device, and the
-    device loop compiles 3x longer (benchmarks/evaluate_speed.py).
-    """
-    if loop not in LOOPS:
-        raise ValueError(f"unknown loop {loop!r}; valid: {', '.join(LOOPS)}")
-    if loop == "auto":
-        return "host" if jax.default_backend() == "cpu" else "device"
-    return loop
 
 
 def _over_seeds(fn, mode: str, *stacked):
@@ -165,8 +130,11 @@ class NetState:
     correct_sum: jax.Array
 
 
-def make_optimizer(lr: Any, momentum: float, weight_decay: float) -> optax.GradientTransformation:
-    """torch.optim.SGD(lr, momentum, weight_decay): decay added to the gradient, then momentum."""
+def torch_sgd(lr: Any, momentum: float, weight_decay: float) -> optax.GradientTransformation:
+    """torch.optim.SGD(lr, momentum, weight_decay): decay added to the gradient, then momentum.
+
+    The optimizer of every network idm_jax trains: evaluation networks here, the model queue and
+    pre-trained pools (condense.StepSettings.model_optimizer)."""
     return optax.chain(optax.add_decayed_weights(weight_decay),
                        optax.sgd(learning_rate=lr, momentum=momentum))
 
@@ -174,7 +142,7 @@ def make_optimizer(lr: Any, momentum: float, weight_decay: float) -> optax.Gradi
 def _to_float(images: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
     """uint8 pixels are normalized; float images are taken as already normalized."""
     if images.dtype == jnp.uint8:
-        return (images.astype(jnp.float32) / 255.0 - mean) / std
+        return data_lib.normalize(images, mean, std)
     return images.astype(jnp.float32)
 
 
@@ -203,7 +171,7 @@ def _train_step(spec: _Spec, data, lr, state: NetState, idx: jax.Array, key: jax
 
     params = state.variables["params"]
     (loss, (logits, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = make_optimizer(lr, spec.momentum, spec.weight_decay).update(
+    updates, opt_state = torch_sgd(lr, spec.momentum, spec.weight_decay).update(
         grads, state.opt_state, params)
     correct = jnp.argmax(logits, -1) == y
     return state.replace(
@@ -275,7 +243,7 @@ def _host_fns(spec: _Spec):
 
 
 def _run_passes_host(spec: _Spec, states, seed_keys, data, start: int, count: int, lr):
-    """Passes start .. start+count-1 with the loop over batches in Python (see resolve_loop)."""
+    """Passes start .. start+count-1 with the loop over batches in Python (backend.eval_loop)."""
     begin, step, end = _host_fns(spec)
     num_full, _, rest = batch_plan(spec.num_examples, spec.batch_size)
     for p in range(start, start + count):
@@ -296,7 +264,7 @@ def _init_fn(model: nn.Module, image_shape: tuple[int, int, int], num_examples: 
 
     def init(key) -> NetState:
         variables = models.init_variables(model, key, image_shape)
-        opt_state = make_optimizer(0.0, momentum, weight_decay).init(variables["params"])
+        opt_state = torch_sgd(0.0, momentum, weight_decay).init(variables["params"])
         falses = jnp.zeros((num_examples,), bool)
         return NetState(variables=variables, opt_state=opt_state, last_correct=falses,
                         ever_correct=falses, forgets=jnp.zeros((num_examples,), jnp.int32),
@@ -308,7 +276,7 @@ def _init_fn(model: nn.Module, image_shape: tuple[int, int, int], num_examples: 
 @functools.lru_cache(maxsize=16)
 def _reset_optimizer_fn(momentum: float, weight_decay: float):
     """jit(params stacked over seeds) -> a fresh optimizer state (zero momentum) per seed."""
-    return jax.jit(jax.vmap(make_optimizer(0.0, momentum, weight_decay).init))
+    return jax.jit(jax.vmap(torch_sgd(0.0, momentum, weight_decay).init))
 
 
 @functools.lru_cache(maxsize=16)
@@ -393,7 +361,7 @@ def train_networks(model: nn.Module, images: Any, labels: Any, *, key: jax.Array
     images: f32[N, H, W, C] already normalized, or uint8[N, H, W, C] normalized on the fly with
     mean, std: f32[C]; labels: int[N]. seed_parallel: "vmap" trains all seeds in one batched
     computation, "map" one after another; loop: "device" runs chunks of epochs inside one jitted
-    call, "host" drives every step from Python (fast on CPU, see resolve_loop). A seed's result
+    call, "host" drives every step from Python (fast on CPU); "auto" picks by backend (backend.py). A seed's result
     does not depend on either choice. Progress (epoch, loss, s/epoch, ETA) is logged every
     `log_every` passes.
     """
@@ -406,7 +374,7 @@ def train_networks(model: nn.Module, images: Any, labels: Any, *, key: jax.Array
     channels = images.shape[-1]
     mean = jnp.asarray(np.zeros(channels) if mean is None else mean, jnp.float32)
     std = jnp.asarray(np.ones(channels) if std is None else std, jnp.float32)
-    mode, loop = resolve_seed_parallel(seed_parallel), resolve_loop(loop)
+    mode, loop = backend.seed_parallel(seed_parallel), backend.eval_loop(loop)
     num_passes, decay_pass = epoch_plan(epochs, schedule)
     n = int(images.shape[0])
     # Host loop + map: each seed alone (a stack of one), so no loop wraps the step.
@@ -456,10 +424,10 @@ def train_networks(model: nn.Module, images: Any, labels: Any, *, key: jax.Array
                 t_steady, passes_steady = t_steady + dt, passes_steady + count
                 per_epoch = t_steady / passes_steady
                 seeds_text = f" seed {g + 1}/{len(groups)}" if len(groups) > 1 else ""
-                logging.info("%s:%s epoch %d/%d lr %.4g loss %.4f train acc %.1f%% | %.3f s/epoch, ETA %.0f s",
+                logging.info("%s:%s epoch %d/%d lr %.4g loss %.4f train acc %.1f%% | %s",
                              label, seeds_text, p, num_passes, phase_lr, loss,
-                             float(np.mean(np.asarray(states.correct_sum))) / n * 100, per_epoch,
-                             per_epoch * (total_passes - done))
+                             float(np.mean(np.asarray(states.correct_sum))) / n * 100,
+                             progress.speed_and_eta(1 / max(per_epoch, 1e-9), total_passes - done, "epoch"))
         finished.append(states)
     states = _stack(finished)
     seconds = time.perf_counter() - t0
@@ -493,7 +461,7 @@ def measure_accuracy(model: nn.Module, stacked_variables: Any, test_images: Any,
     images = np.concatenate([test_images, np.zeros((pad, *test_images.shape[1:]), test_images.dtype)])
     labels = np.concatenate([test_labels, np.zeros(pad, np.int32)])
     mask = np.arange(num_chunks * chunk) < m
-    run = _count_correct_fn(model, resolve_seed_parallel(seed_parallel))
+    run = _count_correct_fn(model, backend.seed_parallel(seed_parallel))
     correct = run(stacked_variables, jnp.asarray(images.reshape(num_chunks, chunk, *images.shape[1:])),
                   jnp.asarray(labels.reshape(num_chunks, chunk)), jnp.asarray(mask.reshape(num_chunks, chunk)),
                   jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32))
