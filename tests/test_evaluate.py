@@ -75,15 +75,10 @@ def test_trained_seeds_have_different_parameters_and_accuracy_counts_every_test_
 
 
 def test_learning_rate_schedule_values():
-    rates = trainer.learning_rates(1000, 0.01)  # the release: 1001 passes, drop after pass 501
-    assert rates.shape == (1001,)
-    np.testing.assert_allclose(rates[:502], 0.01)
-    np.testing.assert_allclose(rates[502:], 0.001)
-    paper = trainer.learning_rates(1000, 0.01, "paper")
-    assert paper.shape == (1000,)
-    np.testing.assert_allclose(paper[:500], 0.01)
-    np.testing.assert_allclose(paper[500:], 0.001)
-    np.testing.assert_allclose(trainer.learning_rates(4, 1.0), [1, 1, 1, 1, 0.1])
+    # (passes, first pass at lr x 0.1): the release runs 1001 passes, 502 at lr then 499 at lr/10.
+    assert trainer.epoch_plan(1000) == (1001, 502)
+    assert trainer.epoch_plan(1000, "paper") == (1000, 500)
+    assert trainer.epoch_plan(4) == (5, 4)
     assert trainer.epoch_plan(300) == (301, 152)
     with pytest.raises(ValueError, match="epochs must be a positive integer, got 0"):
         trainer.epoch_plan(0)
@@ -105,7 +100,7 @@ def test_epoch_batches_cover_every_example_once_with_smaller_last_batch():
 def test_optimizer_is_torch_sgd_with_weight_decay_in_the_gradient():
     # torch: d = g + wd * p; buf = d (first step) or m * buf + d; p -= lr * buf.
     lr, m, wd = 0.1, 0.9, 0.5
-    tx = trainer.make_optimizer(lr, m, wd)
+    tx = trainer.torch_sgd(lr, m, wd)
     p = jnp.array([2.0])
     state = tx.init(p)
     u, state = tx.update(jnp.array([1.0]), state, p)
@@ -201,9 +196,9 @@ def test_evaluate_archs_partitions_first():
 
 
 def test_bad_inputs_raise_clear_errors():
-    with pytest.raises(ValueError, match="unknown evaluation architecture 'LeNet'"):
-        evaluate.parse_archs("ConvNet, LeNet")
-    assert evaluate.parse_archs(" ConvNet,AlexNet ,") == ["ConvNet", "AlexNet"]
+    with pytest.raises(ValueError, match="unknown model 'LeNet' in 'ConvNet, LeNet'"):
+        models.parse_archs("ConvNet, LeNet")
+    assert models.parse_archs(" ConvNet,AlexNet ,") == ["ConvNet", "AlexNet"]
     model = TINY
     with pytest.raises(ValueError, match=r"one label per training image"):
         trainer.train_networks(model, TINY_X, TINY_Y[:4], key=jax.random.PRNGKey(0))
@@ -227,4 +222,6 @@ def test_renormalize_keeps_pixels():
     x = np.random.default_rng(0).normal(size=(2, 3, 3, 1)).astype(np.float32)
     y = data.renormalize(x, [0.5], [0.25], [0.1], [0.5])
     np.testing.assert_allclose(y * 0.5 + 0.1, x * 0.25 + 0.5, atol=1e-6)
-    assert data.renormalize(x, [0.5], [0.25], [0.5], [0.25]) is not None
+    np.testing.assert_array_equal(data.renormalize(x, [0.5], [0.25], [0.5], [0.25]), x)  # same stats: as is
+    # (0, 1) <-> (mean, std) is the pixel <-> normalized conversion of export's npz.
+    np.testing.assert_allclose(data.renormalize(x, 0.0, 1.0, [0.5], [0.25]), (x - 0.5) / 0.25, rtol=1e-6)
