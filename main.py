@@ -15,6 +15,9 @@ The logic lives in the importable `idm_jax` package; this file only parses
 flags and dispatches, so everything it runs is testable.
 """
 
+import difflib
+import importlib.util
+import os
 import sys
 
 from absl import app
@@ -98,16 +101,65 @@ def main(argv):
         sys.exit(2)
 
 
-def parse_flags(argv):
-    """absl flag parsing, with config typos reported in one line, not a traceback."""
+def config_arg_problem(argv) -> str | None:
+    """The first problem with --config / --config.<field> in argv, found before absl parses them.
+
+    Loads the config file as absl would (`path[:arg]`, get_config(arg)) and walks every override's
+    field path, so a config file's own error (e.g. "IPC must be >= 1") and a misspelt field are
+    reported in our words, whatever absl's wording. None when both look fine.
+    """
+    config_value, overrides = None, []
+    for i, arg in enumerate(argv[1:], 1):
+        name, eq, value = arg.partition("=")
+        if name == "--config":
+            config_value = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+        elif name.startswith("--config."):
+            overrides.append(name[len("--config."):])
+    if not config_value:
+        return None  # absl reports the missing flag
+    path, _, config_arg = config_value.partition(":")
     try:
-        return flags.FLAGS(argv)
-    except (AttributeError, KeyError, ValueError, flags.Error) as e:
-        message = " ".join(str(e).replace("\\'", "'").replace("\\n", " ").split())
-        if "Traceback" in message:  # an error raised inside a config file
-            message = message.rsplit("Error: ", 1)[-1]
-        print(f"error: bad flag or config: {message.strip(chr(39))}", file=sys.stderr)
-        sys.exit(2)
+        spec = importlib.util.spec_from_file_location("_idm_config", path)
+        if spec is None or not os.path.isfile(path):
+            return f"config file {path!r} not found"
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config(config_arg) if config_arg else module.get_config()
+    except Exception as e:  # pylint: disable=broad-except
+        return f"--config={config_value}: {e}"
+    for field in overrides:
+        node = config
+        for depth, part in enumerate(field.split(".")):
+            if not hasattr(node, "keys") or part not in node.keys():
+                where = ".".join(field.split(".")[:depth]) or "the config"
+                close = difflib.get_close_matches(part, list(node.keys()) if hasattr(node, "keys") else [])
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                return f"--config.{field}: {where} has no field {part!r}{hint}"
+            node = node[part]
+    return None
+
+
+def flag_error_line(error: Exception) -> str:
+    """One line for an error absl raised while parsing: its first line, plus the message of the
+    exception it wraps (e.g. an override's failed type conversion) where that line lacks it."""
+    lines = str(error).strip().splitlines()
+    line = lines[0] if lines else type(error).__name__
+    inner = error.__cause__ or error.__context__
+    if inner is not None and str(inner) not in line:
+        line = f"{line} {inner}"
+    return " ".join(line.split())
+
+
+def parse_flags(argv):
+    """absl flag parsing, with flag and config errors reported in one line, not a traceback."""
+    problem = config_arg_problem(argv)
+    if problem is None:
+        try:
+            return flags.FLAGS(argv)
+        except (flags.Error, ValueError, AttributeError, KeyError) as e:
+            problem = flag_error_line(e)
+    print(f"error: bad flag or config: {problem}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -29,12 +29,12 @@ from benchmarks import common  # noqa: E402
 def measure_one(ipc: int, method: str, impl: str, steps: int, config_name: str, sets: str = "") -> dict:
     import jax  # pylint: disable=g-import-not-at-top
 
-    from idm_jax import condense, evaluate  # pylint: disable=g-import-not-at-top
+    from idm_jax import condense, data  # pylint: disable=g-import-not-at-top
 
     config = importlib.import_module(f"configs.{config_name}").get_config(f"{ipc},{method}")
     config.idm.queue_train_impl = impl
     common.apply_sets(config, sets)
-    ds = evaluate.load_config_dataset(config)
+    ds = data.load_config_dataset(config)
     s = condense.settings_from_config(config, ds)
     state = condense.init_state(s, ds, 0, config.idm.init)
     data = condense.device_data(ds)

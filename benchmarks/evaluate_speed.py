@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from idm_jax import augment, data, evaluate, models  # noqa: E402
+from idm_jax import augment, data, models, trainer  # noqa: E402
 
 CIFAR10 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
                        "cifar10-jpeg.tar.gz")
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
     images, labels, test_x, test_y, mean, std, what = load_images(args.ipc, args.source)
     images, labels = augment.partition_expand(jax.numpy.asarray(images), jax.numpy.asarray(labels), args.partition)
     images, labels = np.asarray(images), np.asarray(labels)
-    full_passes = evaluate.epoch_plan(args.full_epochs)[0]
+    full_passes = trainer.epoch_plan(args.full_epochs)[0]
     print(f"# {what}: {images.shape[0]} training images {images.shape[1:]} (IPC {args.ipc}, l={args.partition}), "
           f"{args.arch}, {args.seeds} seeds, batch 256, per-image DSA")
     print(f"# jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs, "
@@ -88,13 +88,13 @@ def main(argv=None) -> None:
     release_h = args.seeds * full_passes * args.release_seconds_per_pass / 3600
     for pair in args.modes.split(","):
         mode, loop = pair.strip().split("/")
-        nets = evaluate.train_networks(model, images, labels, key=jax.random.PRNGKey(0),
+        nets = trainer.train_networks(model, images, labels, key=jax.random.PRNGKey(0),
                                        num_seeds=args.seeds, epochs=args.epochs + 1, schedule="paper",
                                        seed_parallel=mode, loop=loop, log_every=1, name=pair)
         test_s = float("nan")
         if not args.no_test:
             t = time.perf_counter()
-            evaluate.measure_accuracy(model, nets.variables, test_x, test_y, mean=mean, std=std,
+            trainer.measure_accuracy(model, nets.variables, test_x, test_y, mean=mean, std=std,
                                       seed_parallel=mode)
             test_s = time.perf_counter() - t
         per_epoch = nets.seconds_per_epoch

@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 from absl import logging  # noqa: E402
 
 from benchmarks.common import peak_memory_gib  # noqa: E402
-from idm_jax import baselines, condense, evaluate, export, runner  # noqa: E402
+from idm_jax import baselines, condense, data, export, runner  # noqa: E402
 
 
 def parse_iterations(text: str) -> dict[str, int]:
@@ -94,7 +94,7 @@ def main() -> None:
     rows, ds = [], None
     for method in args.methods.split(","):
         c = _config(args.config, args.ipc, method, args)
-        ds = ds or evaluate.load_config_dataset(c)  # the same data for every method
+        ds = ds or data.load_config_dataset(c)  # the same data for every method
         workdir = os.path.join(args.root, f"{args.config}_ipc{args.ipc}_{method}")
         t0 = time.time()
         if method == "random":

@@ -272,10 +272,10 @@ def main() -> None:
     if args.release and not os.path.isfile(os.path.join(args.release, "IDM_cifar10.py")):
         raise SystemExit(f"--release={args.release!r} holds no IDM_cifar10.py: point it at a checkout "
                          "of github uitrbn/IDM")
-    from idm_jax import evaluate  # pylint: disable=g-import-not-at-top
+    from idm_jax import data  # pylint: disable=g-import-not-at-top
 
     logging.set_verbosity(logging.INFO)
-    ds = evaluate.load_config_dataset(make_config(args, 1))
+    ds = data.load_config_dataset(make_config(args, 1))
     stage_data(args, ds)
     for s in stages:
         if s == "idm_jax":

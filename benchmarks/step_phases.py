@@ -32,7 +32,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks.common import apply_sets, first_and_median_seconds  # noqa: E402
-from idm_jax import condense, evaluate  # noqa: E402
+from idm_jax import condense  # noqa: E402
+from idm_jax import data as data_lib  # noqa: E402
 from idm_jax import loss as loss_lib  # noqa: E402
 from idm_jax import queue as queue_lib  # noqa: E402
 
@@ -88,7 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     config = importlib.import_module(f"configs.{args.config}").get_config(str(args.ipc))
     apply_sets(config, args.set)
-    ds = evaluate.load_config_dataset(config)
+    ds = data_lib.load_config_dataset(config)
     s = condense.settings_from_config(config, ds)
     data = condense.device_data(ds)
     state = condense.init_state(s, ds, 0, config.idm.init)

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from idm_jax import data, evaluate, export, models
+from idm_jax import data, evaluate, export, models, trainer
 
 BASELINES = ("random", "herding", "forgetting", "whole")
 
@@ -92,9 +92,8 @@ def select_herding(features: Any, labels: Any, num_classes: int, ipc: int) -> np
     return np.concatenate(picks).astype(np.int64)
 
 
-def select_forgetting(forget_counts: Any, labels: Any, num_classes: int, ipc: int, key: jax.Array,
-                      *, most_forgotten: bool = False) -> np.ndarray:
-    """Per class, the `ipc` examples forgotten least often (most often with most_forgotten).
+def select_forgetting(forget_counts: Any, labels: Any, num_classes: int, ipc: int, key: jax.Array) -> np.ndarray:
+    """Per class, the `ipc` examples forgotten least often.
 
     forget_counts: int[N] forgetting events per example; labels: int[N]; ties are broken by a
     random order drawn from `key`. Returns int64[num_classes * ipc], class by class.
@@ -105,17 +104,16 @@ def select_forgetting(forget_counts: Any, labels: Any, num_classes: int, ipc: in
     picks = []
     for c, idx in enumerate(_class_indices(labels, num_classes, ipc)):
         tiebreak = np.asarray(jax.random.uniform(jax.random.fold_in(key, c), (idx.size,)))
-        primary = -counts[idx] if most_forgotten else counts[idx]
-        order = np.lexsort((tiebreak, primary))  # last key is the primary one
+        order = np.lexsort((tiebreak, counts[idx]))  # last key is the primary one
         picks.append(idx[order[:ipc]])
     return np.concatenate(picks).astype(np.int64)
 
 
-def _feature_network(config: Any, dataset: Any, key: jax.Array) -> tuple[Any, evaluate.TrainedNets]:
+def _feature_network(config: Any, dataset: Any, key: jax.Array) -> tuple[Any, trainer.TrainedNets]:
     """One config.model network trained on the whole real training set, no augmentation,
     for config.baseline.train_epochs epochs (lr x 0.1 half way)."""
     model = models.get_model(config.model, dataset.num_classes, dataset.channels)
-    nets = evaluate.train_networks(
+    nets = trainer.train_networks(
         model, dataset.train_images, dataset.train_labels, key=key, num_seeds=1,
         epochs=int(config.baseline.train_epochs), batch_size=int(config.eval.batch_size),
         lr=float(config.eval.lr), momentum=float(config.eval.momentum),
@@ -137,7 +135,7 @@ def select_coreset(method: str, config: Any, dataset: Any, key: jax.Array) -> tu
             "feature_net_seconds": float(nets.seconds)}
     if method == "herding":
         variables = jax.tree.map(lambda a: a[0], nets.variables)
-        features = evaluate.embed_images(model, variables, dataset.train_images, mean=dataset.mean,
+        features = trainer.embed_images(model, variables, dataset.train_images, mean=dataset.mean,
                                          std=dataset.std)
         return select_herding(features, dataset.train_labels, k, ipc), info
     return select_forgetting(nets.forget_counts[0], dataset.train_labels, k, ipc, pick_key), info
@@ -153,21 +151,20 @@ def run_baseline(config: Any, workdir: str) -> dict[str, Any]:
     method = str(config.baseline.method)
     if method not in BASELINES:
         raise ValueError(f"unknown baseline {method!r}; valid: {', '.join(BASELINES)}")
-    archs = evaluate.parse_archs(config.eval.archs)
-    dataset = evaluate.load_config_dataset(config)
+    archs = models.parse_archs(config.eval.archs)
+    dataset = data.load_config_dataset(config)
     key = jax.random.PRNGKey(int(config.seed))
     select_key, eval_key = jax.random.split(key)
     os.makedirs(workdir, exist_ok=True)
-    results: dict[str, Any] = {"method": method, "dataset": dataset.name, "partition_factor": 1,
-                               "train_arch": str(config.model)}
     if method == "whole":
         logging.info("whole-dataset training: %d images, %d epochs, %d seeds per arch",
                      len(dataset.train_labels), config.eval.epochs, config.eval.num_seeds)
-        results.update(ipc=None, num_images=int(len(dataset.train_labels)))
+        ipc, num_images, extra = None, len(dataset.train_labels), {}
         images, labels = dataset.train_images, dataset.train_labels  # uint8: normalized per batch
     else:
         t = time.perf_counter()
         idx, info = select_coreset(method, config, dataset, select_key)
+        ipc, num_images = int(config.ipc), len(idx)
         labels = dataset.train_labels[idx].astype(np.int32)
         images = np.asarray(data.normalize(dataset.train_images[idx], dataset.mean, dataset.std))
         path = export.save_synthetic(
@@ -179,8 +176,10 @@ def run_baseline(config: Any, workdir: str) -> dict[str, Any]:
                              dataset.num_classes)
         logging.info("%s coreset: %d images per class -> %s (%.1f s)", method, config.ipc, path,
                      time.perf_counter() - t)
-        results.update(ipc=int(config.ipc), num_images=int(len(idx)), synthetic=os.path.abspath(path),
-                       selected_indices=idx.tolist(), selection_seconds=time.perf_counter() - t, **info)
-    results["archs"] = evaluate.evaluate_archs(images, labels, dataset, config.eval, archs=archs,
-                                               key=eval_key, partition_factor=1)
-    return evaluate.finish_results(workdir, results)
+        extra = dict(synthetic=os.path.abspath(path), selected_indices=idx.tolist(),
+                     selection_seconds=time.perf_counter() - t, **info)
+    archs_results = evaluate.evaluate_archs(images, labels, dataset, config.eval, archs=archs,
+                                            key=eval_key, partition_factor=1)
+    return export.finish_results(workdir, export.results_record(
+        method=method, dataset=dataset.name, ipc=ipc, partition_factor=1, num_images=num_images,
+        train_arch=config.model, archs=archs_results, **extra))

@@ -34,11 +34,13 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from idm_jax import augment
+from idm_jax import backend
 from idm_jax import data as data_lib
 from idm_jax import loss as loss_lib
 from idm_jax import models
 from idm_jax import pool as pool_lib
 from idm_jax import queue as queue_lib
+from idm_jax import trainer
 
 Array = jax.Array
 CLASS_AXIS = "classes"  # mesh axis the synthetic set's class axis is sharded over
@@ -167,9 +169,7 @@ class StepSettings:
                                       self.model_aug_class_fraction)
 
     def model_optimizer(self) -> optax.GradientTransformation:
-        # torch SGD(weight_decay=wd): the decay is added to the gradient.
-        return optax.chain(optax.add_decayed_weights(self.model_weight_decay),
-                           optax.sgd(self.model_lr, momentum=self.model_momentum))
+        return trainer.torch_sgd(self.model_lr, self.model_momentum, self.model_weight_decay)
 
 
 def settings_from_config(config, ds: data_lib.ArrayDataset) -> StepSettings:
@@ -178,11 +178,8 @@ def settings_from_config(config, ds: data_lib.ArrayDataset) -> StepSettings:
     min_count = int(np.bincount(ds.train_labels, minlength=ds.num_classes).min())
     expanded = config.ipc * idm.partition_factor ** 2
     chunk = min(idm.batch_real, min_count, idm.real_chunk_size)
-    on_cpu = jax.default_backend() == "cpu"
-    class_batch = idm.class_batch or auto_class_batch(expanded + chunk, on_cpu)
-    impl = idm.queue_train_impl
-    if impl == "auto":
-        impl = "map" if on_cpu else "vmap"
+    class_batch = idm.class_batch or auto_class_batch(expanded + chunk, backend.on_cpu())
+    impl = backend.queue_train_impl(idm.queue_train_impl)
     return StepSettings(
         num_classes=ds.num_classes, ipc=config.ipc, image_shape=ds.image_shape,
         model_name=config.model,
@@ -201,7 +198,7 @@ def settings_from_config(config, ds: data_lib.ArrayDataset) -> StepSettings:
         model_lr=idm.model_lr, model_momentum=idm.model_momentum,
         model_weight_decay=idm.model_weight_decay,
         meter_reset_interval=idm.meter_reset_interval, queue_train_impl=impl,
-        unroll_loops=on_cpu, embedding=idm.embedding,
+        unroll_loops=backend.unroll_loops(), embedding=idm.embedding,
         pool_epochs=int(idm.pool_epochs),
         pool_size=int(idm.pool_size) if idm.pool_epochs else 0,
         pool_cache_dir=str(config.data.cache_dir),

@@ -7,17 +7,17 @@ loaded through --config); this module checks values and combinations.
 from __future__ import annotations
 
 from idm_jax import augment
+from idm_jax import backend
+from idm_jax import condense
+from idm_jax import data as data_lib
 from idm_jax import models
+from idm_jax import trainer
 
 METHODS = ("idm", "dm")
 UPDATE_MODES = ("per_class", "joint")
 INITS = ("real", "real_whole", "noise")
-QUEUE_TRAIN_IMPLS = ("auto", "vmap", "map")
-SEED_PARALLEL = ("auto", "vmap", "map")
-EVAL_LOOPS = ("auto", "device", "host")
-EVAL_SCHEDULES = ("release", "paper")
-RESIZE_MODES = ("stretch", "center_crop")  # idm_jax.data.RESIZE_MODES
-PLACEMENTS = ("auto", "device", "host")  # idm_jax.condense.PLACEMENTS
+# The allowed values of the other choices live with the code that acts on them (backend,
+# trainer, data, condense), so a list is written once.
 
 
 def _require(ok: bool, message: str) -> None:
@@ -65,8 +65,8 @@ def validate(config) -> None:
              f"idm.embedding must be one of {models.EMBEDDINGS}, got {idm.embedding!r}")
     _require(idm.embedding == "last_block" or config.model.startswith("ConvNet"),
              f"idm.embedding={idm.embedding!r} needs a ConvNet matching model, got {config.model!r}")
-    _require(idm.queue_train_impl in QUEUE_TRAIN_IMPLS,
-             f"idm.queue_train_impl must be one of {QUEUE_TRAIN_IMPLS}, got {idm.queue_train_impl!r}")
+    _require(idm.queue_train_impl in backend.QUEUE_TRAIN_IMPLS,
+             f"idm.queue_train_impl must be one of {backend.QUEUE_TRAIN_IMPLS}, got {idm.queue_train_impl!r}")
     _require(idm.class_batch >= 0, f"idm.class_batch must be >= 0 (0 = auto), got {idm.class_batch!r}")
     _require(idm.lr_img > 0, f"idm.lr_img must be > 0, got {idm.lr_img!r}")
     _require(0 <= idm.momentum_img < 1, f"idm.momentum_img must be in [0, 1), got {idm.momentum_img!r}")
@@ -98,29 +98,26 @@ def validate(config) -> None:
                      "DM preset with e.g. --config=configs/cifar10.py:10,dm)")
 
     data = config.data
-    _require(data.get("resize", "stretch") in RESIZE_MODES,
-             f"data.resize must be one of {RESIZE_MODES}, got {data.get('resize')!r}")
-    _require(data.get("on_device", "auto") in PLACEMENTS,
-             f"data.on_device must be one of {PLACEMENTS}, got {data.get('on_device')!r}")
+    _require(data.get("resize", "stretch") in data_lib.RESIZE_MODES,
+             f"data.resize must be one of {data_lib.RESIZE_MODES}, got {data.get('resize')!r}")
+    _require(data.get("on_device", "auto") in condense.PLACEMENTS,
+             f"data.on_device must be one of {condense.PLACEMENTS}, got {data.get('on_device')!r}")
 
     ev = config.eval
     _positive_ints(ev, "eval.", ["num_seeds", "epochs", "batch_size", "test_batch_size", "interval_epochs"])
     _require(ev.interval >= 0, f"eval.interval must be >= 0 (0 = off), got {ev.interval!r}")
-    for arch in eval_archs(config):
-        _require(arch in models.MODEL_NAMES,
-                 f"eval.archs names unknown model {arch!r}; valid: {', '.join(models.MODEL_NAMES)}")
-    _require(ev.seed_parallel in SEED_PARALLEL,
-             f"eval.seed_parallel must be one of {SEED_PARALLEL}, got {ev.seed_parallel!r}")
-    _require(ev.loop in EVAL_LOOPS, f"eval.loop must be one of {EVAL_LOOPS}, got {ev.loop!r}")
-    _require(ev.schedule in EVAL_SCHEDULES,
-             f"eval.schedule must be one of {EVAL_SCHEDULES}, got {ev.schedule!r}")
+    try:
+        models.parse_archs(ev.archs)
+    except ValueError as e:
+        raise ValueError(f"invalid config: eval.archs: {e}") from None
+    _require(ev.seed_parallel in backend.SEED_PARALLEL,
+             f"eval.seed_parallel must be one of {backend.SEED_PARALLEL}, got {ev.seed_parallel!r}")
+    _require(ev.loop in backend.EVAL_LOOPS, f"eval.loop must be one of {backend.EVAL_LOOPS}, got {ev.loop!r}")
+    _require(ev.schedule in trainer.SCHEDULES,
+             f"eval.schedule must be one of {trainer.SCHEDULES}, got {ev.schedule!r}")
     _positive_ints(config, "", ["log_every", "keep_checkpoints", "runs"])
     _require(isinstance(config.checkpoint_every, int) and config.checkpoint_every >= 0,
              f"checkpoint_every must be an integer >= 0 (0 = off), got {config.checkpoint_every!r}")
     _require(config.checkpoint_every_minutes >= 0,
              f"checkpoint_every_minutes must be >= 0 (0 = off), got {config.checkpoint_every_minutes!r}")
 
-
-def eval_archs(config) -> list[str]:
-    """The comma-separated eval.archs as a list."""
-    return [a.strip() for a in config.eval.archs.split(",") if a.strip()]

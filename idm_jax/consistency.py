@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from idm_jax import augment, evaluate, export, models
+from idm_jax import augment, data, export, models, trainer
 
 
 def consistency_ratio(syn_features: Any, syn_labels: Any, real_features: Any, real_labels: Any,
@@ -83,13 +83,13 @@ def feature_network(config: Any, dataset: Any, key: jax.Array) -> tuple[Any, Any
     """
     epochs = int(config.consistency.feature_epochs)
     model = models.get_model(config.model, dataset.num_classes, dataset.channels)
-    nets = evaluate.train_networks(
+    nets = trainer.train_networks(
         model, dataset.train_images, dataset.train_labels, key=key, num_seeds=1, epochs=epochs,
         batch_size=int(config.eval.batch_size), lr=float(config.eval.lr),
         momentum=float(config.eval.momentum), weight_decay=float(config.eval.weight_decay),
         dsa_strategy="", mean=dataset.mean, std=dataset.std, loop=str(config.eval.loop),
         schedule="paper", name=f"{config.model} (consistency features)")
-    test_acc = evaluate.measure_accuracy(model, nets.variables, dataset.test_images, dataset.test_labels,
+    test_acc = trainer.measure_accuracy(model, nets.variables, dataset.test_images, dataset.test_labels,
                                          mean=dataset.mean, std=dataset.std,
                                          test_batch_size=int(config.eval.test_batch_size))
     info = {"arch": str(config.model), "epochs": epochs, "trained_on": f"{dataset.name} train split (real, "
@@ -105,14 +105,14 @@ def synthetic_features(model, variables, path: str, dataset: Any) -> tuple[np.nd
     """Features f32[S, D] and labels of a synthetic.npz (cut into its l x l pieces), plus facts."""
     synset = export.load_synthetic(path)
     export.check_compatible(synset, dataset)
-    images = evaluate.renormalize(synset.images_normalized, synset.mean, synset.std, dataset.mean, dataset.std)
+    images = data.renormalize(synset.images_normalized, synset.mean, synset.std, dataset.mean, dataset.std)
     labels = np.asarray(synset.labels)
     if synset.partition_factor > 1:
         images, labels = augment.partition_expand(jnp.asarray(images), jnp.asarray(labels), synset.partition_factor)
         images, labels = np.asarray(images), np.asarray(labels)
     # Already normalized: embed with mean 0, std 1.
     zeros, ones = np.zeros(dataset.channels, np.float32), np.ones(dataset.channels, np.float32)
-    feats = evaluate.embed_images(model, variables, images, mean=zeros, std=ones)
+    feats = trainer.embed_images(model, variables, images, mean=zeros, std=ones)
     return feats, labels, {"method": synset.method, "partition_factor": synset.partition_factor,
                            "num_images": int(labels.shape[0]), "path": os.path.abspath(path)}
 
@@ -139,11 +139,11 @@ def run_consistency(config: Any, workdir: str, synthetic: str | dict[str, str] |
                 logging.warning("stopped while condensing %r; rerun the same command to resume", cell)
                 return {"interrupted": True, "cell": cell}
             sets[cell] = out["synthetic"]
-    dataset = evaluate.load_config_dataset(config)
+    dataset = data.load_config_dataset(config)
     if max_k > len(dataset.train_labels):
         raise ValueError(f"consistency.max_k={max_k} exceeds the {len(dataset.train_labels)} real images")
     model, variables, net_info = feature_network(config, dataset, jax.random.PRNGKey(int(config.seed)))
-    real = evaluate.embed_images(model, variables, dataset.train_images, mean=dataset.mean, std=dataset.std)
+    real = trainer.embed_images(model, variables, dataset.train_images, mean=dataset.mean, std=dataset.std)
     curves = {}
     for name, path in sets.items():
         feats, labels, info = synthetic_features(model, variables, path, dataset)

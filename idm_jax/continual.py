@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from idm_jax import baselines, condense, evaluate, export
+from idm_jax import baselines, condense, evaluate, export, models
 from idm_jax import data as data_lib
 
 METHODS = ("idm", "dm", "random")
@@ -145,7 +145,7 @@ def evaluate_memory(config: Any, ds: data_lib.ArrayDataset, images: np.ndarray, 
     local = lookup[labels]
     if (local < 0).any():
         raise RuntimeError("the memory holds a class that has not been seen")
-    arch = evaluate.parse_archs(config.eval.archs)[0]
+    arch = models.parse_archs(config.eval.archs)[0]
     return evaluate.evaluate_archs(images, local.astype(np.int32), seen_ds, config.eval, archs=[arch],
                                    key=key, partition_factor=partition_factor)[arch]
 
@@ -210,7 +210,7 @@ def run_continual(config: Any, workdir: str) -> dict[str, Any]:
     for m in methods:
         if m != "random":
             config_check.validate(method_config(config, m))
-    ds = evaluate.load_config_dataset(config)
+    ds = data_lib.load_config_dataset(config)
     for n in step_settings:
         split_steps(np.arange(ds.num_classes), n)  # fail before any compute
     os.makedirs(workdir, exist_ok=True)
@@ -226,7 +226,7 @@ def run_continual(config: Any, workdir: str) -> dict[str, Any]:
     out = {"dataset": ds.name, "num_classes": ds.num_classes, "ipc": ipc,
            "iterations": int(config.continual.iterations or config.idm.iterations),
            "idm_partition_factor": int(config.continual.partition_factor),
-           "eval": {"arch": evaluate.parse_archs(config.eval.archs)[0], "epochs": int(config.eval.epochs),
+           "eval": {"arch": models.parse_archs(config.eval.archs)[0], "epochs": int(config.eval.epochs),
                     "num_seeds": int(config.eval.num_seeds)},
            "class_order_seeds": seeds,
            "class_orders": {str(s): class_order(s, ds.num_classes).tolist() for s in seeds},

@@ -224,6 +224,19 @@ def load_dataset(
     return ArrayDataset(name=name, mean=mean, std=std, **arrays)
 
 
+def load_config_dataset(config: Any):
+    """The dataset named by config.data (empty strings / 0 mean 'default').
+
+    data.on_device="host" also asks for a memory-mapped cache (large sets are memory-mapped
+    whatever it says, see data.MEMMAP_BYTES).
+    """
+    d = config.data
+    return load_dataset(d.source, normalization=d.normalization or None,
+                             image_size=d.image_size or None, cache_dir=d.cache_dir or None,
+                             resize=d.get("resize", "stretch"), classes=d.get("classes", "") or None,
+                             memmap=True if d.get("on_device", "auto") == "host" else None)
+
+
 def infer_normalization(name: str) -> str | None:
     """Maps a dataset name to a key of NORMALIZATION, or None if nothing matches."""
     key = name.lower().replace("-", "").replace("_", "")
@@ -864,3 +877,17 @@ def normalize(images_uint8: jax.Array | np.ndarray, mean: Any, std: Any) -> jax.
 def denormalize(images: jax.Array | np.ndarray, mean: Any, std: Any) -> jax.Array:
     """Inverse of `normalize`: f32[..., C] -> [0, 1]-scale pixels (not clipped)."""
     return jnp.asarray(images, jnp.float32) * jnp.asarray(std, jnp.float32) + jnp.asarray(mean, jnp.float32)
+
+
+def renormalize(images: np.ndarray, from_mean: Any, from_std: Any, to_mean: Any, to_std: Any) -> np.ndarray:
+    """Images normalized with (from_mean, from_std) -> the same pixels under (to_mean, to_std): f32.
+
+    The host-side (numpy) twin of `normalize` / `denormalize` for float images:
+    (0, 1) -> (mean, std) normalizes [0, 1] pixels, (mean, std) -> (0, 1) gives them back
+    (unclipped). Statistics that agree to np.allclose's tolerance return the images as they are.
+    """
+    from_mean, from_std = np.asarray(from_mean, np.float32), np.asarray(from_std, np.float32)
+    to_mean, to_std = np.asarray(to_mean, np.float32), np.asarray(to_std, np.float32)
+    if np.allclose(from_mean, to_mean) and np.allclose(from_std, to_std):
+        return np.asarray(images, np.float32)
+    return ((np.asarray(images, np.float32) * from_std + from_mean - to_mean) / to_std).astype(np.float32)

@@ -291,11 +291,11 @@ def evaluate_archs(images, labels, dataset, eval_cfg, *, archs, key, partition_f
     processes-th network of the archs x seeds list (each with the key it has in a
     one-process run), and the per-seed results are gathered and merged.
     """
-    from idm_jax import evaluate  # pylint: disable=g-import-not-at-top
+    from idm_jax import evaluate, models  # pylint: disable=g-import-not-at-top
     if not multi_process():
         return evaluate.evaluate_archs(images, labels, dataset, eval_cfg, archs=archs, key=key,
                                        partition_factor=partition_factor, epochs=epochs)
-    archs = evaluate.parse_archs(archs)
+    archs = models.parse_archs(archs)
     num_seeds = int(eval_cfg.get("num_seeds", 5))
     seeds_of = [evaluation_tasks(archs, num_seeds, p, jax.process_count())
                 for p in range(jax.process_count())]

@@ -35,10 +35,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
+
+from idm_jax import data
 
 REQUIRED_KEYS = ("images", "labels", "mean", "std", "class_names", "partition_factor",
                  "method", "dataset")
-OPTIONAL_KEYS = ("images_normalized", "config_json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +141,7 @@ def save_synthetic(path: str, images_normalized: Any, labels: Any, *, mean: Sequ
     class_names = [str(n) for n in class_names]
     _check_set(f"save_synthetic({path!r})", images_normalized, labels, mean, std,
                len(class_names), int(partition_factor))
-    pixels = np.clip(images_normalized * std + mean, 0.0, 1.0).astype(np.float32)
+    pixels = np.clip(data.renormalize(images_normalized, mean, std, 0.0, 1.0), 0.0, 1.0)
     arrays = {
         "images": pixels,
         "images_normalized": images_normalized,
@@ -212,7 +214,7 @@ def load_synthetic(path: str) -> SyntheticSet:
             raise ValueError(f"synthetic set {path!r}: images_normalized has shape "
                              f"{images_normalized.shape} but images has {images.shape}")
     else:
-        images_normalized = ((images - mean) / std).astype(np.float32)
+        images_normalized = data.renormalize(images, 0.0, 1.0, mean, std)
     return SyntheticSet(
         images=images, images_normalized=images_normalized, labels=labels.astype(np.int32),
         mean=mean, std=std, class_names=class_names, partition_factor=partition_factor,
@@ -398,3 +400,29 @@ def results_markdown(results: Mapping[str, Any]) -> str:
                      f"{r.get('epochs', '?')} | {r.get('num_train_images', '?')} | "
                      f"{_fmt(r['mean'], r['std'], 2)} | {paper_text} | {where} |")
     return "\n".join(lines) + "\n"
+
+
+def results_record(*, method: str, dataset: str, ipc: int | None, partition_factor: int, num_images: int,
+                   train_arch: str, archs: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
+    """The results.json of every mode: what was evaluated, `extra` fields, then {arch: result}.
+
+    ipc: images per class (None for the whole dataset); partition_factor: l of the set's images;
+    num_images: stored images; train_arch: the network that condensed (or selected) them;
+    archs: `evaluate.evaluate_archs`'s dict; extra: e.g. iterations, synthetic (path).
+    """
+    return {"method": str(method), "dataset": str(dataset), "ipc": None if ipc is None else int(ipc),
+            "partition_factor": int(partition_factor), "num_images": int(num_images),
+            "train_arch": str(train_arch), **extra, "archs": dict(archs)}
+
+
+def finish_results(workdir: str, results: dict[str, Any]) -> dict[str, Any]:
+    """Writes results.json and results.md in workdir and logs the markdown table."""
+    os.makedirs(workdir, exist_ok=True)
+    write_results(workdir, results)
+    table = results_markdown(results)
+    path = os.path.join(workdir, "results.md")
+    with open(path + ".tmp", "w") as f:
+        f.write(table)
+    os.replace(path + ".tmp", path)
+    logging.info("results (%s):\n%s", os.path.join(workdir, "results.json"), table)
+    return results

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from idm_jax import backend
+
 Array = jax.Array
 
 NORMS = ("instance", "batch", "none")
@@ -44,7 +46,7 @@ METHODS = ("__call__", "embed", "embed_and_logits")
 # or, ConvNet only, the last block before its pooling.
 EMBEDDINGS = ("last_block", "before_last_pool")
 # How conv weight gradients are computed; "auto" = "matmul" on the CPU backend, else "xla".
-CONV_IMPLS = ("auto", "xla", "matmul")
+CONV_IMPLS = backend.CONV_IMPLS
 
 # PyTorch's default kernel init (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
 # i.e. variance 1/(3 fan_in): variance scaling 1/3, fan_in, uniform.
@@ -64,14 +66,6 @@ def torch_bias_init(fan_in: int) -> Callable[..., Array]:
 def _check_choice(what: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(choices)}")
-
-
-def resolve_conv_impl(conv_impl: str) -> str:
-    """"xla" or "matmul" for a CONV_IMPLS value; "auto" looks at jax.default_backend() (call at trace time)."""
-    _check_choice("conv_impl", conv_impl, CONV_IMPLS)
-    if conv_impl == "auto":
-        return "matmul" if jax.default_backend() == "cpu" else "xla"
-    return conv_impl
 
 
 _NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
@@ -160,7 +154,7 @@ def _conv(x: Array, features: int, kernel: int, *, stride: int = 1, padding: int
     `conv_impl` (CONV_IMPLS) picks how the weight gradient is computed; values are the same.
     """
     fan_in = x.shape[-1] * kernel * kernel
-    conv_fn = (lax.conv_general_dilated if resolve_conv_impl(conv_impl) == "xla"
+    conv_fn = (lax.conv_general_dilated if backend.conv_impl(conv_impl) == "xla"
                else conv_general_dilated_matmul_grad)
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((padding, padding), (padding, padding)), use_bias=use_bias,
@@ -401,6 +395,19 @@ def get_model(name: str, num_classes: int, channels: int, conv_impl: str = "auto
         raise ValueError(f"channels must be >= 1, got {channels}")
     _check_choice("conv_impl", conv_impl, CONV_IMPLS)
     return _REGISTRY[name](num_classes, channels, conv_impl)
+
+
+def parse_archs(archs: str | Sequence[str]) -> list[str]:
+    """"ConvNet, AlexNet" -> ["ConvNet", "AlexNet"] (e.g. config eval.archs), each checked against
+    MODEL_NAMES."""
+    names = [a.strip() for a in archs.split(",")] if isinstance(archs, str) else [str(a).strip() for a in archs]
+    names = [a for a in names if a]
+    if not names:
+        raise ValueError(f"no evaluation architecture given in {archs!r}")
+    for a in names:
+        if a not in MODEL_NAMES:
+            raise ValueError(f"unknown model {a!r} in {archs!r}; valid: {', '.join(MODEL_NAMES)}")
+    return names
 
 
 def init_variables(model: nn.Module, key: Array, image_shape: tuple[int, int, int]) -> dict:

@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 
 from idm_jax import data as data_lib
-from idm_jax import evaluate
+from idm_jax import trainer
 from idm_jax import models
 
 
@@ -54,7 +54,7 @@ def build_pool(ds: data_lib.ArrayDataset, model_name: str, *, epochs: int, size:
                lr: float, momentum: float, weight_decay: float, batch_size: int) -> Any:
     """params of `size` networks trained `epochs` epochs on ds's training set, stacked: [size, ...]."""
     model = models.get_model(model_name, ds.num_classes, ds.channels)
-    nets = evaluate.train_networks(
+    nets = trainer.train_networks(
         model, ds.train_images, ds.train_labels, key=jax.random.fold_in(jax.random.PRNGKey(seed), 17),
         num_seeds=size, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
         weight_decay=weight_decay, dsa_strategy="", mean=ds.mean, std=ds.std, schedule="paper",

@@ -29,8 +29,9 @@ from idm_jax import condense
 from idm_jax import config_check
 from idm_jax import data as data_lib
 from idm_jax import distributed
-from idm_jax import evaluate
 from idm_jax import export
+from idm_jax import models
+from idm_jax import progress
 from idm_jax import workdir as workdir_lib
 
 
@@ -172,8 +173,8 @@ def export_synthetic(workdir: str, state, ds, s: condense.StepSettings, config) 
     return path
 
 
-def _progress_line(step, total, m, rate, eta) -> str:
-    """One line per log interval; rate/eta None until measured (the first iteration compiles)."""
+def _progress_line(step, total, m, rate) -> str:
+    """One line per log interval; rate None until measured (the first iteration compiles)."""
     parts = [f"it {step}/{total}", f"loss {m['loss']:.4f}", f"mmd {m['mmd']:.4f}"]
     if "queue_acc" in m:
         parts.append(f"ce {m['ce']:.3f}")
@@ -183,21 +184,16 @@ def _progress_line(step, total, m, rate, eta) -> str:
                      else "match net untrained")
         parts.append(f"queue {int(m['queue_size'])} nets, train acc {m['queue_acc']:.1f}%")
     if rate:
-        parts += [f"{rate:.3g} it/s" if rate >= 1 else f"{1 / rate:.3g} s/it", f"ETA {_hms(eta)}"]
+        parts.append(progress.speed_and_eta(rate, total - step, "it"))
     else:
         parts.append("ETA after the next interval (the first iteration compiles)")
     return " | ".join(parts)
 
 
-def _hms(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 def _evaluate(state, ds, s, config, *, epochs, step) -> dict:
     images, labels = condense.synthetic_arrays(state)
     return distributed.evaluate_archs(  # one process: evaluate.evaluate_archs
-        images, labels, ds, config.eval, archs=config_check.eval_archs(config),
+        images, labels, ds, config.eval, archs=models.parse_archs(config.eval.archs),
         key=jax.random.fold_in(jax.random.PRNGKey(config.seed), step),
         partition_factor=s.loss.partition_factor, epochs=epochs)
 
@@ -269,7 +265,7 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None,
     if diff:
         logging.info("config changed since this workdir's last start (recorded in %s): %s",
                      workdir_lib.HISTORY, "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
-    ds = evaluate.load_config_dataset(config)
+    ds = data_lib.load_config_dataset(config)
     s = condense.settings_from_config(config, ds)
     if distributed.multi_process():
         distributed.check_replicated(distributed.data_fingerprint(ds), "the loaded dataset")
@@ -351,7 +347,7 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None,
                     rate = steps_window / (now - t_window) if steps_window else None
                     measured = done - start - 1
                     avg = measured / max(now - t_first - eval_seconds, 1e-9) if measured else None
-                    logging.info(_progress_line(done, total, m, avg, (total - done) / avg if avg else 0))
+                    logging.info(_progress_line(done, total, m, avg))
                     writer.write(done, {**m, **({"it_per_s": rate} if rate else {})})
                     t_window, steps_window = now, 0
                 if config.eval.interval and done % config.eval.interval == 0 and done < total:
@@ -380,15 +376,15 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None,
     summary.update(step=int(state.step), synthetic=export_synthetic(workdir, state, ds, s, config))
     logging.info("condensation %s at iteration %d/%d after %s in this start; synthetic set: %s (+ .png)",
                  "done" if int(state.step) >= total else "paused", int(state.step), total,
-                 _hms(time.time() - t_start), summary["synthetic"])
+                 progress.hms(time.time() - t_start), summary["synthetic"])
     if int(state.step) >= total and config.eval.at_end:
         archs = _evaluate(state, ds, s, config, epochs=config.eval.epochs, step=total)
-        results = {"method": config.method, "dataset": ds.name, "ipc": config.ipc,
-                   "partition_factor": s.loss.partition_factor,
-                   "num_images": int(config.ipc * ds.num_classes), "train_arch": config.model,
-                   "iterations": total, "synthetic": summary["synthetic"], "archs": archs}
+        results = export.results_record(
+            method=config.method, dataset=ds.name, ipc=config.ipc,
+            partition_factor=s.loss.partition_factor, num_images=config.ipc * ds.num_classes,
+            train_arch=config.model, iterations=total, synthetic=summary["synthetic"], archs=archs)
         if distributed.is_main():
-            evaluate.finish_results(workdir, results)
+            export.finish_results(workdir, results)
         summary["results"] = results
         logging.info("finished: %s; results in %s", _accuracies(results),
                      os.path.join(workdir, "results.json"))
@@ -479,5 +475,5 @@ def run_repeated(config, workdir: str) -> dict[str, Any]:
         results.append(summary["results"])
     combined = combine_runs(results)
     if distributed.is_main():
-        evaluate.finish_results(workdir, combined)
+        export.finish_results(workdir, combined)
     return {"step": int(config.idm.iterations), "runs": config.runs, "results": combined}

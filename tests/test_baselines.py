@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from idm_jax import baselines, evaluate, export
+from idm_jax import baselines, data, evaluate, export
 
 LABELS = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 2])
 
@@ -71,8 +71,6 @@ def test_forgetting_picks_least_forgotten_with_random_ties():
     key = jax.random.PRNGKey(0)
     np.testing.assert_array_equal(baselines.select_forgetting(counts, labels, 2, 1, key), [1, 3])
     np.testing.assert_array_equal(baselines.select_forgetting(counts, labels, 2, 2, key), [1, 2, 3, 4])
-    np.testing.assert_array_equal(
-        baselines.select_forgetting(counts, labels, 2, 1, key, most_forgotten=True), [0, 5])
     # Ties (all zero) are broken at random, never by position.
     ties = np.zeros(6, int)
     picks = {baselines.select_forgetting(ties, np.zeros(6, int), 1, 1, jax.random.PRNGKey(k))[0]
@@ -111,7 +109,11 @@ def test_run_baseline_random_then_run_evaluation(tmp_path):
     # The same file scored through the evaluate entry point.
     out = evaluate.run_evaluation(c, str(tmp_path / "eval"), str(tmp_path / "random" / "synthetic.npz"))
     assert out["method"] == "random" and out["partition_factor"] == 1
-    assert 0 <= out["archs"]["ConvNetD2"]["mean"] <= 100
+    # Pinned: the same seed reproduces the accuracies exactly (an independent evaluate_archs call).
+    again = evaluate.evaluate_archs(syn.images_normalized, syn.labels, data.load_config_dataset(c), c.eval,
+                                    archs="ConvNetD2", key=jax.random.PRNGKey(int(c.seed)), partition_factor=1)
+    assert out["archs"]["ConvNetD2"]["accuracies"] == again["ConvNetD2"]["accuracies"]
+    assert out["archs"]["ConvNetD2"]["mean"] == pytest.approx(np.mean(again["ConvNetD2"]["accuracies"]))
     assert sorted(os.listdir(tmp_path / "eval")) == ["results.json", "results.md"]
 
 

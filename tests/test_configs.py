@@ -164,3 +164,16 @@ def test_cli_rejects_typo_and_bad_value_before_compute(tmp_path):
                     "--config.data.source=/nonexistent/cifar.tar.gz")
     assert missing.returncode == 2 and "/nonexistent/cifar.tar.gz" in missing.stderr
     assert not os.path.exists(tmp_path / "c" / "checkpoints")
+
+
+def test_config_arguments_are_checked_in_our_words_before_absl():
+    import main  # pylint: disable=g-import-not-at-top
+    ok = ["main.py", "--config=configs/quick.py:1", "--config.idm.lr_img=0.1", "--workdir=w"]
+    assert main.config_arg_problem(ok) is None
+    assert main.config_arg_problem(["main.py", "--config", "configs/quick.py:0"]) == (
+        "--config=configs/quick.py:0: IPC must be >= 1, got 0 (config argument '0')")
+    assert main.config_arg_problem(["main.py", "--config=configs/quick.py", "--config.idm.lr_imgg=1"]) == (
+        "--config.idm.lr_imgg: idm has no field 'lr_imgg'; did you mean 'lr_img'?")
+    assert main.config_arg_problem(["main.py", "--config=configs/quick.py", "--config.sweeps.x=1"]).startswith(
+        "--config.sweeps.x: the config has no field 'sweeps'")
+    assert main.config_arg_problem(["main.py", "--config=configs/none.py"]) == "config file 'configs/none.py' not found"

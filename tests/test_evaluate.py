@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from idm_jax import augment, evaluate, models
+from idm_jax import augment, data, evaluate, models, trainer
 
 H = 16
 MEAN, STD = np.array([0.5], np.float32), np.array([0.25], np.float32)
@@ -58,12 +58,12 @@ def test_seeds_are_different_networks_and_stats_are_numpy(toy_result):
 
 def test_trained_seeds_have_different_parameters_and_accuracy_counts_every_test_image():
     model = models.get_model("ConvNetD2", 4, 1)
-    nets = evaluate.train_networks(model, TRAIN_X, TRAIN_Y, key=jax.random.PRNGKey(0),
+    nets = trainer.train_networks(model, TRAIN_X, TRAIN_Y, key=jax.random.PRNGKey(0),
                                    num_seeds=3, epochs=1, batch_size=16)
     kernels = np.asarray(nets.variables["params"]["conv0"]["kernel"])
     assert kernels.shape == (3, 3, 3, 1, 128)
     assert not np.allclose(kernels[0], kernels[1]) and not np.allclose(kernels[1], kernels[2])
-    accs = evaluate.measure_accuracy(model, nets.variables, TEST_U8, TEST_Y, mean=MEAN, std=STD,
+    accs = trainer.measure_accuracy(model, nets.variables, TEST_U8, TEST_Y, mean=MEAN, std=STD,
                                      test_batch_size=64)  # 200 = 3 x 64 + 8 padded
     for s in range(3):
         v = jax.tree.map(lambda a: a[s], nets.variables)
@@ -75,37 +75,32 @@ def test_trained_seeds_have_different_parameters_and_accuracy_counts_every_test_
 
 
 def test_learning_rate_schedule_values():
-    rates = evaluate.learning_rates(1000, 0.01)  # the release: 1001 passes, drop after pass 501
-    assert rates.shape == (1001,)
-    np.testing.assert_allclose(rates[:502], 0.01)
-    np.testing.assert_allclose(rates[502:], 0.001)
-    paper = evaluate.learning_rates(1000, 0.01, "paper")
-    assert paper.shape == (1000,)
-    np.testing.assert_allclose(paper[:500], 0.01)
-    np.testing.assert_allclose(paper[500:], 0.001)
-    np.testing.assert_allclose(evaluate.learning_rates(4, 1.0), [1, 1, 1, 1, 0.1])
-    assert evaluate.epoch_plan(300) == (301, 152)
+    # (passes, first pass at lr x 0.1): the release runs 1001 passes, 502 at lr then 499 at lr/10.
+    assert trainer.epoch_plan(1000) == (1001, 502)
+    assert trainer.epoch_plan(1000, "paper") == (1000, 500)
+    assert trainer.epoch_plan(4) == (5, 4)
+    assert trainer.epoch_plan(300) == (301, 152)
     with pytest.raises(ValueError, match="epochs must be a positive integer, got 0"):
-        evaluate.epoch_plan(0)
+        trainer.epoch_plan(0)
     with pytest.raises(ValueError, match="unknown lr schedule 'cosine'"):
-        evaluate.epoch_plan(10, "cosine")
+        trainer.epoch_plan(10, "cosine")
 
 
 def test_epoch_batches_cover_every_example_once_with_smaller_last_batch():
-    assert evaluate.batch_plan(400, 256) == (1, 256, 144)
-    assert evaluate.batch_plan(40, 256) == (0, 256, 40)
-    assert evaluate.batch_plan(512, 256) == (2, 256, 0)
-    full, last = evaluate.epoch_batches(jax.random.PRNGKey(3), 400, 256)
+    assert trainer.batch_plan(400, 256) == (1, 256, 144)
+    assert trainer.batch_plan(40, 256) == (0, 256, 40)
+    assert trainer.batch_plan(512, 256) == (2, 256, 0)
+    full, last = trainer.epoch_batches(jax.random.PRNGKey(3), 400, 256)
     assert full.shape == (1, 256) and last.shape == (144,)
     np.testing.assert_array_equal(np.sort(np.concatenate([np.ravel(full), last])), np.arange(400))
-    full2, _ = evaluate.epoch_batches(jax.random.PRNGKey(4), 400, 256)
+    full2, _ = trainer.epoch_batches(jax.random.PRNGKey(4), 400, 256)
     assert not np.array_equal(full, full2)  # reshuffled every epoch
 
 
 def test_optimizer_is_torch_sgd_with_weight_decay_in_the_gradient():
     # torch: d = g + wd * p; buf = d (first step) or m * buf + d; p -= lr * buf.
     lr, m, wd = 0.1, 0.9, 0.5
-    tx = evaluate.make_optimizer(lr, m, wd)
+    tx = trainer.torch_sgd(lr, m, wd)
     p = jnp.array([2.0])
     state = tx.init(p)
     u, state = tx.update(jnp.array([1.0]), state, p)
@@ -127,7 +122,7 @@ TINY_KW = dict(key=jax.random.PRNGKey(7), num_seeds=2, epochs=2, batch_size=2, l
 
 @pytest.fixture(scope="module")
 def tiny_ref():
-    return evaluate.train_networks(TINY, TINY_X, TINY_Y, seed_parallel="map", loop="host", **TINY_KW)
+    return trainer.train_networks(TINY, TINY_X, TINY_Y, seed_parallel="map", loop="host", **TINY_KW)
 
 
 @jax.jit
@@ -155,7 +150,7 @@ def test_training_replicates_the_protocol_step_by_step(tiny_ref):
         for p, lr in ((0, 0.1), (1, 0.01)):
             buf = jax.tree.map(jnp.zeros_like, params)  # the optimizer is recreated at the lr drop
             perm_key, aug_key = jax.random.split(jax.random.fold_in(seed_key, p))
-            full, last = evaluate.epoch_batches(perm_key, 5, 2)
+            full, last = trainer.epoch_batches(perm_key, 5, 2)
             batches = [np.asarray(b) for b in full] + [np.asarray(last)]
             assert [len(b) for b in batches] == [2, 2, 1]  # the last batch is smaller, not padded
             for idx, key in zip(batches, jax.random.split(aug_key, 3)):
@@ -171,19 +166,19 @@ def test_training_replicates_the_protocol_step_by_step(tiny_ref):
 def test_vmap_and_device_loop_give_the_same_networks(tiny_ref):
     """The GPU/TPU path (vmap over seeds, epochs on the device) is the same computation as the
     CPU path (one seed at a time, steps driven from Python)."""
-    other = evaluate.train_networks(TINY, TINY_X, TINY_Y, seed_parallel="vmap", loop="device", **TINY_KW)
+    other = trainer.train_networks(TINY, TINY_X, TINY_Y, seed_parallel="vmap", loop="device", **TINY_KW)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                  tiny_ref.variables, other.variables)
     np.testing.assert_array_equal(tiny_ref.forget_counts, other.forget_counts)
 
 
 def test_forgetting_events_are_correct_to_incorrect_transitions():
-    state = evaluate.NetState(variables={}, opt_state=(), forgets=jnp.array([0, 2, 0, 1]),
+    state = trainer.NetState(variables={}, opt_state=(), forgets=jnp.array([0, 2, 0, 1]),
                               last_correct=jnp.array([True, False, True, False]),
                               ever_correct=jnp.array([False, True, False, True]),
                               loss_sum=jnp.zeros(()), correct_sum=jnp.zeros((), jnp.int32))
     before = jnp.array([True, True, False, False])
-    out = evaluate._end_epoch(state, before)
+    out = trainer._end_epoch(state, before)
     np.testing.assert_array_equal(out.forgets, [0, 3, 0, 1])  # only example 1 went right -> wrong
     np.testing.assert_array_equal(out.ever_correct, [True, True, True, True])
 
@@ -201,30 +196,32 @@ def test_evaluate_archs_partitions_first():
 
 
 def test_bad_inputs_raise_clear_errors():
-    with pytest.raises(ValueError, match="unknown evaluation architecture 'LeNet'"):
-        evaluate.parse_archs("ConvNet, LeNet")
-    assert evaluate.parse_archs(" ConvNet,AlexNet ,") == ["ConvNet", "AlexNet"]
+    with pytest.raises(ValueError, match="unknown model 'LeNet' in 'ConvNet, LeNet'"):
+        models.parse_archs("ConvNet, LeNet")
+    assert models.parse_archs(" ConvNet,AlexNet ,") == ["ConvNet", "AlexNet"]
     model = TINY
     with pytest.raises(ValueError, match=r"one label per training image"):
-        evaluate.train_networks(model, TINY_X, TINY_Y[:4], key=jax.random.PRNGKey(0))
+        trainer.train_networks(model, TINY_X, TINY_Y[:4], key=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):
-        evaluate.train_networks(model, TINY_X[0], TINY_Y, key=jax.random.PRNGKey(0))
+        trainer.train_networks(model, TINY_X[0], TINY_Y, key=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
-        evaluate.train_networks(model, TINY_X, TINY_Y + 1, key=jax.random.PRNGKey(0))
+        trainer.train_networks(model, TINY_X, TINY_Y + 1, key=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="unknown seed_parallel 'pmap'"):
-        evaluate.train_networks(model, TINY_X, TINY_Y, key=jax.random.PRNGKey(0), seed_parallel="pmap")
+        trainer.train_networks(model, TINY_X, TINY_Y, key=jax.random.PRNGKey(0), seed_parallel="pmap")
     with pytest.raises(ValueError, match="unknown loop 'gpu'"):
-        evaluate.train_networks(model, TINY_X, TINY_Y, key=jax.random.PRNGKey(0), loop="gpu")
+        trainer.train_networks(model, TINY_X, TINY_Y, key=jax.random.PRNGKey(0), loop="gpu")
     with pytest.raises(ValueError, match="num_seeds must be a positive integer, got 0"):
-        evaluate.train_networks(model, TINY_X, TINY_Y, key=jax.random.PRNGKey(0), num_seeds=0)
+        trainer.train_networks(model, TINY_X, TINY_Y, key=jax.random.PRNGKey(0), num_seeds=0)
     with pytest.raises(ValueError, match="unknown DSA family 'blur'"):
-        evaluate.train_networks(model, TINY_X, TINY_Y, key=jax.random.PRNGKey(0), dsa_strategy="blur")
+        trainer.train_networks(model, TINY_X, TINY_Y, key=jax.random.PRNGKey(0), dsa_strategy="blur")
     with pytest.raises(ValueError, match="mean and std"):
-        evaluate.train_networks(model, (TINY_X > 0).astype(np.uint8), TINY_Y, key=jax.random.PRNGKey(0))
+        trainer.train_networks(model, (TINY_X > 0).astype(np.uint8), TINY_Y, key=jax.random.PRNGKey(0))
 
 
 def test_renormalize_keeps_pixels():
     x = np.random.default_rng(0).normal(size=(2, 3, 3, 1)).astype(np.float32)
-    y = evaluate.renormalize(x, [0.5], [0.25], [0.1], [0.5])
+    y = data.renormalize(x, [0.5], [0.25], [0.1], [0.5])
     np.testing.assert_allclose(y * 0.5 + 0.1, x * 0.25 + 0.5, atol=1e-6)
-    assert evaluate.renormalize(x, [0.5], [0.25], [0.5], [0.25]) is not None
+    np.testing.assert_array_equal(data.renormalize(x, [0.5], [0.25], [0.5], [0.25]), x)  # same stats: as is
+    # (0, 1) <-> (mean, std) is the pixel <-> normalized conversion of export's npz.
+    np.testing.assert_allclose(data.renormalize(x, 0.0, 1.0, [0.5], [0.25]), (x - 0.5) / 0.25, rtol=1e-6)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from idm_jax import models
+from idm_jax import backend, models
 from idm_jax.models import (AlexNet, BasicBlock, ConvNet, MODEL_NAMES, ResNet18, VGG11, apply_model,
                             count_params, get_model, has_batch_stats, init_variables)
 
@@ -427,7 +427,7 @@ def test_conv_impl_dispatch_and_same_parameters():
 
     assert uses_matmul_grad("matmul") and not uses_matmul_grad("xla")
     assert uses_matmul_grad("auto") == (jax.default_backend() == "cpu")  # plain XLA conv on GPU/TPU
-    assert models.resolve_conv_impl("auto") == ("matmul" if jax.default_backend() == "cpu" else "xla")
+    assert backend.conv_impl("auto") == ("matmul" if jax.default_backend() == "cpu" else "xla")
     assert get_model("ResNet18", 5, 3, conv_impl="xla") == ResNet18(5, conv_impl="xla")
     assert get_model("AlexNet", 5, 3).conv_impl == "auto"
 

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from idm_jax import data as data_lib
 from idm_jax import distributed
 from idm_jax import evaluate
 from test_condense import tiny_config
@@ -243,7 +244,7 @@ def test_two_process_evaluation_spreads_the_networks_and_matches_one_process(two
     assert arch["num_seeds"] == 2 and arch["processes"] == 2  # one network on each process
     c = tiny_config(iterations=4)
     npz = np.load(os.path.join(resumed, "synthetic_4.npz"))
-    ds = evaluate.load_config_dataset(c)
+    ds = data_lib.load_config_dataset(c)
     alone = evaluate.evaluate_archs(npz["images_normalized"], npz["labels"], ds, c.eval,
                                     archs=["ConvNetD2"], key=jax.random.fold_in(jax.random.PRNGKey(c.seed), 4),
                                     partition_factor=int(npz["partition_factor"]))

@@ -53,8 +53,8 @@ def test_tinyimagenet_runs_as_the_release_on_a_tiny_folder(tiny_tree, tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
     # The matching network: ConvNet-3 on 64x64, an 8192-value embedding (128 x 8 x 8).
-    from idm_jax import evaluate  # pylint: disable=g-import-not-at-top
-    ds = evaluate.load_config_dataset(c)
+    from idm_jax import data  # pylint: disable=g-import-not-at-top
+    ds = data.load_config_dataset(c)
     s = condense.settings_from_config(c, ds)
     assert s.model_name == "ConvNet" and s.model.depth == 3
     import jax  # pylint: disable=g-import-not-at-top

@@ -23,12 +23,12 @@ TWO_DEVICE_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     sys.path[:0] = [{root!r}, os.path.join({root!r}, "tests")]
     from test_condense import tiny_config
-    from idm_jax import condense, evaluate, runner
+    from idm_jax import condense, runner
     from idm_jax import data as data_lib
 
     c = tiny_config(iterations=4)
     c.eval.at_end = False
-    ds = evaluate.load_config_dataset(c)
+    ds = data_lib.load_config_dataset(c)
     s = condense.settings_from_config(c, ds)
     mesh = condense.class_mesh(0, ds.num_classes)
 

@@ -1,0 +1,45 @@
+"""backend.py: the one table of "auto" choices, per backend (the values each variant computes are
+compared in test_condense.py and test_evaluate.py, on CPU with tiny shapes)."""
+
+import jax
+import pytest
+
+from idm_jax import backend, config_check, models
+from configs import quick
+
+
+@pytest.mark.parametrize("platform, expected", [
+    ("cpu", dict(conv="matmul", queue="map", seeds="map", loop="host", unroll=True)),
+    ("gpu", dict(conv="xla", queue="vmap", seeds="vmap", loop="device", unroll=False)),
+    ("tpu", dict(conv="xla", queue="vmap", seeds="vmap", loop="device", unroll=False)),
+])
+def test_auto_picks_the_variant_of_each_loop_per_backend(monkeypatch, platform, expected):
+    monkeypatch.setattr(jax, "default_backend", lambda: platform)
+    assert backend.on_cpu() == (platform == "cpu")
+    got = dict(conv=backend.conv_impl("auto"), queue=backend.queue_train_impl("auto"),
+               seeds=backend.seed_parallel("auto"), loop=backend.eval_loop("auto"),
+               unroll=backend.unroll_loops())
+    assert got == expected
+    # An explicit choice is kept whatever the backend.
+    assert backend.queue_train_impl("map") == "map" and backend.eval_loop("device") == "device"
+    assert backend.seed_parallel("vmap") == "vmap" and backend.conv_impl("xla") == "xla"
+
+
+def test_unknown_choices_name_the_value_and_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown loop 'gpu'; valid: auto, device, host"):
+        backend.eval_loop("gpu")
+    with pytest.raises(ValueError, match=r"unknown seed_parallel 'pmap'; valid: auto, vmap, map"):
+        backend.seed_parallel("pmap")
+    with pytest.raises(ValueError, match=r"unknown conv_impl 'cudnn'"):
+        models.get_model("ConvNet", 10, 3, conv_impl="cudnn")
+
+
+def test_config_check_uses_the_same_lists():
+    c = quick.get_config("1")
+    c.idm.queue_train_impl = "pmap"
+    with pytest.raises(ValueError, match=r"idm.queue_train_impl must be one of \('auto', 'vmap', 'map'\)"):
+        config_check.validate(c)
+    c = quick.get_config("1")
+    c.eval.archs = "ConvNet,LeNet"
+    with pytest.raises(ValueError, match=r"invalid config: eval.archs: unknown model 'LeNet'"):
+        config_check.validate(c)
