@@ -76,6 +76,18 @@ def make_config(args, iterations: int):
     return c
 
 
+def cpu_name() -> str:
+    """The processor's model name (/proc/cpuinfo on Linux), else the machine type."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def write_json(path: str, value) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(value, f, indent=1)
@@ -133,7 +145,7 @@ def jax_condense(args) -> None:
         "seconds_this_call": time.perf_counter() - start,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "jax": jax.__version__, "backend": jax.default_backend(),
-        "host": platform.processor() or platform.machine()})
+        "host": cpu_name()})
 
 
 def _checkpoint_step(workdir: str) -> int:
@@ -217,7 +229,7 @@ def write_report(args) -> None:
                  "idm_jax_pass_seconds": (own_results["archs"]["ConvNet"]["seconds_per_epoch"]
                                           if own_results else float("nan"))}
     header = (f"{args.config} IPC {args.ipc}, evaluation: ConvNet, {args.epochs} epochs (release schedule), "
-              f"{args.seeds} networks per set; host {platform.processor() or platform.machine()}, "
+              f"{args.seeds} networks per set; host {cpu_name()}, "
               f"{os.cpu_count()} cores; written {time.strftime('%Y-%m-%d %H:%M')}")
     text = report.markdown(rows, timings, cross, header)
     stem = f"parity_{args.config}_ipc{args.ipc}"

@@ -96,6 +96,9 @@ def markdown(rows: list[dict[str, Any]], timings: dict[str, dict[str, Any]],
         n_j = len(jax_t["iteration_seconds"]) if jax_t else 0
         n_r = len(rel_t["iteration_seconds"]) if rel_t else 0
         lines.append(f"| iterations timed | {n_j} | {n_r} | |")
+        lines.append("")
+        lines.append("Each implementation is timed while it runs (the first, compiling iteration of each idm_jax "
+                     "call left out); the ratio is a speed figure only when both ran on an otherwise quiet machine.")
     if cross_check:
         lines += ["", f"Evaluator cross-check on {cross_check['set']}: idm_jax's evaluator "
                   f"{_cell(cross_check.get('idm_jax'))}, the release's `evaluate_synset` "
