@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from idm_jax import condense
+from idm_jax import data as data_lib
 from idm_jax import evaluate
 from idm_jax import runner
 from idm_jax import workdir as workdir_lib
@@ -66,7 +67,7 @@ def images(workdir) -> np.ndarray:
 def test_bad_workdirs_are_named_before_any_compute(tmp_path, monkeypatch):
     def no_data(*args, **kwargs):
         raise AssertionError("loaded data for an unusable workdir")
-    monkeypatch.setattr(evaluate, "load_config_dataset", no_data)
+    monkeypatch.setattr(data_lib, "load_config_dataset", no_data)
 
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
@@ -277,7 +278,7 @@ def test_completed_rerun_does_no_training_and_no_evaluation(tmp_path, monkeypatc
     def forbidden(*args, **kwargs):
         raise AssertionError("recomputed a finished run")
     monkeypatch.setattr(condense, "make_step", forbidden)
-    monkeypatch.setattr(evaluate, "load_config_dataset", forbidden)
+    monkeypatch.setattr(data_lib, "load_config_dataset", forbidden)
     monkeypatch.setattr(evaluate, "evaluate_archs", forbidden)
     again = runner.run_condensation(tiny_config(), workdir)
     assert again["complete"] and again["step"] == 4
