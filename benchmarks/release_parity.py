@@ -226,7 +226,9 @@ def write_report(args) -> None:
         own_results = load_json(os.path.join(args.root, "eval", f"idm_jax_{top}", "results.json"))
         cross = {"set": f"idm_jax's set after {top} iterations", "idm_jax": own, "release": release_eval,
                  "release_pass_seconds": float(np.median(release_eval["seconds_per_pass"])),
+                 # per network: the evaluator reports seconds per epoch for all its seeds together
                  "idm_jax_pass_seconds": (own_results["archs"]["ConvNet"]["seconds_per_epoch"]
+                                          / own_results["archs"]["ConvNet"]["num_seeds"]
                                           if own_results else float("nan"))}
     header = (f"{args.config} IPC {args.ipc}, evaluation: ConvNet, {args.epochs} epochs (release schedule), "
               f"{args.seeds} networks per set; host {cpu_name()}, "

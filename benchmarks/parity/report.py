@@ -105,7 +105,7 @@ def markdown(rows: list[dict[str, Any]], timings: dict[str, dict[str, Any]],
                   f"{_cell(cross_check.get('release'))} (same epochs; different random streams)."]
         if cross_check.get("idm_jax") and cross_check.get("release"):
             d, se = difference(cross_check["idm_jax"], cross_check["release"])
-            lines.append(f"Difference {d:+.2f} ± {se:.2f} pp; seconds per training pass: idm_jax "
+            lines.append(f"Difference {d:+.2f} ± {se:.2f} pp; seconds per training pass of one network: idm_jax "
                          f"{cross_check.get('idm_jax_pass_seconds', float('nan')):.2f}, release "
                          f"{cross_check.get('release_pass_seconds', float('nan')):.2f}.")
     return "\n".join(lines) + "\n"
