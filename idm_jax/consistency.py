@@ -152,11 +152,7 @@ def run_consistency(config: Any, workdir: str, synthetic: str | dict[str, str] |
         logging.info("consistency of %s: k=1 %.3f, k=%d %.3f", name, ratio[0], max_k, ratio[-1])
     result = {"dataset": dataset.name, "max_k": max_k, "feature_network": net_info,
               "condensed": condensed, "sets": curves}
-    export.write_results(workdir, result, name="consistency.json")
-    text = markdown(result)
-    with open(os.path.join(workdir, "consistency.md"), "w") as f:
-        f.write(text)
-    logging.info("consistency ratio:\n%s", text)
+    export.write_report(workdir, "consistency", result, markdown(result))
     plot(os.path.join(workdir, "consistency.png"), result)
     return result
 

@@ -231,11 +231,7 @@ def run_continual(config: Any, workdir: str) -> dict[str, Any]:
            "class_order_seeds": seeds,
            "class_orders": {str(s): class_order(s, ds.num_classes).tolist() for s in seeds},
            "results": results, "paper": paper_continual(ds.name)}
-    export.write_results(workdir, out, name="continual.json")
-    text = markdown(out)
-    with open(os.path.join(workdir, "continual.md"), "w") as f:
-        f.write(text)
-    logging.info("continual learning:\n%s", text)
+    export.write_report(workdir, "continual", out, markdown(out))
     plot(os.path.join(workdir, "continual.png"), out)
     return out
 

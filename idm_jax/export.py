@@ -415,14 +415,18 @@ def results_record(*, method: str, dataset: str, ipc: int | None, partition_fact
             "train_arch": str(train_arch), **extra, "archs": dict(archs)}
 
 
+def write_report(workdir: str, stem: str, record: Mapping[str, Any], markdown: str) -> None:
+    """<stem>.json (the record) and <stem>.md (its table) in workdir, both atomically; logs the table."""
+    os.makedirs(workdir, exist_ok=True)
+    write_results(workdir, record, name=f"{stem}.json")
+    path = os.path.join(workdir, f"{stem}.md")
+    with open(path + ".tmp", "w") as f:
+        f.write(markdown)
+    os.replace(path + ".tmp", path)
+    logging.info("%s:\n%s", os.path.join(workdir, f"{stem}.json"), markdown)
+
+
 def finish_results(workdir: str, results: dict[str, Any]) -> dict[str, Any]:
     """Writes results.json and results.md in workdir and logs the markdown table."""
-    os.makedirs(workdir, exist_ok=True)
-    write_results(workdir, results)
-    table = results_markdown(results)
-    path = os.path.join(workdir, "results.md")
-    with open(path + ".tmp", "w") as f:
-        f.write(table)
-    os.replace(path + ".tmp", path)
-    logging.info("results (%s):\n%s", os.path.join(workdir, "results.json"), table)
+    write_report(workdir, "results", results, results_markdown(results))
     return results

@@ -313,11 +313,7 @@ def plot(path: str, sweep: dict[str, Any], table: dict[str, Any]) -> str:
 
 
 def write_outputs(workdir: str, sweep: dict[str, Any], table: dict[str, Any]) -> None:
-    export.write_results(workdir, table, name="sweep.json")
-    text = markdown(table)
-    with open(os.path.join(workdir, "sweep.md"), "w") as f:
-        f.write(text)
-    logging.info("sweep %s:\n%s", table["sweep"], text)
+    export.write_report(workdir, "sweep", table, markdown(table))
     if table["cells"]:
         plot(os.path.join(workdir, "sweep.png"), sweep, table)
 

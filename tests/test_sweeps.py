@@ -10,6 +10,7 @@ import pytest
 
 from configs import cifar10, cifar100, quick
 from idm_jax import condense, config_check, data as data_lib, pool, sweeps
+from test_condense import tiny_config as condense_tiny_config
 
 
 def test_every_cell_of_every_sweep_is_a_valid_config():
@@ -70,18 +71,7 @@ def test_bad_sweep_names_cells_and_keys_are_named():
 
 def tiny_config():
     """The tiny digits setting of tests/test_condense.py (its compiled step is shared)."""
-    c = quick.get_config("1")
-    c.idm.batch_real = 8
-    c.idm.batch_train = 16
-    c.idm.model_train_steps = 2
-    c.idm.net_num = 4
-    c.idm.net_generate_interval = 2
-    c.idm.meter_reset_interval = 3
-    c.log_every = 1
-    c.checkpoint_every = 2
-    c.eval.epochs = 2
-    c.eval.num_seeds = 2
-    c.eval.test_batch_size = 364
+    c = condense_tiny_config(iterations=quick.get_config("1").idm.iterations)
     c.eval.dsa = False
     return c
 
