@@ -28,7 +28,6 @@ import importlib
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -41,6 +40,7 @@ import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
 from benchmarks.parity import report  # noqa: E402
+from benchmarks.parity.release_side import peak_rss_gib, write_json  # noqa: E402  (numpy-only helpers)
 
 RELEASE_SIDE = os.path.join(ROOT, "benchmarks", "parity", "release_side.py")
 RELEASE_DATASET = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
@@ -86,12 +86,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def write_json(path: str, value) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def load_json(path: str):
@@ -143,7 +137,7 @@ def jax_condense(args) -> None:
     write_json(os.path.join(out, "timings.json"), {
         "implementation": "idm_jax", "budgets": budgets, "iteration_seconds": seconds,
         "seconds_this_call": time.perf_counter() - start,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_rss_gib": peak_rss_gib(),
         "jax": jax.__version__, "backend": jax.default_backend(),
         "host": cpu_name()})
 
