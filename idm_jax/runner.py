@@ -55,8 +55,12 @@ class MetricsWriter:
         self._jsonl = open(os.path.join(workdir, workdir_lib.METRICS), "a")
         try:
             from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+            # tensorboardX names its file by the second and opens it "wb": a resume within
+            # the same second would overwrite the first run's events. A nanosecond suffix
+            # keeps each run's file, and sorting by name stays chronological.
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                                     purge_step=start_step + 1 if start_step else None)
+                                     purge_step=start_step + 1 if start_step else None,
+                                     filename_suffix=f".{time.time_ns()}")
         except ImportError:  # TensorBoard output is optional
             self._tb = None
 

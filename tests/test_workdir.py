@@ -220,7 +220,12 @@ def test_checkpoint_cadence_by_time_and_by_iteration(tmp_path):
 # --------------------------------------------------------------------------- #
 
 
-def test_resume_drops_metrics_rows_beyond_the_checkpoint(tmp_path):
+def test_resume_drops_metrics_rows_beyond_the_checkpoint(tmp_path, monkeypatch):
+    # Both runs within one second, as on a fast machine (CI once was): tensorboardX names
+    # event files by the second, so without a unique suffix the resume overwrote the first.
+    import tensorboardX.event_file_writer as tb_writer  # pylint: disable=import-outside-toplevel
+    import types  # pylint: disable=import-outside-toplevel
+    monkeypatch.setattr(tb_writer, "time", types.SimpleNamespace(time=lambda: 1_700_000_000.0))
     workdir = str(tmp_path / "run")
     runner.run_condensation(fast_config(checkpoint_every=2, checkpoint_every_minutes=0.0), workdir,
                             max_steps=3)
