@@ -3,6 +3,7 @@ sizes, no installs) runs here on the CPU and brings back every table."""
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -13,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_gpu_check_dry_run_writes_every_table(tmp_path):
     out = tmp_path / "gpu"
     run = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(out)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=900, env={**os.environ, "DRY_RUN": "1"})
+                         text=True, timeout=900, env={**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable})
     assert run.returncode == 0, run.stderr[-2000:]
     timings = (out / "timings.txt").read_text()
     for part in ("condense_speed", "evaluate_speed", "parity"):
