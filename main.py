@@ -26,6 +26,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from idm_jax import backend
 from idm_jax import baselines
 from idm_jax import config_check
 from idm_jax import consistency
@@ -67,6 +68,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
+    backend.use_cpu_memory_scheduler()  # before JAX starts its backends (idm_jax/backend.py)
     runner.quiet_library_logs()
     try:
         config_check.validate(config)

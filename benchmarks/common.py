@@ -6,6 +6,10 @@ import resource
 import statistics
 import time
 
+from idm_jax import backend
+
+backend.use_cpu_memory_scheduler()  # every benchmark imports this module before JAX starts
+
 
 def peak_memory_gib() -> float:
     """Peak device memory so far (GPU/TPU allocator), else this process's peak resident memory."""

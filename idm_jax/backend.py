@@ -25,6 +25,11 @@ Why, measured with jax 0.10 on XLA:CPU (numbers in docs/RESULTS.md and benchmark
   the unrolled step on CPU. With conv_impl="matmul" (XLA's own conv weight gradient is ~30x
   slower on CPU) the gap shrinks but remains: CIFAR-10 IPC 10, 5 ConvNets, 53.9 s per epoch
   host vs 66.8 s device, and the device loop compiles 3x longer.
+* Memory: the unrolled step holds independent pieces of work (the classes, the queue members,
+  the queue training beside the synthetic update). XLA:CPU's default scheduler runs them side
+  by side for concurrency and keeps all their activations alive (CIFAR-10 IPC 10: 3.9 GiB of
+  temporaries). On CPU, XLA is told to schedule for memory (`use_cpu_memory_scheduler`) and
+  each piece starts after the previous one (`sequenced`): 1.15 GiB.
 * Stacking classes into larger convolutions measured 1.35x slower per iteration on CPU at
   CIFAR-10 IPC 10 (1.6x at IPC 1); on GPU/TPU only memory bounds the chunk
   (`condense.auto_class_batch`).
@@ -32,7 +37,12 @@ Why, measured with jax 0.10 on XLA:CPU (numbers in docs/RESULTS.md and benchmark
 
 from __future__ import annotations
 
+import ctypes
+import importlib.util
+import os
+
 import jax
+import jax.numpy as jnp
 
 CONV_IMPLS = ("auto", "xla", "matmul")
 QUEUE_TRAIN_IMPLS = ("auto", "vmap", "map")
@@ -76,3 +86,63 @@ def eval_loop(value: str = "auto") -> str:
 def unroll_loops() -> bool:
     """Whether the condensation step unrolls its loops over SGD steps and class chunks."""
     return on_cpu()
+
+
+# XLA:CPU's concurrency-optimized scheduler overlaps independent work to run it on several
+# threads, at the price of keeping its buffers alive together; the convolutions' intra-op
+# threads already use the cores. Per-jit `compiler_options` do not reach the scheduler (tried,
+# jax 0.10): it must be an XLA_FLAGS entry, read once when JAX starts its CPU backend.
+CPU_MEMORY_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+_ACCELERATOR_PLUGINS = ("jax_cuda13_plugin", "jax_cuda12_plugin", "jax_rocm7_plugin",
+                        "jax_rocm60_plugin", "libtpu")
+
+
+def use_cpu_memory_scheduler(environ=None) -> bool:
+    """Adds CPU_MEMORY_FLAG to $XLA_FLAGS for a process that will compute on the CPU.
+
+    Call before JAX starts its backends (main.py, the benchmarks and the tests do); a
+    library user who condenses on CPU can call it first thing, or set the flag. Leaves
+    $XLA_FLAGS alone when it already names the option (the user's choice wins), when
+    $JAX_PLATFORMS excludes the CPU, or when an accelerator plugin is installed and
+    $JAX_PLATFORMS does not force the CPU. Returns whether the flag is now set.
+    """
+    environ = os.environ if environ is None else environ
+    flags = environ.get("XLA_FLAGS", "")
+    name = CPU_MEMORY_FLAG.split("=")[0]
+    if name in flags:
+        return CPU_MEMORY_FLAG in flags.split()
+    platforms = [p.strip() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+    if platforms and platforms[0] != "cpu":
+        return False
+    if not platforms and any(importlib.util.find_spec(p) for p in _ACCELERATOR_PLUGINS):
+        return False
+    environ["XLA_FLAGS"] = f"{flags} {CPU_MEMORY_FLAG}".strip()
+    return True
+
+
+def sequenced(previous, value):
+    """`value`, made to depend on `previous`: XLA cannot start work on it before `previous` exists.
+
+    Orders independent pieces of unrolled work (see the module notes on memory) so each one's
+    activations are freed before the next begins. `lax.optimization_barrier` would say this,
+    but XLA:CPU drops barriers before it schedules. The dependency adds an exact zero (0 times a
+    sum of `previous`'s floats) to every leaf of `value`; a non-finite `previous` makes it NaN,
+    which only happens when the step is already failing (the state is then kept, see
+    condense.make_step).
+    """
+    floats = [x for x in jax.tree.leaves(previous) if jnp.issubdtype(x.dtype, jnp.floating)]
+    zero = 0.0 * sum(jnp.sum(x) for x in floats)
+    return jax.tree.map(lambda v: v + zero.astype(v.dtype), value)
+
+
+def release_freed_memory() -> None:
+    """Hands memory that was freed but kept by glibc's allocator back to the OS (Linux only).
+
+    XLA's compiler frees its working memory (0.5 GiB for the CIFAR-10 step on CPU) in small
+    pieces that malloc keeps, and the step's buffers are then allocated beside it; trimming
+    in between makes peak memory the larger of the two instead of their sum.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass

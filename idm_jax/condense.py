@@ -430,9 +430,8 @@ def _matching_nets(s: StepSettings, state: CondenseState, key: Array, init_fn):
     if s.meter_reset_interval:  # 0 = never (the release's ImageNet script)
         reset = (state.step > 0) & (state.step % s.meter_reset_interval == 0)
         queue = jax.lax.cond(reset, queue_lib.reset_meters, lambda q: q, queue)
-    queue = jax.lax.cond(state.step % s.net_generate_interval == 0,
-                         lambda q: queue_lib.push(q, init_fn, k_push, state.step, s.model_augment),
-                         lambda q: q, queue)
+    queue = queue_lib.push(queue, init_fn, k_push, state.step, s.model_augment,
+                           when=state.step % s.net_generate_interval == 0)
     slots = queue_lib.sample(queue, k_pick, s.train_net_num)
     params = [queue_lib.member(queue, slots[t]) for t in range(s.train_net_num)]
     accs = jnp.stack([queue_lib.accuracy(queue, slots[t]) for t in range(s.train_net_num)])
@@ -443,13 +442,17 @@ def map_in_chunks(fn, inputs, chunk: int, *, unroll: bool):
     """fn mapped over the leading axis, `chunk` elements vectorised at a time.
 
     Bounds memory like lax.map(batch_size=chunk). With unroll, the chunks are
-    a trace-time loop (no while loop; one chunk is plain vmap).
+    a trace-time loop (no while loop; one chunk is plain vmap), each chunk
+    `backend.sequenced` after the previous one, so one chunk's activations are
+    alive at a time.
     """
     n = jax.tree.leaves(inputs)[0].shape[0]
     if not unroll:
         return jax.lax.map(fn, inputs, batch_size=chunk) if chunk < n else jax.vmap(fn)(inputs)
-    outputs = [jax.vmap(fn)(jax.tree.map(lambda x, i=i: x[i:i + chunk], inputs))
-               for i in range(0, n, chunk)]
+    outputs = []
+    for i in range(0, n, chunk):
+        part = jax.tree.map(lambda x, i=i: x[i:i + chunk], inputs)
+        outputs.append(jax.vmap(fn)(backend.sequenced(outputs[-1], part) if outputs else part))
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outputs)
 
 
@@ -585,6 +588,8 @@ def make_step(s: StepSettings, mesh: Mesh | None = None):
             metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
         acc, seen = accs.mean(), seens.min()
         if s.use_queue:
+            if s.unroll_loops:  # after the synthetic update, not beside it (memory)
+                k_train = backend.sequenced(syn.images, k_train)
             slots = queue_lib.sample(queue, k_train, s.fetch_net_num)
             queue = queue_lib.train(queue, slots, make_member_train_fn(s, data), k_train,
                                     s.queue_train_impl, member_inputs(s, queue, slots, data))

@@ -24,6 +24,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from idm_jax import backend
+
 Array = jax.Array
 InitFn = Callable[[Array], Any]  # key -> (params, opt_state)
 # (params, opt_state, key) -> (params, opt_state, correct, seen)
@@ -111,26 +113,34 @@ def _write(tree: Any, slot: Array, value: Any) -> Any:
 
 
 def push(queue: ModelQueue, init_fn: InitFn, key: Array, step: Array,
-         augment: ModelAugment | None = None) -> ModelQueue:
+         augment: ModelAugment | None = None, when: Array | bool = True) -> ModelQueue:
     """Adds a fresh network; when full, the oldest member is replaced.
 
     augment: must be given iff the queue was created with it; draws the new member's lr
     factor and class subset.
+    when: a (traced) bool; False leaves the queue as it was. Jitted with a donated queue,
+    this writes one member in place, where `lax.cond(when, push, ...)` would copy the
+    whole queue (CIFAR-10: 244 MiB of temporaries).
     """
     params, opt_state = init_fn(key)
     slot = queue.head
+    when = jnp.asarray(when)
+
+    def write(tree, value):  # the new value at `slot` if `when`, else what is there
+        return jax.tree.map(lambda t, v: t.at[slot].set(jnp.where(when, v, t[slot])), tree, value)
+
     if augment is not None:
         lr_scale, class_mask = augment.draw(jax.random.fold_in(key, _AUG_SALT))
-        queue = queue.replace(lr_scale=queue.lr_scale.at[slot].set(lr_scale),
-                              class_mask=queue.class_mask.at[slot].set(class_mask))
+        queue = queue.replace(lr_scale=write(queue.lr_scale, lr_scale),
+                              class_mask=write(queue.class_mask, class_mask))
     return queue.replace(
-        params=_write(queue.params, slot, params),
-        opt_state=_write(queue.opt_state, slot, opt_state),
-        correct=queue.correct.at[slot].set(0.0),
-        seen=queue.seen.at[slot].set(0.0),
-        born=queue.born.at[slot].set(jnp.asarray(step, jnp.int32)),
-        size=jnp.minimum(queue.size + 1, queue.capacity),
-        head=(slot + 1) % queue.capacity)
+        params=write(queue.params, params),
+        opt_state=write(queue.opt_state, opt_state),
+        correct=write(queue.correct, 0.0),
+        seen=write(queue.seen, 0.0),
+        born=write(queue.born, jnp.asarray(step, jnp.int32)),
+        size=jnp.where(when, jnp.minimum(queue.size + 1, queue.capacity), queue.size),
+        head=jnp.where(when, (slot + 1) % queue.capacity, slot))
 
 
 def sample(queue: ModelQueue, key: Array, num: int) -> Array:
@@ -183,7 +193,12 @@ def train(queue: ModelQueue, slots: Array, train_fn: TrainFn, key: Array,
     if impl == "vmap":
         params, opt_state, correct, seen = jax.vmap(train_fn)(*inputs)
     elif impl == "map":
-        outputs = [train_fn(*jax.tree.map(lambda t, i=i: t[i], inputs)) for i in range(slots.shape[0])]
+        outputs = []
+        for i in range(slots.shape[0]):
+            member_args = jax.tree.map(lambda t, i=i: t[i], inputs)
+            if outputs:  # one member after the other, not interleaved (memory)
+                member_args = member_args[:2] + backend.sequenced(outputs[-1][0], member_args[2:])
+            outputs.append(train_fn(*member_args))
         params, opt_state, correct, seen = jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
     else:
         raise ValueError(f"unknown queue training impl {impl!r}; expected 'vmap' or 'map'")

@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from idm_jax import backend
 from idm_jax import condense
 from idm_jax import config_check
 from idm_jax import data as data_lib
@@ -309,6 +310,10 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None,
         feed = sampler.batches(start, stop_at)
     logging.info("real batches drawn on the %s (data.on_device=%s, train images %.2f GB)", placement,
                  config.data.on_device, ds.train_images.nbytes / 1e9)
+    if start < stop_at:
+        first_batch = next(feed)
+        step_fn = compile_ahead(step_fn, state, first_batch)
+        feed = itertools.chain([first_batch], feed)
     summary = {"start_step": start, "data_placement": placement}
     t_start = time.time()
     t_window, steps_window = t_start, 0
@@ -393,6 +398,19 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None,
         logging.info("finished: %s; results in %s", _accuracies(results),
                      os.path.join(workdir, "results.json"))
     return summary
+
+
+def compile_ahead(jitted, *args):
+    """`jitted` compiled for `args` before it first runs, the compiler's freed memory released.
+
+    Compiling inside the first call would allocate the step's buffers while the memory the
+    compiler just freed is still held by malloc (CIFAR-10 IPC 10 on CPU: 0.3 GiB more peak).
+    """
+    if not hasattr(jitted, "lower"):  # a plain (e.g. wrapped) step function: nothing to do ahead
+        return jitted
+    compiled = jitted.lower(*args).compile()
+    backend.release_freed_memory()
+    return compiled
 
 
 def _accuracies(results: dict) -> str:
