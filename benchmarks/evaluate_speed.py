@@ -27,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import common  # noqa: E402,F401  (XLA:CPU's memory scheduler, set before JAX starts)
 from idm_jax import augment, data, models, trainer  # noqa: E402
 
 CIFAR10 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",

@@ -39,6 +39,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
+from benchmarks import common  # noqa: E402,F401  (sets XLA:CPU's memory scheduler before JAX starts)
 from benchmarks.parity import report  # noqa: E402
 from benchmarks.parity.release_side import peak_rss_gib, write_json  # noqa: E402  (numpy-only helpers)
 

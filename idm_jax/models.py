@@ -77,6 +77,11 @@ def _xla_conv(x: Array, kernel: Array, strides: tuple[int, int], pads: tuple[tup
                                     precision=precision)
 
 
+# Up to this many im2col columns (kh*kw*Cin), the weight gradient is one matmul over the
+# concatenated views; wider layers take one matmul per tap (see conv_weight_grad_matmul).
+IM2COL_MAX_COLUMNS = 512
+
+
 def conv_weight_grad_matmul(x: Array, g: Array, kernel_shape: tuple[int, int, int, int],
                             strides: tuple[int, int], pads: Sequence[tuple[int, int]],
                             precision: Any = None) -> Array:
@@ -94,13 +99,13 @@ def conv_weight_grad_matmul(x: Array, g: Array, kernel_shape: tuple[int, int, in
     # lax.pad also takes negative (cropping) pads, as lax.conv_general_dilated does.
     xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
     g2 = g.reshape(n * ho * wo, cout)
-
-    def tap(i, j):
-        view = lax.slice(xp, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, cin),
-                         (1, sh, sw, 1))
-        return jnp.matmul(view.reshape(n * ho * wo, cin).T, g2, precision=precision)
-
-    return jnp.stack([tap(i, j) for i in range(kh) for j in range(kw)]).reshape(kernel_shape)
+    views = [lax.slice(xp, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, cin),
+                       (1, sh, sw, 1)).reshape(n * ho * wo, cin)
+             for i in range(kh) for j in range(kw)]
+    if kh * kw * cin <= IM2COL_MAX_COLUMNS:
+        cols = jnp.concatenate(views, axis=-1)
+        return jnp.matmul(cols.T, g2, precision=precision).reshape(kernel_shape)
+    return jnp.stack([jnp.matmul(v.T, g2, precision=precision) for v in views]).reshape(kernel_shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))

@@ -397,8 +397,11 @@ def test_matmul_weight_grad_matches_xla(case):
         np.testing.assert_allclose(gm, gx, rtol=1e-4, atol=1e-5, err_msg=str(path))
 
 
-def test_conv_weight_grad_matmul_against_numpy():
-    # asymmetric padding (0 before, 2 after) and stride 2 on 5x6, kernel 2x3: the function alone
+@pytest.mark.parametrize("im2col_max_columns", [512, 0], ids=["one_im2col_matmul", "matmul_per_tap"])
+def test_conv_weight_grad_matmul_against_numpy(im2col_max_columns, monkeypatch):
+    # asymmetric padding (0 before, 2 after) and stride 2 on 5x6, kernel 2x3: the function alone,
+    # both ways of computing it (narrow layers: one matmul; wide ones: a matmul per kernel tap)
+    monkeypatch.setattr(models, "IM2COL_MAX_COLUMNS", im2col_max_columns)
     rng = np.random.default_rng(10)
     x = rng.standard_normal((2, 5, 6, 3))
     strides, pads, (kh, kw) = (2, 2), ((0, 2), (0, 2)), (2, 3)
