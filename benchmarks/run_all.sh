@@ -20,6 +20,7 @@ run() {  # run <name> <script> [args...]
 }
 
 run condense_speed benchmarks/condense_speed.py --ipc=1,10,50
+run step_memory benchmarks/step_memory.py --classes=10,100 --ipc=1,10
 run step_phases_ipc10 benchmarks/step_phases.py --ipc=10
 run step_phases_ipc1 benchmarks/step_phases.py --ipc=1
 run conv_speed benchmarks/conv_speed.py

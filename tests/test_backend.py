@@ -2,6 +2,8 @@
 compared in test_condense.py and test_evaluate.py, on CPU with tiny shapes)."""
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from idm_jax import backend, config_check, models
@@ -43,3 +45,35 @@ def test_config_check_uses_the_same_lists():
     c.eval.archs = "ConvNet,LeNet"
     with pytest.raises(ValueError, match=r"invalid config: eval.archs: unknown model 'LeNet'"):
         config_check.validate(c)
+
+
+def test_cpu_memory_scheduler_flag_is_added_once_and_never_over_the_users_choice(monkeypatch):
+    monkeypatch.setattr(backend.importlib.util, "find_spec", lambda name: None)  # no GPU/TPU plugin
+    env = {}
+    assert backend.use_cpu_memory_scheduler(env) and env["XLA_FLAGS"] == backend.CPU_MEMORY_FLAG
+    assert backend.use_cpu_memory_scheduler(env) and env["XLA_FLAGS"] == backend.CPU_MEMORY_FLAG  # once
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    assert backend.use_cpu_memory_scheduler(env)
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2 " + backend.CPU_MEMORY_FLAG
+    users = {"XLA_FLAGS": "--xla_cpu_enable_concurrency_optimized_scheduler=true"}
+    assert not backend.use_cpu_memory_scheduler(users)
+    assert users["XLA_FLAGS"] == "--xla_cpu_enable_concurrency_optimized_scheduler=true"
+    gpu = {"JAX_PLATFORMS": "cuda"}
+    assert not backend.use_cpu_memory_scheduler(gpu) and "XLA_FLAGS" not in gpu
+    # An accelerator plugin installed: left alone unless JAX_PLATFORMS forces the CPU.
+    monkeypatch.setattr(backend.importlib.util, "find_spec", lambda name: name == "jax_cuda13_plugin")
+    plugin = {}
+    assert not backend.use_cpu_memory_scheduler(plugin) and "XLA_FLAGS" not in plugin
+    forced = {"JAX_PLATFORMS": "cpu"}
+    assert backend.use_cpu_memory_scheduler(forced) and forced["XLA_FLAGS"] == backend.CPU_MEMORY_FLAG
+
+
+def test_sequenced_keeps_values_and_adds_the_dependency():
+    value = {"x": jnp.arange(3.0), "key": jnp.array([7, 9], jnp.uint32)}
+    out = jax.jit(backend.sequenced)(jnp.ones((2, 2)), value)
+    np.testing.assert_array_equal(out["x"], value["x"])
+    np.testing.assert_array_equal(out["key"], value["key"])
+    assert out["key"].dtype == jnp.uint32
+    # The result depends on `previous` (a NaN there reaches it): XLA cannot compute it earlier.
+    poisoned = jax.jit(backend.sequenced)(jnp.array([jnp.nan]), {"x": jnp.arange(3.0)})
+    assert np.isnan(np.asarray(poisoned["x"])).all()

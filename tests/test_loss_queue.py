@@ -177,6 +177,13 @@ def test_queue_push_order_and_capacity():
     assert int(q.size) == 3 and int(q.head) == 1
     q = push(q, jax.random.PRNGKey(3), 12)
     np.testing.assert_array_equal(q.born, [9, 12, 5])
+    # when=False (the step's iterations between pushes): every field exactly as it was
+    skip = jax.jit(lambda q, k, t, w: queue_lib.push(q, _toy_init, k, t, when=w))
+    kept = skip(q, jax.random.PRNGKey(4), 15, False)
+    jax.tree.map(np.testing.assert_array_equal, kept, q)
+    pushed = skip(q, jax.random.PRNGKey(4), 15, True)
+    np.testing.assert_array_equal(pushed.born, [9, 12, 15])
+    assert int(pushed.head) == 0 and int(pushed.size) == 3
 
 
 def test_queue_sample_returns_distinct_occupied_slots():
