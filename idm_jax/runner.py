@@ -307,7 +307,8 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None,
         feed = itertools.repeat(condense.replicate(condense.device_data(ds), mesh))
     else:  # state.key is read before the first step donates the state
         sampler = condense.HostSampler(s, ds, jax.device_get(state.key), mesh)
-        feed = sampler.batches(start, stop_at)
+        host_batches = sampler.batches(start, stop_at)
+        feed = host_batches
     logging.info("real batches drawn on the %s (data.on_device=%s, train images %.2f GB)", placement,
                  config.data.on_device, ds.train_images.nbytes / 1e9)
     if start < stop_at:
@@ -377,7 +378,7 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None,
                     return summary
     finally:
         if placement == "host":
-            feed.close()
+            host_batches.close()
             sampler.close()
         writer.close()
         mngr.close()
