@@ -438,16 +438,24 @@ def _matching_nets(s: StepSettings, state: CondenseState, key: Array, init_fn):
     return queue, params, accs, queue.seen[slots]
 
 
+# Unrolling more class chunks than this makes compile time and compile memory grow with the
+# class count (CIFAR-100 IPC 10 on CPU: > 6 GiB and > 10 minutes to compile) for little speed:
+# the class loop only needs conv input gradients, which XLA:CPU runs fast inside a while loop
+# (CIFAR-10 IPC 10: 20.0-20.2 s per iteration as lax.map, 19.4 s unrolled, same values).
+MAX_UNROLLED_CHUNKS = 10
+
+
 def map_in_chunks(fn, inputs, chunk: int, *, unroll: bool):
     """fn mapped over the leading axis, `chunk` elements vectorised at a time.
 
-    Bounds memory like lax.map(batch_size=chunk). With unroll, the chunks are
+    Bounds memory like lax.map(batch_size=chunk). With unroll (and at most
+    MAX_UNROLLED_CHUNKS chunks; more run as lax.map), the chunks are
     a trace-time loop (no while loop; one chunk is plain vmap), each chunk
     `backend.sequenced` after the previous one, so one chunk's activations are
     alive at a time.
     """
     n = jax.tree.leaves(inputs)[0].shape[0]
-    if not unroll:
+    if not unroll or -(-n // chunk) > MAX_UNROLLED_CHUNKS:
         return jax.lax.map(fn, inputs, batch_size=chunk) if chunk < n else jax.vmap(fn)(inputs)
     outputs = []
     for i in range(0, n, chunk):

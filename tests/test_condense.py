@@ -360,3 +360,20 @@ def test_runs_condenses_with_successive_seeds_and_pools_the_evaluations(tmp_path
     monkeypatch.setattr(runner, "run_condensation", lambda *a, **k: pytest.fail("a finished run was rerun"))
     again = runner.run_repeated(c, str(tmp_path))
     assert again["results"]["archs"]["ConvNetD2"]["accuracies"] == r["accuracies"]
+
+
+def test_map_in_chunks_unrolls_only_a_few_chunks():
+    fn = lambda x: {"y": jnp.tanh(x["a"]) * 2.0}
+    inputs = {"a": jnp.arange(24.0).reshape(12, 2) / 7.0}
+    expected = np.tanh(np.arange(24.0).reshape(12, 2) / 7.0) * 2.0
+
+    def run(chunk, unroll):
+        jaxpr = str(jax.make_jaxpr(lambda i: condense.map_in_chunks(fn, i, chunk, unroll=unroll))(inputs))
+        out = condense.map_in_chunks(fn, inputs, chunk, unroll=unroll)
+        np.testing.assert_allclose(out["y"], expected, rtol=1e-6)
+        return "scan" in jaxpr or "while" in jaxpr
+
+    assert condense.MAX_UNROLLED_CHUNKS == 10
+    assert not run(chunk=2, unroll=True)  # 6 chunks: unrolled, no loop
+    assert run(chunk=1, unroll=True)  # 12 chunks > 10: a loop (compile cost flat in the classes)
+    assert run(chunk=2, unroll=False)  # accelerators: always a loop
