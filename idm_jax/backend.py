@@ -11,7 +11,7 @@ tiny shapes and compares them); "auto" (every config default) picks by `jax.defa
 | queue training (`idm.queue_train_impl`) | "map": member by member | "vmap": one batch |
 | evaluation seeds (`eval.seed_parallel`) | "map": seed by seed   | "vmap": one batch  |
 | evaluation epochs (`eval.loop`)       | "host": Python loop    | "device": on device |
-| step loops (`StepSettings.unroll_loops`) | unrolled at trace time | `lax.scan` / map |
+| step loops (`StepSettings.unroll_loops`) | unrolled at trace time (classes: up to 10 chunks) | `lax.scan` / map |
 | classes per chunk (`idm.class_batch=0`) | 1 once a class fills 256 images | ~4096 images' worth |
 
 Why, measured with jax 0.10 on XLA:CPU (numbers in docs/RESULTS.md and benchmarks/):
