@@ -61,3 +61,29 @@ def first_and_median_seconds(fn, steps: int) -> tuple[float, float]:
 
     first = timed()
     return first, statistics.median(timed() for _ in range(steps))
+
+
+def run_in_own_process(script: str, args: list[str], label: str, cwd: str) -> dict | None:
+    """Runs `python script --one *args` in a fresh process (so its peak memory is its own) and
+    returns the JSON row it prints last, or None after printing its error under `label`."""
+    import json  # pylint: disable=g-import-not-at-top
+    import subprocess  # pylint: disable=g-import-not-at-top
+    import sys  # pylint: disable=g-import-not-at-top
+
+    out = subprocess.run([sys.executable, script, "--one", *args], capture_output=True, text=True, cwd=cwd)
+    if out.returncode != 0:
+        print(f"{label} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+        return None
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"done: {row}", file=sys.stderr, flush=True)
+    return row
+
+
+def machine_line(rows: list[dict], extra: str = "") -> str:
+    """The header line of a benchmark table: processor, cores, device and jax of the rows."""
+    import os  # pylint: disable=g-import-not-at-top
+    import platform  # pylint: disable=g-import-not-at-top
+
+    device, jax_version = (rows[0]["device"], rows[0]["jax"]) if rows else ("", "")
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {device}, "
+            f"jax {jax_version}{'; ' + extra if extra else ''}")

@@ -16,8 +16,6 @@ import argparse
 import importlib
 import json
 import os
-import platform
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,17 +73,12 @@ def main() -> None:
     for method in args.method.split(","):
         for ipc in args.ipc.split(","):
             for impl in args.impl.split(","):
-                cmd = [sys.executable, __file__, "--one", f"--ipc={ipc}", f"--method={method}",
-                       f"--impl={impl}", f"--steps={args.steps}", f"--config={args.config}", f"--set={args.set}"]
-                out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-                if out.returncode != 0:
-                    print(f"IPC {ipc} {method} {impl} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
-                    continue
-                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-                print(f"done: {rows[-1]}", file=sys.stderr, flush=True)
-    print(f"\n{args.config}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{rows[0]['device'] if rows else ''}, jax {rows[0]['jax'] if rows else ''}"
-          f"{'; ' + args.set if args.set else ''}\n")
+                row = common.run_in_own_process(
+                    __file__, [f"--ipc={ipc}", f"--method={method}", f"--impl={impl}", f"--steps={args.steps}",
+                               f"--config={args.config}", f"--set={args.set}"],
+                    f"IPC {ipc} {method} {impl}", ROOT)
+                rows += [row] if row else []
+    print(f"\n{args.config}, {common.machine_line(rows, args.set)}\n")
     print("| method | IPC | queue training | synthetic update | compile + 1st it (s) | s / it "
           "| real images / s | peak memory (GiB) |")
     print("|---|---|---|---|---|---|---|---|")

@@ -20,8 +20,6 @@ import argparse
 import importlib
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -92,17 +90,11 @@ def main() -> None:
     rows = []
     for ipc in args.ipc.split(","):
         for classes in args.classes.split(","):
-            cmd = [sys.executable, __file__, "--one", f"--classes={classes}", f"--ipc={ipc}",
-                   f"--steps={args.steps}", f"--set={args.set}"]
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            if out.returncode != 0:
-                print(f"{classes} classes IPC {ipc} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
-                continue
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"done: {rows[-1]}", file=sys.stderr, flush=True)
-    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{rows[0]['device'] if rows else ''}, jax {rows[0]['jax'] if rows else ''}"
-          f"{'; ' + args.set if args.set else ''}\n")
+            row = common.run_in_own_process(
+                __file__, [f"--classes={classes}", f"--ipc={ipc}", f"--steps={args.steps}", f"--set={args.set}"],
+                f"{classes} classes IPC {ipc}", ROOT)
+            rows += [row] if row else []
+    print(f"\n{common.machine_line(rows, args.set)}\n")
     print("| classes | IPC | classes per chunk | compile (s) | XLA temporaries (GiB) "
           "| XLA arguments (GiB) | peak resident (GiB) |")
     print("|---|---|---|---|---|---|---|")
