@@ -2,8 +2,8 @@
 
 Every computation has one meaning and two shapes of code: the one GPUs/TPUs want (batched with
 `vmap`, loops kept as `lax.scan` / `fori_loop` inside one jitted call) and the one XLA:CPU runs
-fast. A result never depends on the choice (tests/test_backend_paths.py runs both on CPU with
-tiny shapes and compares them); "auto" (every config default) picks by `jax.default_backend()`:
+fast. A result never depends on the choice (test_condense.py and test_evaluate.py run both on
+CPU with tiny shapes and compare them); "auto" (every config default) picks by `jax.default_backend()`:
 
 | choice (config field)                 | CPU                    | GPU / TPU          |
 |---------------------------------------|------------------------|--------------------|
@@ -29,7 +29,8 @@ Why, measured with jax 0.10 on XLA:CPU (numbers in docs/RESULTS.md and benchmark
   the queue training beside the synthetic update). XLA:CPU's default scheduler runs them side
   by side for concurrency and keeps all their activations alive (CIFAR-10 IPC 10: 3.9 GiB of
   temporaries). On CPU, XLA is told to schedule for memory (`use_cpu_memory_scheduler`) and
-  each piece starts after the previous one (`sequenced`): 1.15 GiB.
+  each piece starts after the previous one (`sequenced`): 1.15 GiB (0.97 with the per-tap
+  weight gradient, models.conv_weight_grad_matmul).
 * Stacking classes into larger convolutions measured 1.35x slower per iteration on CPU at
   CIFAR-10 IPC 10 (1.6x at IPC 1); on GPU/TPU only memory bounds the chunk
   (`condense.auto_class_batch`).
