@@ -2,18 +2,22 @@
 # One prepared GPU check: install what the device image lacks, then measure and write every figure.
 #
 #   bash benchmarks/gpu_prepare.sh                 # here, once: stage .carry/ (wheels, release, CIFAR-10)
-#   device run, carry [".carry"], timeout_s 560:
+#   device run, carry [".carry"], timeout_s 590:
 #     bash benchmarks/gpu_check.sh "$OUT"
 #   DRY_RUN=1 bash benchmarks/gpu_check.sh /tmp/x  # tiny CPU settings, no installs (the test suite runs this)
 #
-# Budget: under 9 minutes on a fresh H100/H200 (device time is ~15 min a session, start-up
-# included). Each part has its own time limit and a failed part does not stop the others, so
-# one run always brings back something. Figures land in OUTDIR as markdown tables:
-#   devices.txt, condense_speed.md, evaluate_speed.md, parity.md (+ parity.png), timings.txt.
+# Budget: about 9 minutes on a fresh H100/H200 (device time is ~15 min a session, start-up
+# included). Each part has its own time limit and a failed or cut part does not stop the others,
+# so one run always brings back something; the parity run's stages resume from what is written.
+# Order = priority: the parity run beside the release (3 condensation seeds each, then evaluation
+# budget by budget), then the step speed at IPC 1/10/50. What comes back from OUT (8 files at most):
+#   parity.md + parity.png (pooled over the seeds), timings.txt (every part's start/end/rc),
+#   condense_speed.md, devices.txt, results.tar.gz (every log, table, json and the largest-budget
+#   synthetic sets of each run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-runs/gpu_check}}
-mkdir -p "$out"
+mkdir -p "$out/logs"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
@@ -21,16 +25,17 @@ log() { echo "[$(( $(date +%s) - start ))s] $*" | tee -a "$out/timings.txt"; }
 part() {  # part <name> <seconds> <command...>: run with a time limit, keep going on failure
   local name=$1 limit=$2; shift 2
   log "start $name (limit ${limit}s)"
-  timeout "$limit" "$@" >"$out/$name.md" 2>"$out/$name.log"  # parity.md is replaced by the final table
+  timeout "$limit" "$@" >"$out/logs/$name.out" 2>"$out/logs/$name.log"
   local rc=$?
   log "end $name rc=$rc"
-  [ $rc -ne 0 ] && tail -5 "$out/$name.log"
+  [ $rc -ne 0 ] && tail -5 "$out/logs/$name.log"
   return 0
 }
 
 if [ -n "${DRY_RUN:-}" ]; then
   # The same commands at toy sizes on whatever JAX sees (CPU in the test suite).
-  cfg=quick ipcs=1 steps=1 source=digits budgets=0,1 epochs=1 seeds=1 release=""
+  cfg=quick ipcs=1 steps=1 source=digits budgets=0,1 epochs=1 seeds=1 runs=0,1 release=""
+  limits=(100 0 0 200 0 200)  # idm_jax, release, convert, eval, cross, condense_speed
 else
   if ls .carry/whl/*.whl >/dev/null 2>&1; then  # packages the device image lacks
     $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/whl/*.whl
@@ -38,25 +43,41 @@ else
   fi
   $PY -m pip install -q --no-deps --no-build-isolation -e . || log "editable install failed; running from the tree"
   export IDM_CIFAR10=$PWD/.carry/cifar10-jpeg.tar.gz
-  cfg=cifar10 ipcs=1,10,50 steps=5 source=$IDM_CIFAR10 budgets=0,10,20 epochs=50 seeds=3
+  export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache  # the seeds' processes compile the step once
+  cfg=cifar10 ipcs=10,50,1 steps=5 source=$IDM_CIFAR10 budgets=0,50,100,200 epochs=300 seeds=3 runs=0,1,2
   release=$PWD/.carry/IDM
+  limits=(110 160 15 110 35 50)
 fi
 
 $PY -c "import jax, platform; print(jax.__version__, jax.devices(), platform.processor())" >"$out/devices.txt" 2>&1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>"$out/devices.txt" 2>/dev/null
 log "devices: $(head -c 300 "$out/devices.txt")"
 # Decode the dataset once (the cache serves every later process).
 [ -z "${DRY_RUN:-}" ] && $PY -c "from idm_jax import data; data.load_dataset('$source', normalization='cifar10')"
 
-part condense_speed 200 $PY benchmarks/condense_speed.py --config=$cfg --ipc=$ipcs --steps=$steps
-if [ -n "${DRY_RUN:-}" ]; then
-  part evaluate_speed 120 $PY benchmarks/evaluate_speed.py --source=$source --modes=map/host --epochs=1 --seeds=1 \
-    --ipc=1 --no-test
-  part parity 200 $PY benchmarks/release_parity.py --root="$out/parity_run" --config=quick --ipc=1 \
-    --budgets=$budgets --epochs=$epochs --seeds=$seeds --stage=data,idm_jax,eval,report
-else
-  part evaluate_speed 90 $PY benchmarks/evaluate_speed.py --source=$source --modes=vmap/device,map/device --epochs=5
-  part parity 240 $PY benchmarks/release_parity.py --release="$release" --release-python=$PY \
-    --root="$out/parity_run" --budgets=$budgets --epochs=$epochs --seeds=$seeds
+parity=($PY benchmarks/release_parity.py --root="$out/parity_run" --config=$cfg --ipc=$([ -n "${DRY_RUN:-}" ] && echo 1 || echo 10)
+        --budgets=$budgets --epochs=$epochs --seeds=$seeds --seed=$runs)
+part parity_idm_jax "${limits[0]}" "${parity[@]}" --stage=data,idm_jax
+if [ -n "$release" ]; then
+  part parity_release "${limits[1]}" "${parity[@]}" --stage=release --release="$release" --release-python=$PY
+  # A release run cut by its limit left snapshots: convert them (no --release: nothing is rerun).
+  part parity_convert "${limits[2]}" "${parity[@]}" --stage=release
 fi
-cp "$out/parity_run/parity.md" "$out/parity_run/parity.png" "$out/" 2>/dev/null  # the final table
+part parity_eval "${limits[3]}" "${parity[@]}" --stage=eval
+[ -n "$release" ] && part parity_cross "${limits[4]}" "${parity[@]}" --stage=cross --release="$release" \
+  --release-python=$PY
+part parity_report 20 "${parity[@]}" --stage=report
+cp "$out/parity_run/parity.md" "$out/parity_run/parity.png" "$out/" 2>/dev/null
+
+part condense_speed "${limits[5]}" $PY benchmarks/condense_speed.py --config=$cfg --ipc=$ipcs --steps=$steps
+cp "$out/logs/condense_speed.out" "$out/condense_speed.md"
+
+# Everything small in one archive (the files that come back are few): logs, tables, json, and
+# the largest-budget synthetic set of each run. Not the data, checkpoints or the release's work dir.
+top=${budgets##*,}
+(cd "$out" && find logs parity_run \( -name '*.out' -o -name '*.log' -o -name '*.md' -o -name '*.json' \
+   -o -name '*.png' -o -name "snap_$top.npz" -o -name "synthetic_$top.npz" \) \
+   -not -path '*/work/*' -not -path '*/run/checkpoints/*' -print0 | tar -czf results.tar.gz --null -T -)
+rm -rf "$out/logs"
+[ -n "${DRY_RUN:-}" ] || rm -rf "$out/parity_run"  # only $OUT's top files come back
 log "done"

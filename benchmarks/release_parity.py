@@ -19,11 +19,18 @@ each skipped when its outputs already exist, so a rerun resumes where the last o
 6. report:   ROOT/parity.md + parity.json + parity.png, copied to --docs (after every stage)
 
 Budget 0 is the init (real images, each of the 4 quadrants a downscaled real image).
+
+--seed=0,1,2 repeats the condensation of both implementations with each seed (ROOT/seed_<s>/, one
+shared ROOT/data.npz) and writes a pooled ROOT/parity.md whose spread is over the runs: without it
+the table's error bars hold only the evaluation networks' noise, not the condensation's own (which
+real images each run draws). Each stage loops over the seeds, so a run cut short by a time limit
+leaves whole stages for every seed it reached; evaluation goes budget by budget across the seeds.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import json
 import os
@@ -63,9 +70,33 @@ def eval_order(budgets: list[int]) -> list[int]:
     return ends + [b for b in budgets if b not in ends]
 
 
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--seed: expected comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seed: expected distinct integers, got {text!r}")
+    return seeds
+
+
+def seed_runs(args) -> list[argparse.Namespace]:
+    """One namespace per condensation seed: ROOT itself for a single seed, else ROOT/seed_<s>."""
+    seeds = parse_seeds(args.seed)
+    runs = []
+    for seed in seeds:
+        run = copy.copy(args)
+        run.seed = seed
+        run.root = args.root if len(seeds) == 1 else os.path.join(args.root, f"seed_{seed}")
+        run.data = os.path.join(args.root, "data.npz")
+        os.makedirs(run.root, exist_ok=True)
+        runs.append(run)
+    return runs
+
+
 def make_config(args, iterations: int):
     c = importlib.import_module(f"configs.{args.config}").get_config(str(args.ipc))
-    c.seed = args.seed
+    c.seed = int(args.seed)
     c.idm.iterations = max(iterations, 1)
     c.eval.at_end = False
     c.eval.epochs = args.epochs
@@ -100,7 +131,7 @@ def load_json(path: str):
 # stages
 
 def stage_data(args, ds) -> str:
-    path = os.path.join(args.root, "data.npz")
+    path = args.data
     if not os.path.exists(path):
         with open(path + ".tmp", "wb") as f:
             np.savez(f, train_images=ds.train_images, train_labels=ds.train_labels,
@@ -160,12 +191,13 @@ def stage_jax(args) -> None:
 def stage_release(args, ds) -> None:
     out = os.path.join(args.root, "release")
     budgets = parse_budgets(args.budgets)
-    if not os.path.exists(os.path.join(out, "timings.json")):
+    timings = load_json(os.path.join(out, "timings.json"))
+    if not (timings and timings.get("complete", True)):  # none yet, or written by a run cut short
         if not args.release:  # snapshots already written (e.g. by a run still going) are converted
             print("[parity] no --release given: not running the release's condensation", flush=True)
         else:
             subprocess.run([args.release_python, RELEASE_SIDE, "condense", f"--release={args.release}",
-                            f"--data={os.path.join(args.root, 'data.npz')}", f"--out={out}",
+                            f"--data={args.data}", f"--out={out}",
                             f"--dataset={RELEASE_DATASET[args.config]}", f"--ipc={args.ipc}",
                             f"--budgets={args.budgets}", f"--seed={args.seed}"], check=True)
     for budget in budgets:
@@ -182,18 +214,20 @@ def synthetic_path(args, impl: str, budget: int) -> str:
     return os.path.join(args.root, impl, name)
 
 
-def stage_eval(args) -> None:
+def stage_eval(args, runs) -> None:
+    """Budget by budget (the curve's two ends first), every seed's run, both implementations."""
     from idm_jax import evaluate  # pylint: disable=g-import-not-at-top
 
     for budget in eval_order(parse_budgets(args.budgets)):
-        for impl in report.IMPLEMENTATIONS:
-            synthetic = synthetic_path(args, impl, budget)
-            workdir = os.path.join(args.root, "eval", f"{impl}_{budget}")
-            if os.path.exists(os.path.join(workdir, "results.json")) or not os.path.exists(synthetic):
-                continue
-            print(f"[parity] evaluating {impl} after {budget} iterations", flush=True)
-            evaluate.run_evaluation(make_config(args, budget), workdir, synthetic)
-            write_report(args)
+        for run in runs:
+            for impl in report.IMPLEMENTATIONS:
+                synthetic = synthetic_path(run, impl, budget)
+                workdir = os.path.join(run.root, "eval", f"{impl}_{budget}")
+                if os.path.exists(os.path.join(workdir, "results.json")) or not os.path.exists(synthetic):
+                    continue
+                print(f"[parity] seed {run.seed}: evaluating {impl} after {budget} iterations", flush=True)
+                evaluate.run_evaluation(make_config(run, budget), workdir, synthetic)
+                write_reports(args, runs)
 
 
 def stage_cross(args) -> None:
@@ -202,47 +236,72 @@ def stage_cross(args) -> None:
     if os.path.exists(out) or not args.release:
         return
     subprocess.run([args.release_python, RELEASE_SIDE, "evaluate", f"--release={args.release}",
-                    f"--data={os.path.join(args.root, 'data.npz')}", f"--out={out}",
+                    f"--data={args.data}", f"--out={out}",
                     f"--dataset={RELEASE_DATASET[args.config]}",
                     f"--synthetic={synthetic_path(args, 'idm_jax', budget)}",
                     f"--epochs={args.epochs}", f"--seeds={args.seeds}"], check=True)
 
 
-def write_report(args) -> None:
-    budgets = parse_budgets(args.budgets)
-    rows = report.accuracy_rows(args.root, budgets)
-    timings = {impl: load_json(os.path.join(args.root, impl, "timings.json")) for impl in report.IMPLEMENTATIONS}
-    timings = {k: v for k, v in timings.items() if v}
-    cross = None
-    top = budgets[-1]
-    release_eval = load_json(os.path.join(args.root, "eval", f"release_evaluator_idm_jax_{top}.json"))
+def cross_check(run, rows) -> dict | None:
+    """The release's evaluate_synset beside idm_jax's evaluator on idm_jax's largest-budget set."""
+    top = parse_budgets(run.budgets)[-1]
+    release_eval = load_json(os.path.join(run.root, "eval", f"release_evaluator_idm_jax_{top}.json"))
+    if not release_eval:
+        return None
     own = next((r.get("idm_jax") for r in rows if r["budget"] == top), None)
-    if release_eval:
-        own_results = load_json(os.path.join(args.root, "eval", f"idm_jax_{top}", "results.json"))
-        cross = {"set": f"idm_jax's set after {top} iterations", "idm_jax": own, "release": release_eval,
-                 "release_pass_seconds": float(np.median(release_eval["seconds_per_pass"])),
-                 # per network: the evaluator reports seconds per epoch for all its seeds together
-                 "idm_jax_pass_seconds": (own_results["archs"]["ConvNet"]["seconds_per_epoch"]
-                                          / own_results["archs"]["ConvNet"]["num_seeds"]
-                                          if own_results else float("nan"))}
+    own_results = load_json(os.path.join(run.root, "eval", f"idm_jax_{top}", "results.json"))
+    return {"set": f"idm_jax's set after {top} iterations (seed {run.seed})", "idm_jax": own,
+            "release": release_eval, "release_pass_seconds": float(np.median(release_eval["seconds_per_pass"])),
+            # per network: the evaluator reports seconds per epoch for all its seeds together
+            "idm_jax_pass_seconds": (own_results["archs"]["ConvNet"]["seconds_per_epoch"]
+                                     / own_results["archs"]["ConvNet"]["num_seeds"]
+                                     if own_results else float("nan"))}
+
+
+def run_timings(run) -> dict:
+    timings = {impl: load_json(os.path.join(run.root, impl, "timings.json")) for impl in report.IMPLEMENTATIONS}
+    return {k: v for k, v in timings.items() if v}
+
+
+def write_report(args, rows, timings, cross, runs_note: str = "") -> None:
+    """ROOT/parity.md, parity.json and parity.png (and copies in --docs) from measured rows."""
     header = (f"{args.config} IPC {args.ipc}, evaluation: ConvNet, {args.epochs} epochs (release schedule), "
-              f"{args.seeds} networks per set; host {cpu_name()}, "
+              f"{args.seeds} networks per set{runs_note}; host {cpu_name()}, "
               f"{os.cpu_count()} cores; written {time.strftime('%Y-%m-%d %H:%M')}")
     text = report.markdown(rows, timings, cross, header)
-    stem = f"parity_{args.config}_ipc{args.ipc}"
     with open(os.path.join(args.root, "parity.md"), "w") as f:
         f.write(text)
     write_json(os.path.join(args.root, "parity.json"),
                {"rows": rows, "timings": timings, "cross_check": cross, "args": vars(args)})
     png = report.plot(rows, os.path.join(args.root, "parity.png"),
                       f"{args.config} IPC {args.ipc}: idm_jax vs the authors' release "
-                      f"({args.epochs} epochs x {args.seeds} nets)")
+                      f"({args.epochs} epochs x {args.seeds} nets{runs_note})")
     if args.docs:
+        stem = f"parity_{args.config}_ipc{args.ipc}"
         os.makedirs(args.docs, exist_ok=True)
         shutil.copyfile(os.path.join(args.root, "parity.md"), os.path.join(args.docs, stem + ".md"))
         if png:
             shutil.copyfile(png, os.path.join(args.docs, stem + ".png"))
     print(text, flush=True)
+
+
+def write_reports(args, runs) -> None:
+    """One report per seed's run; with several seeds also the pooled one at ROOT (copied to --docs)."""
+    budgets = parse_budgets(args.budgets)
+    for run in runs:
+        rows = report.accuracy_rows(run.root, budgets)
+        if len(runs) > 1:  # --docs gets the pooled report only
+            run = copy.copy(run)
+            run.docs = ""
+        write_report(run, rows, run_timings(run), cross_check(run, rows))
+    if len(runs) > 1:
+        rows = report.pooled_rows([run.root for run in runs], budgets)
+        per_run = [run_timings(run) for run in runs]
+        timings = {impl: report.pooled_timings([t.get(impl) for t in per_run]) for impl in report.IMPLEMENTATIONS}
+        timings = {k: v for k, v in timings.items() if v}
+        first_rows = report.accuracy_rows(runs[0].root, budgets)
+        write_report(args, rows, timings, cross_check(runs[0], first_rows),
+                     runs_note=f", condensation seeds {','.join(str(r.seed) for r in runs)}")
 
 
 def _common_argv(args) -> list[str]:
@@ -265,13 +324,16 @@ def main() -> None:
     parser.add_argument("--budgets", default="0,10,25,50")
     parser.add_argument("--epochs", type=int, default=100, help="evaluation epochs (release schedule)")
     parser.add_argument("--seeds", type=int, default=3, help="evaluation networks per set")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", default="0", help="condensation seed, or several (0,1,2): one run each")
     parser.add_argument("--stage", default="all", help=f"one of {STAGES}, 'all', or jax-condense (internal)")
     args = parser.parse_args()
     parse_budgets(args.budgets)
     os.makedirs(args.root, exist_ok=True)
+    runs = seed_runs(args)
     if args.stage == "jax-condense":
-        return jax_condense(args)
+        if len(runs) != 1:
+            raise SystemExit("--stage=jax-condense takes one --seed")
+        return jax_condense(runs[0])
     stages = STAGES if args.stage == "all" else tuple(args.stage.split(","))
     for s in stages:
         if s not in STAGES:
@@ -284,18 +346,19 @@ def main() -> None:
     from idm_jax import data  # pylint: disable=g-import-not-at-top
 
     logging.set_verbosity(logging.INFO)
-    ds = data.load_config_dataset(make_config(args, 1))
-    stage_data(args, ds)
+    ds = data.load_config_dataset(make_config(runs[0], 1))
+    stage_data(runs[0], ds)
     for s in stages:
-        if s == "idm_jax":
-            stage_jax(args)
-        elif s == "release":
-            stage_release(args, ds)
-        elif s == "eval":
-            stage_eval(args)
-        elif s == "cross":
-            stage_cross(args)
-        write_report(args)
+        for run in runs:
+            if s == "idm_jax":
+                stage_jax(run)
+            elif s == "release":
+                stage_release(run, ds)
+            elif s == "cross" and run is runs[0]:  # one set is enough to compare the evaluators
+                stage_cross(run)
+        if s == "eval":
+            stage_eval(args, runs)
+        write_reports(args, runs)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,14 @@
 
     python benchmarks/step_memory.py                         # 10 and 100 classes, IPC 1 and 10
     python benchmarks/step_memory.py --classes=10,100 --ipc=10 --steps=1
+    python benchmarks/step_memory.py --settings=cifar10 --ipc=10   # the number of classes alone
 
 Each cell runs in its own process (so peak memory is its own) on random uint8 images of
 CIFAR's shape (50,000 train images, 32x32x3, spread evenly over the classes) with the
 release's settings for that IPC (configs/cifar10.py for 10 classes, configs/cifar100.py for
-100). It compiles the step ahead of time as the runner does, runs --steps iterations and
-reports XLA's own account of the step (temporaries, arguments) and the process's peak
+100; --settings=cifar10 keeps CIFAR-10's for both, so that only the number of classes changes:
+CIFAR-100's IPC-10 row trains each queue network 50 steps, not 10). It compiles the step ahead
+of time as the runner does, runs --steps iterations and reports XLA's own account of the step (temporaries, arguments) and the process's peak
 resident memory. The classes are updated a fixed chunk at a time (idm.class_batch; auto = 1
 class on CPU), so the temporaries should not grow with the number of classes: only the
 synthetic set and the arguments do.
@@ -47,12 +49,12 @@ def fake_dataset(num_classes: int):
         mean=np.full(3, 0.5, np.float32), std=np.full(3, 0.25, np.float32))
 
 
-def measure_one(num_classes: int, ipc: int, steps: int, sets: str) -> dict:
+def measure_one(num_classes: int, ipc: int, steps: int, sets: str, settings: str = "per-dataset") -> dict:
     import jax  # pylint: disable=g-import-not-at-top
 
     from idm_jax import condense, runner  # pylint: disable=g-import-not-at-top
 
-    config_name = "cifar10" if num_classes == 10 else "cifar100"
+    config_name = settings if settings != "per-dataset" else ("cifar10" if num_classes == 10 else "cifar100")
     config = importlib.import_module(f"configs.{config_name}").get_config(str(ipc))
     common.apply_sets(config, sets)
     ds = fake_dataset(num_classes)
@@ -67,7 +69,8 @@ def measure_one(num_classes: int, ipc: int, steps: int, sets: str) -> dict:
         state, metrics = step(state, data)
     jax.block_until_ready(state)
     dev = jax.devices()[0]
-    return {"classes": num_classes, "ipc": ipc, "class_batch": s.class_batch,
+    return {"classes": num_classes, "ipc": ipc, "class_batch": s.class_batch, "settings": config_name,
+            "model_train_steps": s.model_train_steps,
             "unrolled": s.unroll_loops, "compile_s": compile_s,
             "temp_gib": analysis.temp_size_in_bytes / 2**30,
             "argument_gib": analysis.argument_size_in_bytes / 2**30,
@@ -82,24 +85,29 @@ def main() -> None:
     parser.add_argument("--ipc", default="1,10")
     parser.add_argument("--steps", type=int, default=1, help="iterations run after compiling (0: compile only)")
     parser.add_argument("--set", default="", help="config overrides, e.g. idm.class_batch=2")
+    parser.add_argument("--settings", default="per-dataset", choices=["per-dataset", "cifar10", "cifar100"],
+                        help="whose release settings: each dataset's own, or one config's for every class count")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure_one(int(args.classes), int(args.ipc), args.steps, args.set)))
+        print(json.dumps(measure_one(int(args.classes), int(args.ipc), args.steps, args.set, args.settings)))
         return
     rows = []
     for ipc in args.ipc.split(","):
         for classes in args.classes.split(","):
             row = common.run_in_own_process(
-                __file__, [f"--classes={classes}", f"--ipc={ipc}", f"--steps={args.steps}", f"--set={args.set}"],
+                __file__, [f"--classes={classes}", f"--ipc={ipc}", f"--steps={args.steps}", f"--set={args.set}",
+                           f"--settings={args.settings}"],
                 f"{classes} classes IPC {ipc}", ROOT)
             rows += [row] if row else []
     print(f"\n{common.machine_line(rows, args.set)}\n")
-    print("| classes | IPC | classes per chunk | compile (s) | XLA temporaries (GiB) "
-          "| XLA arguments (GiB) | peak resident (GiB) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| classes | IPC | settings | queue steps | classes per chunk | class loop | compile (s) "
+          "| XLA temporaries (GiB) | XLA arguments (GiB) | peak resident (GiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['classes']} | {r['ipc']} | {r['class_batch']} | {r['compile_s']:.0f} | "
+        loop = "unrolled" if r["unrolled"] else "loop"
+        print(f"| {r['classes']} | {r['ipc']} | {r['settings']} | {r['model_train_steps']} | {r['class_batch']} | "
+              f"{loop} | {r['compile_s']:.0f} | "
               f"{r['temp_gib']:.2f} | {r['argument_gib']:.2f} | {r['peak_gib']:.2f} |")
 
 

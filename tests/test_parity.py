@@ -72,6 +72,16 @@ def test_recorder_snapshots_at_budgets_and_times_iterations(tmp_path):
     np.testing.assert_array_equal(snap2["labels"], [0, 0, 1, 1])
     assert not os.path.exists(tmp_path / "snap_3.npz")
     assert len(rec.iteration_seconds(end=1e12)) == 3
+    calls = []
+    rec_cb = release_side._Recorder(str(tmp_path / "cb"), 2, 4, [0, 1], on_snapshot=lambda: calls.append(1))
+    os.makedirs(tmp_path / "cb")
+    rec_cb.attach(_FakeTensor(images))
+    rec_cb.before_step()
+    rec_cb.after_step()
+    assert calls == [1]  # the init; iteration 1 is not over after one of its two class steps
+    rec_cb.before_step()
+    rec_cb.after_step()
+    assert calls == [1, 1]  # a run cut short keeps the timings up to its last snapshot
     init_only = release_side._Recorder(str(tmp_path / "x"), 2, 4, [0])
     os.makedirs(tmp_path / "x")
     with pytest.raises(release_side._InitOnly):
@@ -121,6 +131,47 @@ def test_table_and_plot_from_fake_results(tmp_path):
     png = report.plot(rows, str(tmp_path / "parity.png"), "title")
     assert png and open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert report.plot([{"budget": 0}], str(tmp_path / "none.png"), "t") is None
+
+
+def test_pooled_rows_spread_is_over_condensation_runs(tmp_path):
+    # Two runs per implementation; each cell pools a run's networks into one mean.
+    roots = [str(tmp_path / "seed_0"), str(tmp_path / "seed_1")]
+    _fake_results(roots[0], "idm_jax", 0, [30.0, 32.0])
+    _fake_results(roots[1], "idm_jax", 0, [34.0, 36.0])
+    _fake_results(roots[0], "release", 0, [33.0, 33.0])
+    _fake_results(roots[1], "release", 0, [35.0, 37.0])
+    _fake_results(roots[0], "idm_jax", 10, [40.0, 40.0])  # one run only so far at budget 10
+    rows = report.pooled_rows(roots, [0, 10])
+    a, b = rows[0]["idm_jax"], rows[0]["release"]
+    assert a["accuracies"] == [31.0, 35.0] and b["accuracies"] == [33.0, 36.0]
+    assert (a["mean"], a["std"], a["runs"], a["networks"]) == (33.0, 2.0, 2, 4)
+    d, se = report.difference(a, b)
+    assert d == pytest.approx(-1.5) and se == pytest.approx(np.sqrt(8.0 / 2 + 4.5 / 2))
+    assert rows[1]["idm_jax"]["runs"] == 1 and "release" not in rows[1]
+    lines = report.markdown(rows, {}, None, "h").splitlines()
+    assert "| 0 | 33.00 ± 2.00 (2 runs, 4 nets) | 34.50 ± 1.50 (2 runs, 4 nets) | -1.50 ± 2.50 | yes |" in lines
+    assert any("over condensation runs" in line for line in lines)
+    one_each = [{"budget": 5, "idm_jax": dict(a, accuracies=[31.0], runs=1),
+                 "release": dict(b, accuracies=[33.0], runs=1)}]
+    assert report.markdown(one_each, {}, None, "h").splitlines()[4].endswith("| n/a |")  # no spread: no verdict
+    pooled = report.pooled_timings([{"iteration_seconds": [1.0, 2.0], "peak_rss_gib": 3.0}, None,
+                                    {"iteration_seconds": [4.0], "peak_rss_gib": 2.5}])
+    assert pooled == {"iteration_seconds": [1.0, 2.0, 4.0], "peak_rss_gib": 3.0, "runs": 2}
+    assert report.pooled_timings([None]) is None
+
+
+def test_seed_runs_share_the_data_and_split_the_roots(tmp_path):
+    import argparse
+
+    args = argparse.Namespace(root=str(tmp_path), seed="0,2")
+    runs = release_parity.seed_runs(args)
+    assert [(r.seed, r.root) for r in runs] == [(0, str(tmp_path / "seed_0")), (2, str(tmp_path / "seed_2"))]
+    assert {r.data for r in runs} == {str(tmp_path / "data.npz")} and args.seed == "0,2"
+    single = release_parity.seed_runs(argparse.Namespace(root=str(tmp_path), seed="3"))
+    assert [(r.seed, r.root) for r in single] == [(3, str(tmp_path))]  # one seed: the flat layout
+    for bad in ("1,1", "a", ""):
+        with pytest.raises(SystemExit, match="--seed"):
+            release_parity.parse_seeds(bad)
 
 
 def test_parity_cli_helpers():

@@ -118,6 +118,18 @@ def _tensor_datasets(arrays: dict[str, np.ndarray]):
     return make("train"), make("test")
 
 
+def provide_removed_scipy_module() -> None:
+    """The release imports `rotate` from scipy.ndimage.interpolation, a module newer SciPy no longer
+    has; the function itself lives on as scipy.ndimage.rotate. Lets the release's files run unchanged
+    on such a SciPy (e.g. a GPU machine's image)."""
+    try:
+        import scipy.ndimage.interpolation  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+        import scipy.ndimage  # pylint: disable=g-import-not-at-top
+
+        sys.modules["scipy.ndimage.interpolation"] = scipy.ndimage
+
+
 def install_dataset_adapter(release_utils, arrays: dict[str, np.ndarray]) -> None:
     """Replaces the release's `utils.get_dataset` with one that serves `arrays`."""
     import torch  # pylint: disable=g-import-not-at-top
@@ -143,8 +155,9 @@ class _InitOnly(Exception):
 class _Recorder:
     """Snapshots the synthetic images at budgets and times iterations (see the module docstring)."""
 
-    def __init__(self, out: str, num_classes: int, num_images: int, budgets: list[int]):
+    def __init__(self, out: str, num_classes: int, num_images: int, budgets: list[int], on_snapshot=None):
         self.out, self.num_classes, self.num_images, self.budgets = out, num_classes, num_images, budgets
+        self.on_snapshot = on_snapshot  # e.g. writes the timings so far, for a run cut short
         self.tensor = None
         self.labels = None
         self.class_steps = 0
@@ -181,6 +194,8 @@ class _Recorder:
             np.savez(f, images_nchw=images, labels=labels, budget=np.asarray(budget))
         os.replace(path + ".tmp", path)
         print(f"[parity] release snapshot after {budget} iterations -> {path}", flush=True)
+        if self.on_snapshot is not None:
+            self.on_snapshot()
 
     def iteration_seconds(self, end: float) -> list[float]:
         starts = self.iteration_starts + [end]
@@ -221,33 +236,41 @@ def condense(args) -> None:
     os.makedirs(workdir, exist_ok=True)
     release = os.path.abspath(args.release)
     sys.path.insert(0, release)
+    provide_removed_scipy_module()
     import utils as release_utils  # noqa: E402  # pylint: disable=g-import-not-at-top
 
     install_dataset_adapter(release_utils, arrays)
-    recorder = _Recorder(args.out, num_classes, num_classes * args.ipc, budgets)
+    argv = release_argv(args.dataset, args.ipc, budgets)
+    start = time.perf_counter()
+
+    def write_timings(complete: bool) -> None:
+        end = time.perf_counter()
+        # Until the run ends, only iterations that a snapshot closed are whole.
+        seconds = recorder.iteration_seconds(end)
+        write_json(os.path.join(args.out, "timings.json"), {
+            "implementation": "release", "dataset": args.dataset, "ipc": args.ipc, "budgets": budgets,
+            "complete": complete, "iteration_seconds": seconds if complete else seconds[:-1] or seconds,
+            "total_seconds": end - start, "peak_rss_gib": peak_rss_gib(), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "threads": torch.get_num_threads(), "argv": argv, "host": platform.processor() or platform.machine()})
+
+    recorder = _Recorder(args.out, num_classes, num_classes * args.ipc, budgets,
+                         on_snapshot=lambda: write_timings(complete=False))
     install_recorder(torch, recorder)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    argv = release_argv(args.dataset, args.ipc, budgets)
     script = os.path.join(release, SCRIPTS[args.dataset])
     print("[parity] running", script, " ".join(argv), flush=True)
     cwd = os.getcwd()
     os.chdir(workdir)
     sys.argv = [script, *argv]
-    start = time.perf_counter()
     try:
         runpy.run_path(script, run_name="__main__")
     except _InitOnly:
         pass
     finally:
         os.chdir(cwd)
-    end = time.perf_counter()
-    seconds = recorder.iteration_seconds(end)
-    write_json(os.path.join(args.out, "timings.json"), {
-        "implementation": "release", "dataset": args.dataset, "ipc": args.ipc, "budgets": budgets,
-        "iteration_seconds": seconds, "total_seconds": end - start, "peak_rss_gib": peak_rss_gib(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "argv": argv,
-        "host": platform.processor() or platform.machine()})
+    write_timings(complete=True)
 
 
 def evaluate(args) -> None:
@@ -255,6 +278,7 @@ def evaluate(args) -> None:
 
     release = os.path.abspath(args.release)
     sys.path.insert(0, release)
+    provide_removed_scipy_module()
     import dc_utils  # noqa: E402  # pylint: disable=g-import-not-at-top
 
     arrays = load_arrays(args.data)
@@ -272,7 +296,7 @@ def evaluate(args) -> None:
     ns = argparse.Namespace(
         lr_net=0.01, epoch_eval_train=args.epochs, batch_train=256, dsa=True,
         dsa_strategy="color_crop_cutout_flip_scale_rotate", dsa_param=dc_utils.ParamDiffAug(),
-        device="cpu", dataset=args.dataset)
+        device="cuda" if torch.cuda.is_available() else "cpu", dataset=args.dataset)
     channel, height, width = images.shape[1:]
     # Time the test pass apart, so seconds per training pass compare with idm_jax's evaluator.
     test_seconds = [0.0]
