@@ -4,15 +4,15 @@
     python benchmarks/step_memory.py --classes=10,100 --ipc=10 --steps=1
     python benchmarks/step_memory.py --settings=cifar10 --ipc=10   # the number of classes alone
 
-Each cell runs in its own process (so peak memory is its own) on random uint8 images of
-CIFAR's shape (50,000 train images, 32x32x3, spread evenly over the classes) with the
-release's settings for that IPC (configs/cifar10.py for 10 classes, configs/cifar100.py for
-100; --settings=cifar10 keeps CIFAR-10's for both, so that only the number of classes changes:
-CIFAR-100's IPC-10 row trains each queue network 50 steps, not 10). It compiles the step ahead
-of time as the runner does, runs --steps iterations and reports XLA's own account of the step (temporaries, arguments) and the process's peak
-resident memory. The classes are updated a fixed chunk at a time (idm.class_batch; auto = 1
-class on CPU), so the temporaries should not grow with the number of classes: only the
-synthetic set and the arguments do.
+Each cell runs in its own process (so peak memory is its own) on random uint8 images of CIFAR's
+shape (50,000 train images, 32x32x3, spread evenly over the classes) with the release's settings for
+that IPC (configs/cifar10.py for 10 classes, configs/cifar100.py for 100; --settings=cifar10 keeps
+CIFAR-10's for both, so that only the number of classes changes: CIFAR-100's IPC-10 row trains each
+queue network 50 steps, not 10). It compiles the step ahead of time as the runner does, runs --steps
+iterations and reports XLA's own account of the step (temporaries, arguments) and the process's peak
+resident memory. The classes are updated a fixed chunk at a time (idm.class_batch; auto = 1 class on
+CPU), so the temporaries should not grow with the number of classes: only the synthetic set and the
+arguments do.
 Prints one markdown table; copy it into docs/RESULTS.md with the machine.
 """
 
