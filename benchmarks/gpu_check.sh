@@ -34,7 +34,7 @@ part() {  # part <name> <seconds> <command...>: run with a time limit, keep goin
 
 if [ -n "${DRY_RUN:-}" ]; then
   # The same commands at toy sizes on whatever JAX sees (CPU in the test suite).
-  cfg=quick ipcs=1 steps=1 source=digits budgets=0,1 epochs=1 seeds=1 runs=0,1 release=""
+  cfg=quick ipcs=1 steps=1 source=digits budgets=0,1 epochs=1 seeds=1 runs=0,1 release="" IPC=1
   limits=(100 0 0 200 0 200)  # idm_jax, release, convert, eval, cross, condense_speed
 else
   if ls .carry/whl/*.whl >/dev/null 2>&1; then  # packages the device image lacks
@@ -44,10 +44,13 @@ else
   $PY -m pip install -q --no-deps --no-build-isolation -e . || log "editable install failed; running from the tree"
   export IDM_CIFAR10=$PWD/.carry/cifar10-jpeg.tar.gz
   export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache  # the seeds' processes compile the step once
-  cfg=cifar10 ipcs=10,50,1 steps=5 source=$IDM_CIFAR10 budgets=0,50,100,200 epochs=300 seeds=3 runs=0,1,2
-  release=$PWD/.carry/IDM
-  limits=(110 160 15 110 35 50)
+  cfg=cifar10 ipcs=${SPEED_IPCS:-10,50,1} steps=5 source=$IDM_CIFAR10 budgets=${BUDGETS:-0,50,100,200} epochs=300
+  seeds=3 runs=${RUNS:-0,1,2} release=$PWD/.carry/IDM
+  # idm_jax, release, convert, eval, cross, condense_speed (seconds; 0 skips a part). A second,
+  # shorter call can pick other settings, e.g. IPC=1 BUDGETS=0,25 RUNS=0 LIMITS="70 70 10 50 0 0".
+  read -r -a limits <<<"${LIMITS:-110 160 15 110 35 50}"
 fi
+ipc=${IPC:-10}
 
 $PY -c "import jax, platform; print(jax.__version__, jax.devices(), platform.processor())" >"$out/devices.txt" 2>&1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>"$out/devices.txt" 2>/dev/null
@@ -55,22 +58,24 @@ log "devices: $(head -c 300 "$out/devices.txt")"
 # Decode the dataset once (the cache serves every later process).
 [ -z "${DRY_RUN:-}" ] && $PY -c "from idm_jax import data; data.load_dataset('$source', normalization='cifar10')"
 
-parity=($PY benchmarks/release_parity.py --root="$out/parity_run" --config=$cfg --ipc=$([ -n "${DRY_RUN:-}" ] && echo 1 || echo 10)
+parity=($PY benchmarks/release_parity.py --root="$out/parity_run" --config=$cfg --ipc=$ipc
         --budgets=$budgets --epochs=$epochs --seeds=$seeds --seed=$runs)
 part parity_idm_jax "${limits[0]}" "${parity[@]}" --stage=data,idm_jax
-if [ -n "$release" ]; then
+if [ -n "$release" ] && [ "${limits[1]}" != 0 ]; then
   part parity_release "${limits[1]}" "${parity[@]}" --stage=release --release="$release" --release-python=$PY
   # A release run cut by its limit left snapshots: convert them (no --release: nothing is rerun).
   part parity_convert "${limits[2]}" "${parity[@]}" --stage=release
 fi
 part parity_eval "${limits[3]}" "${parity[@]}" --stage=eval
-[ -n "$release" ] && part parity_cross "${limits[4]}" "${parity[@]}" --stage=cross --release="$release" \
-  --release-python=$PY
+[ -n "$release" ] && [ "${limits[4]}" != 0 ] && part parity_cross "${limits[4]}" "${parity[@]}" --stage=cross \
+  --release="$release" --release-python=$PY
 part parity_report 20 "${parity[@]}" --stage=report
 cp "$out/parity_run/parity.md" "$out/parity_run/parity.png" "$out/" 2>/dev/null
 
-part condense_speed "${limits[5]}" $PY benchmarks/condense_speed.py --config=$cfg --ipc=$ipcs --steps=$steps
-cp "$out/logs/condense_speed.out" "$out/condense_speed.md"
+if [ "${limits[5]}" != 0 ]; then
+  part condense_speed "${limits[5]}" $PY benchmarks/condense_speed.py --config=$cfg --ipc=$ipcs --steps=$steps
+  cp "$out/logs/condense_speed.out" "$out/condense_speed.md"
+fi
 
 # Everything small in one archive (the files that come back are few): logs, tables, json, and
 # the largest-budget synthetic set of each run. Not the data, checkpoints or the release's work dir.
