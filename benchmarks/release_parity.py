@@ -170,8 +170,8 @@ def jax_condense(args) -> None:
         "implementation": "idm_jax", "budgets": budgets, "iteration_seconds": seconds,
         "seconds_this_call": time.perf_counter() - start,
         "peak_rss_gib": peak_rss_gib(),
-        "jax": jax.__version__, "backend": jax.default_backend(),
-        "host": cpu_name()})
+        "jax": jax.__version__, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+        "host": cpu_name(), "cores": os.cpu_count()})
 
 
 def _checkpoint_step(workdir: str) -> int:
@@ -263,11 +263,25 @@ def run_timings(run) -> dict:
     return {k: v for k, v in timings.items() if v}
 
 
-def write_report(args, rows, timings, cross, runs_note: str = "") -> None:
+def ran_on(run) -> str:
+    """Where the condensations ran, from their timings.json (not the machine writing the report)."""
+    timings = run_timings(run)
+    parts = []
+    if "idm_jax" in timings:
+        t = timings["idm_jax"]
+        cores = f", {t['cores']} cores" if "cores" in t else ""
+        parts.append(f"idm_jax on {t['host']}{cores}, {t.get('device', t['backend'])} (jax {t['jax']})")
+    if "release" in timings:
+        t = timings["release"]
+        parts.append(f"release on {t.get('device', 'cpu')} (torch {t['torch']}, {t.get('threads', '?')} threads)")
+    return "; ".join(parts) or "not yet"
+
+
+def write_report(args, rows, timings, cross, runs_note: str = "", where: str = "") -> None:
     """ROOT/parity.md, parity.json and parity.png (and copies in --docs) from measured rows."""
     header = (f"{args.config} IPC {args.ipc}, evaluation: ConvNet, {args.epochs} epochs (release schedule), "
-              f"{args.seeds} networks per set{runs_note}; host {cpu_name()}, "
-              f"{os.cpu_count()} cores; written {time.strftime('%Y-%m-%d %H:%M')}")
+              f"{args.seeds} networks per set{runs_note}. Condensed: {where or ran_on(args)}. "
+              f"Written {time.strftime('%Y-%m-%d %H:%M')} on {cpu_name()}, {os.cpu_count()} cores")
     text = report.markdown(rows, timings, cross, header)
     with open(os.path.join(args.root, "parity.md"), "w") as f:
         f.write(text)
@@ -301,7 +315,7 @@ def write_reports(args, runs) -> None:
         timings = {k: v for k, v in timings.items() if v}
         first_rows = report.accuracy_rows(runs[0].root, budgets)
         write_report(args, rows, timings, cross_check(runs[0], first_rows),
-                     runs_note=f", condensation seeds {','.join(str(r.seed) for r in runs)}")
+                     runs_note=f", condensation seeds {','.join(str(r.seed) for r in runs)}", where=ran_on(runs[0]))
 
 
 def _common_argv(args) -> list[str]:

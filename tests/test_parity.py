@@ -160,6 +160,18 @@ def test_pooled_rows_spread_is_over_condensation_runs(tmp_path):
     assert report.pooled_timings([None]) is None
 
 
+def test_welch_verdict_uses_the_t_distribution():
+    a, b = {"accuracies": [30.0, 31.0, 32.0]}, {"accuracies": [32.0, 33.0, 34.0]}
+    # Equal variances 1, 3 a side: se = sqrt(2/3), df = 4 exactly, t = 2 / 0.816 = 2.45 < 2.776.
+    assert report.welch_df(a, b) == pytest.approx(4.0) and report.verdict(a, b) == "yes"
+    assert report.verdict(a, {"accuracies": [33.0, 34.0, 35.0]}) == "NO"  # t = 3.67 > 2.776
+    assert report.t_critical_95(1.6) == 12.706 and report.t_critical_95(40) == 1.96  # df rounded down
+    assert report.verdict(a, {"accuracies": [40.0]}) == "n/a"
+    unequal = {"accuracies": [30.0, 30.0, 30.0, 30.0, 40.0]}  # var 20, n 5 against var 1, n 3
+    va, vb = 20 / 5, 1 / 3
+    assert report.welch_df(unequal, a) == pytest.approx((va + vb) ** 2 / (va**2 / 4 + vb**2 / 2))
+
+
 def test_seed_runs_share_the_data_and_split_the_roots(tmp_path):
     import argparse
 

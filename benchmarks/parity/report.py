@@ -91,11 +91,45 @@ def difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float]:
     return float(xa.mean() - xb.mean()), math.sqrt(var(xa) / len(xa) + var(xb) / len(xb))
 
 
+# Two-sided 95% critical values of Student's t for 1..30 degrees of freedom (standard tables).
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042)
+
+
+def welch_df(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Welch-Satterthwaite degrees of freedom of the difference of two means (NaN below 2 values a side)."""
+    xa, xb = np.asarray(a["accuracies"]), np.asarray(b["accuracies"])
+    if len(xa) < 2 or len(xb) < 2:
+        return float("nan")
+    va, vb = np.var(xa, ddof=1) / len(xa), np.var(xb, ddof=1) / len(xb)
+    if va + vb == 0:
+        return float(len(xa) + len(xb) - 2)
+    return float((va + vb) ** 2 / (va**2 / (len(xa) - 1) + vb**2 / (len(xb) - 1)))
+
+
+def t_critical_95(df: float) -> float:
+    """Two-sided 95% critical value for `df` degrees of freedom, rounded down (conservative)."""
+    if math.isnan(df) or df < 1:
+        return float("nan")
+    return _T95[int(df) - 1] if df < 31 else 1.96
+
+
+def verdict(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """'yes' when Welch's t-test at 5 % finds no difference, 'NO' when it does, 'n/a' without a spread."""
+    d, se = difference(a, b)
+    crit = t_critical_95(welch_df(a, b))
+    if math.isnan(se) or math.isnan(crit):
+        return "n/a"
+    return "yes" if abs(d) <= crit * se else "NO"
+
+
 def _cell(result: dict[str, Any] | None) -> str:
     if result is None:
         return "(pending)"
     if "runs" in result:  # pooled: spread over condensation runs, each the mean of its networks
-        return f"{result['mean']:.2f} ± {result['std']:.2f} ({result['runs']} runs, {result['networks']} nets)"
+        runs = f"{result['runs']} run" + ("s" if result["runs"] != 1 else "")
+        return f"{result['mean']:.2f} ± {result['std']:.2f} ({runs}, {result['networks']} nets)"
     return f"{result['mean']:.2f} ± {result['std']:.2f} ({len(result['accuracies'])})"
 
 
@@ -103,14 +137,14 @@ def markdown(rows: list[dict[str, Any]], timings: dict[str, dict[str, Any]],
              cross_check: dict[str, Any] | None, header: str) -> str:
     """The parity table: accuracy per budget for both, their difference, then the timing summary."""
     lines = [header, "",
-             "| iterations | idm_jax (%) | release (%) | difference (pp) | within 2 SE |",
+             "| iterations | idm_jax (%) | release (%) | difference (pp) | same (Welch t, 5 %) |",
              "|---|---|---|---|---|"]
     for row in rows:
         a, b = row.get("idm_jax"), row.get("release")
         if a and b:
             d, se = difference(a, b)
             diff = f"{d:+.2f} ± {se:.2f}"
-            ok = "n/a" if math.isnan(se) else ("yes" if abs(d) <= 2 * se else "NO")
+            ok = verdict(a, b)
         else:
             diff, ok = "—", "—"
         lines.append(f"| {row['budget']} | {_cell(a)} | {_cell(b)} | {diff} | {ok} |")
@@ -122,6 +156,9 @@ def markdown(rows: list[dict[str, Any]], timings: dict[str, dict[str, Any]],
     else:
         lines.append("Accuracy: mean ± std (number of evaluation networks), all scored by idm_jax's evaluator "
                      "with the same seeds; difference ± its standard error from the seeds' spread.")
+    lines.append("Same: Welch's t-test finds no difference at the 5 % level (critical value for the "
+                 "Welch-Satterthwaite degrees of freedom, rounded down); n/a: one value on a side, no spread. "
+                 "With 2-3 values a side the test only catches large differences.")
     jax_t, rel_t = timings.get("idm_jax"), timings.get("release")
     if jax_t or rel_t:
         lines += ["", "| | idm_jax | release | release / idm_jax |", "|---|---|---|---|"]
@@ -144,8 +181,8 @@ def markdown(rows: list[dict[str, Any]], timings: dict[str, dict[str, Any]],
         if cross_check.get("idm_jax") and cross_check.get("release"):
             d, se = difference(cross_check["idm_jax"], cross_check["release"])
             lines.append(f"Difference {d:+.2f} ± {se:.2f} pp; seconds per training pass of one network: idm_jax "
-                         f"{cross_check.get('idm_jax_pass_seconds', float('nan')):.2f}, release "
-                         f"{cross_check.get('release_pass_seconds', float('nan')):.2f}.")
+                         f"{cross_check.get('idm_jax_pass_seconds', float('nan')):.3g}, release "
+                         f"{cross_check.get('release_pass_seconds', float('nan')):.3g}.")
     return "\n".join(lines) + "\n"
 
 
