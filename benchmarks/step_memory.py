@@ -22,6 +22,7 @@ import argparse
 import importlib
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -65,13 +66,19 @@ def measure_one(num_classes: int, ipc: int, steps: int, sets: str, settings: str
     step = runner.compile_ahead(condense.make_step(s), state, data)
     compile_s = time.perf_counter() - start
     analysis = step.memory_analysis()
+    seconds = []
     for _ in range(steps):
+        start = time.perf_counter()
         state, metrics = step(state, data)
-    jax.block_until_ready(state)
+        jax.block_until_ready(state)
+        seconds.append(time.perf_counter() - start)
     dev = jax.devices()[0]
+    chunks = -(-num_classes // s.class_batch)
     return {"classes": num_classes, "ipc": ipc, "class_batch": s.class_batch, "settings": config_name,
             "model_train_steps": s.model_train_steps,
-            "unrolled": s.unroll_loops, "compile_s": compile_s,
+            "class_loop": "unrolled" if s.unroll_loops and chunks <= condense.MAX_UNROLLED_CHUNKS else "lax.map",
+            "queue_unroll": condense.queue_steps_unrolled(s),
+            "compile_s": compile_s, "s_per_it": statistics.median(seconds) if seconds else float("nan"),
             "temp_gib": analysis.temp_size_in_bytes / 2**30,
             "argument_gib": analysis.argument_size_in_bytes / 2**30,
             "peak_gib": common.peak_memory_gib() if steps else float("nan"),
@@ -101,13 +108,12 @@ def main() -> None:
                 f"{classes} classes IPC {ipc}", ROOT)
             rows += [row] if row else []
     print(f"\n{common.machine_line(rows, args.set)}\n")
-    print("| classes | IPC | settings | queue steps | classes per chunk | class loop | compile (s) "
-          "| XLA temporaries (GiB) | XLA arguments (GiB) | peak resident (GiB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| classes | IPC | settings | queue steps (unrolled) | classes per chunk | class loop | compile (s) "
+          "| s / it | XLA temporaries (GiB) | XLA arguments (GiB) | peak resident (GiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        loop = "unrolled" if r["unrolled"] else "loop"
-        print(f"| {r['classes']} | {r['ipc']} | {r['settings']} | {r['model_train_steps']} | {r['class_batch']} | "
-              f"{loop} | {r['compile_s']:.0f} | "
+        print(f"| {r['classes']} | {r['ipc']} | {r['settings']} | {r['model_train_steps']} ({r['queue_unroll']}) | "
+              f"{r['class_batch']} | {r['class_loop']} | {r['compile_s']:.0f} | {r['s_per_it']:.2f} | "
               f"{r['temp_gib']:.2f} | {r['argument_gib']:.2f} | {r['peak_gib']:.2f} |")
 
 

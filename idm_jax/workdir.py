@@ -31,7 +31,7 @@ RUN_OUTPUTS = ("checkpoints", METRICS, "tensorboard", "synthetic.npz", "syntheti
 # Dotted config keys (or prefixes ending in ".") that do not change the condensed state.
 RESUMABLE = ("eval.", "baseline.", "data.cache_dir", "log_every", "checkpoint_every",
              "checkpoint_every_minutes", "keep_checkpoints", "mesh_devices", "idm.iterations",
-             "idm.queue_train_impl", "idm.class_batch", "idm.real_chunk_size")
+             "idm.queue_train_impl", "idm.class_batch", "idm.real_chunk_size", "idm.max_unrolled_queue_steps")
 
 
 class WorkdirError(ValueError):

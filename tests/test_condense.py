@@ -7,6 +7,7 @@ step compiles once for the whole module (make_step is cached per settings).
 import dataclasses
 import json
 import os
+import re
 import signal
 
 import jax
@@ -377,3 +378,28 @@ def test_map_in_chunks_unrolls_only_a_few_chunks():
     assert not run(chunk=2, unroll=True)  # 6 chunks: unrolled, no loop
     assert run(chunk=1, unroll=True)  # 12 chunks > 10: a loop (compile cost flat in the classes)
     assert run(chunk=2, unroll=False)  # accelerators: always a loop
+
+
+def test_queue_training_unrolls_at_most_a_block_of_steps(digits):
+    # 5 SGD steps of a queue member: fully unrolled (the CPU default) or as a loop over blocks
+    # of 2 unrolled steps (idm.max_unrolled_queue_steps=2: 2 trips + 1 left over) must train
+    # the member identically.
+    c = tiny_config()
+    c.idm.model_train_steps = 5
+    data = condense.device_data(digits)
+    outputs, unrolls = {}, {}
+    for cap in (0, 2):
+        c.idm.max_unrolled_queue_steps = cap
+        s = dataclasses.replace(condense.settings_from_config(c, digits), unroll_loops=True)
+        params, opt_state = condense.make_init_fn(s)(jax.random.PRNGKey(0))
+        train = condense.make_member_train_fn(s, data)
+        jaxpr = str(jax.make_jaxpr(train)(params, opt_state, jax.random.PRNGKey(1)))
+        unrolls[cap] = re.findall(r"unroll=(\w+)", jaxpr)  # the scan's unroll (a loop when < 5)
+        outputs[cap] = jax.jit(train)(params, opt_state, jax.random.PRNGKey(1))
+    assert unrolls == {0: ["5"], 2: ["2"]}
+    assert condense.queue_steps_unrolled(dataclasses.replace(s, unroll_loops=False)) == 1  # GPU/TPU: a loop
+    for a, b in zip(jax.tree.leaves(outputs[0]), jax.tree.leaves(outputs[2])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert float(outputs[2][3]) == 5 * s.batch_train  # the meter saw every step's batch
+    moved = [float(jnp.abs(p1 - p0).max()) for p1, p0 in zip(jax.tree.leaves(outputs[2][0]), jax.tree.leaves(params))]
+    assert min(moved) > 0  # the steps did train every parameter

@@ -47,6 +47,7 @@ def test_imagenet_subset_config_pins_the_release_row(ipc, net_num):
 
 @pytest.mark.parametrize("field, value, message", [
     ("idm.meter_reset_interval", -1, "idm.meter_reset_interval must be an integer >= 0"),
+    ("idm.max_unrolled_queue_steps", -2, "idm.max_unrolled_queue_steps must be an integer >= 0 .* got -2"),
     ("idm.model_aug_lr_jitter", 1.5, "idm.model_aug_lr_jitter must be in \\[0, 1\\)"),
     ("idm.model_aug_class_fraction", 0.0, "idm.model_aug_class_fraction must be in \\(0, 1\\]"),
     ("data.resize", "squash", "data.resize must be one of .* got 'squash'"),
