@@ -277,7 +277,7 @@ def ran_on(run) -> str:
     return "; ".join(parts) or "not yet"
 
 
-def write_report(args, rows, timings, cross, runs_note: str = "", where: str = "") -> None:
+def write_report(args, rows, timings, cross, runs_note: str = "", where: str = "", show: bool = True) -> None:
     """ROOT/parity.md, parity.json and parity.png (and copies in --docs) from measured rows."""
     header = (f"{args.config} IPC {args.ipc}, evaluation: ConvNet, {args.epochs} epochs (release schedule), "
               f"{args.seeds} networks per set{runs_note}. Condensed: {where or ran_on(args)}. "
@@ -296,7 +296,8 @@ def write_report(args, rows, timings, cross, runs_note: str = "", where: str = "
         shutil.copyfile(os.path.join(args.root, "parity.md"), os.path.join(args.docs, stem + ".md"))
         if png:
             shutil.copyfile(png, os.path.join(args.docs, stem + ".png"))
-    print(text, flush=True)
+    if show:
+        print(text, flush=True)
 
 
 def write_reports(args, runs) -> None:
@@ -307,7 +308,7 @@ def write_reports(args, runs) -> None:
         if len(runs) > 1:  # --docs gets the pooled report only
             run = copy.copy(run)
             run.docs = ""
-        write_report(run, rows, run_timings(run), cross_check(run, rows))
+        write_report(run, rows, run_timings(run), cross_check(run, rows), show=len(runs) == 1)
     if len(runs) > 1:
         rows = report.pooled_rows([run.root for run in runs], budgets)
         per_run = [run_timings(run) for run in runs]
