@@ -10,7 +10,10 @@
 # included). Each part has its own time limit and a failed or cut part does not stop the others,
 # so one run always brings back something; the parity run's stages resume from what is written.
 # Order = priority: the parity run beside the release (3 condensation seeds each, then evaluation
-# budget by budget), then the step speed at IPC 1/10/50. What comes back from OUT (8 files at most):
+# budget by budget, then both evaluators on one set, timed), then the step speed at IPC 10/50/1.
+# On an H200 (2026-11-27) the limits let seed 0 reach 200 iterations and seed 1 100; a later call
+# adds seeds (RUNS=2,3): unpack its results.tar.gz beside the first's seed_<s>/ folders and run
+# `release_parity.py --stage=report --seed=0,1,2,3` here to pool them. What comes back (8 files):
 #   parity.md + parity.png (pooled over the seeds), timings.txt (every part's start/end/rc),
 #   condense_speed.md, devices.txt, results.tar.gz (every log, table, json and the largest-budget
 #   synthetic sets of each run).
