@@ -3,6 +3,7 @@ converter and the table/plot writer, on tiny fake release-style outputs (no torc
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -184,6 +185,15 @@ def test_seed_runs_share_the_data_and_split_the_roots(tmp_path):
     for bad in ("1,1", "a", ""):
         with pytest.raises(SystemExit, match="--seed"):
             release_parity.parse_seeds(bad)
+
+
+def test_removed_scipy_namespace_is_provided(monkeypatch):
+    ndimage = pytest.importorskip("scipy.ndimage")
+    monkeypatch.setitem(sys.modules, "scipy.ndimage.interpolation", None)  # as if SciPy had dropped it
+    release_side.provide_removed_scipy_module()
+    from scipy.ndimage.interpolation import rotate  # what the release's utils.py imports
+
+    assert rotate is ndimage.rotate
 
 
 def test_parity_cli_helpers():

@@ -119,9 +119,9 @@ def _tensor_datasets(arrays: dict[str, np.ndarray]):
 
 
 def provide_removed_scipy_module() -> None:
-    """The release imports `rotate` from scipy.ndimage.interpolation, a module newer SciPy no longer
-    has; the function itself lives on as scipy.ndimage.rotate. Lets the release's files run unchanged
-    on such a SciPy (e.g. a GPU machine's image)."""
+    """The release imports `rotate` from scipy.ndimage.interpolation, a namespace SciPy deprecates
+    (still there in 1.17) in favour of scipy.ndimage.rotate. If the installed SciPy has dropped it,
+    the name points at scipy.ndimage, so the release's files still run unchanged."""
     try:
         import scipy.ndimage.interpolation  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
     except ImportError:
