@@ -423,8 +423,8 @@ def train_networks(model: nn.Module, images: Any, labels: Any, *, key: jax.Array
                 p, done = p + count, done + count
                 if done == count:
                     first_seconds = dt
-                    logging.info("%s: compiled + first epoch in %.1f s (%d seeds, %s, %s loop, %d images)",
-                                 label, dt, num_seeds, mode, loop, n)
+                    logging.info("%s: first epoch (compiling, unless cached) in %.3g s (%d seeds, %s, %s loop, "
+                                 "%d images)", label, dt, num_seeds, mode, loop, n)
                     continue
                 t_steady, passes_steady = t_steady + dt, passes_steady + count
                 per_epoch = t_steady / passes_steady
