@@ -263,9 +263,8 @@ def run_timings(run) -> dict:
     return {k: v for k, v in timings.items() if v}
 
 
-def ran_on(run) -> str:
+def ran_on(timings: dict) -> str:
     """Where the condensations ran, from their timings.json (not the machine writing the report)."""
-    timings = run_timings(run)
     parts = []
     if "idm_jax" in timings:
         t = timings["idm_jax"]
@@ -277,10 +276,10 @@ def ran_on(run) -> str:
     return "; ".join(parts) or "not yet"
 
 
-def write_report(args, rows, timings, cross, runs_note: str = "", where: str = "", show: bool = True) -> None:
+def write_report(args, rows, timings, cross, where: str, runs_note: str = "", show: bool = True) -> None:
     """ROOT/parity.md, parity.json and parity.png (and copies in --docs) from measured rows."""
     header = (f"{args.config} IPC {args.ipc}, evaluation: ConvNet, {args.epochs} epochs (release schedule), "
-              f"{args.seeds} networks per set{runs_note}. Condensed: {where or ran_on(args)}. "
+              f"{args.seeds} networks per set{runs_note}. Condensed: {where}. "
               f"Written {time.strftime('%Y-%m-%d %H:%M')} on {cpu_name()}, {os.cpu_count()} cores")
     text = report.markdown(rows, timings, cross, header)
     with open(os.path.join(args.root, "parity.md"), "w") as f:
@@ -303,20 +302,19 @@ def write_report(args, rows, timings, cross, runs_note: str = "", where: str = "
 def write_reports(args, runs) -> None:
     """One report per seed's run; with several seeds also the pooled one at ROOT (copied to --docs)."""
     budgets = parse_budgets(args.budgets)
-    for run in runs:
-        rows = report.accuracy_rows(run.root, budgets)
+    measured = [(report.accuracy_rows(run.root, budgets), run_timings(run)) for run in runs]
+    for run, (rows, timings) in zip(runs, measured):
         if len(runs) > 1:  # --docs gets the pooled report only
             run = copy.copy(run)
             run.docs = ""
-        write_report(run, rows, run_timings(run), cross_check(run, rows), show=len(runs) == 1)
+        write_report(run, rows, timings, cross_check(run, rows), ran_on(timings), show=len(runs) == 1)
     if len(runs) > 1:
-        rows = report.pooled_rows([run.root for run in runs], budgets)
-        per_run = [run_timings(run) for run in runs]
-        timings = {impl: report.pooled_timings([t.get(impl) for t in per_run]) for impl in report.IMPLEMENTATIONS}
+        rows = report.pool_rows([rows for rows, _ in measured])
+        timings = {impl: report.pooled_timings([t.get(impl) for _, t in measured]) for impl in report.IMPLEMENTATIONS}
         timings = {k: v for k, v in timings.items() if v}
-        first_rows = report.accuracy_rows(runs[0].root, budgets)
-        write_report(args, rows, timings, cross_check(runs[0], first_rows),
-                     runs_note=f", condensation seeds {','.join(str(r.seed) for r in runs)}", where=ran_on(runs[0]))
+        first_rows, first_timings = measured[0]
+        write_report(args, rows, timings, cross_check(runs[0], first_rows), ran_on(first_timings),
+                     runs_note=f", condensation seeds {','.join(str(r.seed) for r in runs)}")
 
 
 def _common_argv(args) -> list[str]:

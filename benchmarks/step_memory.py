@@ -73,10 +73,10 @@ def measure_one(num_classes: int, ipc: int, steps: int, sets: str, settings: str
         jax.block_until_ready(state)
         seconds.append(time.perf_counter() - start)
     dev = jax.devices()[0]
-    chunks = -(-num_classes // s.class_batch)
     return {"classes": num_classes, "ipc": ipc, "class_batch": s.class_batch, "settings": config_name,
             "model_train_steps": s.model_train_steps,
-            "class_loop": "unrolled" if s.unroll_loops and chunks <= condense.MAX_UNROLLED_CHUNKS else "lax.map",
+            "class_loop": "unrolled" if condense.chunks_unrolled(num_classes, s.class_batch, s.unroll_loops)
+                          else "lax.map",
             "queue_unroll": condense.queue_steps_unrolled(s),
             "compile_s": compile_s, "s_per_it": statistics.median(seconds) if seconds else float("nan"),
             "temp_gib": analysis.temp_size_in_bytes / 2**30,

@@ -461,6 +461,11 @@ def queue_steps_unrolled(s: StepSettings) -> int:
     return min(s.model_train_steps, cap) if cap > 0 else s.model_train_steps
 
 
+def chunks_unrolled(n: int, chunk: int, unroll: bool) -> bool:
+    """Whether map_in_chunks unrolls n elements taken `chunk` at a time (else lax.map / vmap)."""
+    return unroll and -(-n // chunk) <= MAX_UNROLLED_CHUNKS
+
+
 def map_in_chunks(fn, inputs, chunk: int, *, unroll: bool):
     """fn mapped over the leading axis, `chunk` elements vectorised at a time.
 
@@ -471,7 +476,7 @@ def map_in_chunks(fn, inputs, chunk: int, *, unroll: bool):
     alive at a time.
     """
     n = jax.tree.leaves(inputs)[0].shape[0]
-    if not unroll or -(-n // chunk) > MAX_UNROLLED_CHUNKS:
+    if not chunks_unrolled(n, chunk, unroll):
         return jax.lax.map(fn, inputs, batch_size=chunk) if chunk < n else jax.vmap(fn)(inputs)
     outputs = []
     for i in range(0, n, chunk):

@@ -50,9 +50,9 @@ def validate(config) -> None:
         "iterations", "partition_factor", "batch_real", "net_num", "net_init_num",
         "net_generate_interval", "train_net_num", "fetch_net_num", "model_train_steps",
         "batch_train", "real_chunk_size"])
-    _require(isinstance(idm.get("max_unrolled_queue_steps", 0), int) and idm.get("max_unrolled_queue_steps", 0) >= 0,
+    _require(isinstance(idm.max_unrolled_queue_steps, int) and idm.max_unrolled_queue_steps >= 0,
              f"idm.max_unrolled_queue_steps must be an integer >= 0 (0 = all), got "
-             f"{idm.get('max_unrolled_queue_steps')!r}")
+             f"{idm.max_unrolled_queue_steps!r}")
     _require(isinstance(idm.meter_reset_interval, int) and idm.meter_reset_interval >= 0,
              f"idm.meter_reset_interval must be an integer >= 0 (0 = never reset), got "
              f"{idm.meter_reset_interval!r}")

@@ -60,12 +60,16 @@ def pooled_rows(roots: list[str], budgets: list[int]) -> list[dict[str, Any]]:
     networks), so its spread, and the standard error of a difference, include the randomness of
     the condensation itself (which real images are drawn), not only that of the evaluation.
     """
-    per_root = [accuracy_rows(root, budgets) for root in roots]
+    return pool_rows([accuracy_rows(root, budgets) for root in roots])
+
+
+def pool_rows(per_run: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """pooled_rows from each run's accuracy_rows (same budgets, same order)."""
     rows = []
-    for i, budget in enumerate(budgets):
-        row: dict[str, Any] = {"budget": budget}
+    for i, first in enumerate(per_run[0]):
+        row: dict[str, Any] = {"budget": first["budget"]}
         for impl in IMPLEMENTATIONS:
-            runs = [r[i][impl] for r in per_root if impl in r[i]]
+            runs = [r[i][impl] for r in per_run if impl in r[i]]
             if runs:
                 means = [float(np.mean(r["accuracies"])) for r in runs]
                 row[impl] = {"accuracies": means, "mean": float(np.mean(means)), "std": float(np.std(means)),
