@@ -4,6 +4,8 @@
   python main.py --config=configs/cifar10.py:10 --workdir=runs/c10_ipc10
   python main.py --config=configs/cifar10.py:10 --mode=evaluate \
       --synthetic=runs/c10_ipc10/synthetic.npz --workdir=runs/c10_eval
+  python main.py --config=configs/cifar10.py:10 --mode=evaluate --synthetic=release_ipc10.npz \
+      --synthetic_space=normalized --synthetic_partition_factor=2 --workdir=runs/release_eval
   python main.py --config=configs/cifar10.py:10 --mode=baseline \
       --config.baseline.method=herding --workdir=runs/c10_herding
   python main.py --config=configs/cifar100.py:10 --mode=continual --workdir=runs/continual
@@ -46,6 +48,20 @@ _MODE = flags.DEFINE_enum("mode", "condense",
                           "What to run.")
 _SYNTHETIC = flags.DEFINE_string("synthetic", None, "synthetic.npz to score with --mode=evaluate; "
                                  "with --mode=consistency, NAME=PATH[,NAME=PATH...] (empty: condense them).")
+# --mode=evaluate on a set made elsewhere (docs/EVALUATE_ANY_SET.md): an .npz of only images and labels
+# takes the dataset config's mean/std and class names; these say what its arrays hold.
+_SYN_SPACE = flags.DEFINE_enum("synthetic_space", "pixel", ["pixel", "normalized"],
+                               "evaluate: the .npz's `images` are [0, 1] pixels (or uint8) or normalized "
+                               "with the dataset's mean and std (the authors' release and DM save these).")
+_SYN_LAYOUT = flags.DEFINE_enum("synthetic_layout", "auto", ["auto", "NHWC", "NCHW"],
+                                "evaluate: axis order of the .npz's images (torch saves NCHW); auto: by the "
+                                "dataset's image shape.")
+_SYN_PARTITION = flags.DEFINE_integer("synthetic_partition_factor", None,
+                                      "evaluate: cut each image into l x l pieces (IDM's l; the release's "
+                                      "--aug is 2); default: the file's, else 1.")
+_SYN_METHOD = flags.DEFINE_string("synthetic_method", None,
+                                  "evaluate: method name in results (e.g. idm, dm: the paper's number is "
+                                  "shown beside); default: the file's, else 'external'.")
 _RESTART = flags.DEFINE_bool("restart", False, "condense: delete the workdir's run outputs (checkpoints, "
                              "metrics, synthetic set, results) and start over; configs are kept.")
 _REEVALUATE = flags.DEFINE_bool("reevaluate", False, "condense: evaluate a completed run again "
@@ -87,7 +103,9 @@ def main(argv):
         elif _MODE.value == "evaluate":
             if not _SYNTHETIC.value:
                 raise ValueError("--mode=evaluate needs --synthetic=<path to synthetic.npz>")
-            evaluate.run_evaluation(config, _WORKDIR.value, _SYNTHETIC.value)
+            evaluate.run_evaluation(config, _WORKDIR.value, _SYNTHETIC.value, space=_SYN_SPACE.value,
+                                    layout=_SYN_LAYOUT.value, partition_factor=_SYN_PARTITION.value,
+                                    method=_SYN_METHOD.value)
         elif _MODE.value == "baseline":
             baselines.run_baseline(config, _WORKDIR.value)
         elif _MODE.value == "continual":

@@ -14,6 +14,11 @@ evaluation). Its keys:
                         (1 = use the images as they are; coresets);
 * ``method``, ``dataset``, ``config_json``  str.
 
+`load_synthetic(path, dataset)` also reads a set made by another tool (the authors' release, DM):
+an .npz of only ``images`` and ``labels``, pixel or normalized, NHWC or NCHW; the dataset supplies
+the rest (docs/EVALUATE_ANY_SET.md). A published set (synthetic_sets/) may lack the derived
+``images``, which is then recomputed from ``images_normalized``.
+
 Files are written atomically (a temporary file in the same folder, then `os.replace`), so a
 reader never sees a half-written file. The paper's numbers that `results_markdown` prints beside
 measured accuracies live in one data file, ``idm_jax/paper_results.json``.
@@ -62,6 +67,8 @@ class SyntheticSet:
     dataset: str
     config_json: str = "{}"
     path: str = ""
+    # METADATA_KEYS the file lacked, taken from the dataset it is scored on (a bare images+labels file)
+    filled_from_dataset: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -159,7 +166,7 @@ def save_synthetic(path: str, images_normalized: Any, labels: Any, *, mean: Sequ
     return path
 
 
-def _read_npz(path: str) -> dict[str, np.ndarray]:
+def read_npz(path: str) -> dict[str, np.ndarray]:
     """All arrays of an .npz file, with errors that name the file."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"synthetic set {path!r} does not exist")
@@ -189,38 +196,142 @@ def _scalar(path: str, arrays: Mapping[str, np.ndarray], key: str, kind: type) -
                          f"got {value.item()!r}") from e
 
 
-def load_synthetic(path: str) -> SyntheticSet:
-    """Reads and validates a synthetic.npz written by `save_synthetic`.
+# A set made by another tool (the authors' release, DM, ...) may hold only `images` and `labels`:
+# the dataset it is scored on supplies these keys (see docs/EVALUATE_ANY_SET.md).
+METADATA_KEYS = ("mean", "std", "class_names", "partition_factor", "method", "dataset")
+IMAGE_SPACES = ("pixel", "normalized")  # what a file's `images` array holds
+LAYOUTS = ("auto", "NHWC", "NCHW")  # torch saves [N, C, H, W]
+EXTERNAL_METHOD = "external"  # the method of a set whose file does not say
+# Pixel images may overshoot [0, 1] a little (unclipped synthetic images); normalized CIFAR images
+# reach about -2.4 and 0-255 values reach 255, so this is wide enough to tell them apart.
+PIXEL_SLACK = 0.5
+
+
+def _guess_layout(shape: tuple[int, ...], expected_hwc: tuple[int, int, int] | None, where: str) -> str:
+    """NHWC or NCHW for images of `shape`, by the dataset's (H, W, C) when known, else by which
+    axis holds 1 or 3 channels. Images fitting neither layout stay NHWC (the shape check names them)."""
+    _, a, b, c = shape
+    if expected_hwc is None:
+        return "NCHW" if a in (1, 3) and c not in (1, 3) else "NHWC"
+    fits_nhwc, fits_nchw = (a, b, c) == expected_hwc, (b, c, a) == expected_hwc
+    if fits_nhwc and fits_nchw:  # a cube, H = W = C: the two orders differ in content, not in shape
+        raise ValueError(f"{where}: images of shape {shape} fit both [N, H, W, C] and [N, C, H, W]; "
+                         "say which (main.py --synthetic_layout=NHWC or NCHW)")
+    return "NCHW" if fits_nchw and not fits_nhwc else "NHWC"
+
+
+def _to_nhwc(images: np.ndarray, layout: str, expected_hwc: tuple[int, int, int] | None, where: str) -> np.ndarray:
+    if images.ndim != 4:
+        raise ValueError(f"{where}: images must be 4-D [N, H, W, C] (or [N, C, H, W]), got shape {images.shape}")
+    if layout == "auto":
+        layout = _guess_layout(images.shape, expected_hwc, where)
+    return np.ascontiguousarray(np.transpose(images, (0, 2, 3, 1))) if layout == "NCHW" else images
+
+
+def _pixels(images: np.ndarray, where: str) -> np.ndarray:
+    """[0, 1] pixels from uint8 (0-255) or float images, refusing floats that are not pixels."""
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / 255.0
+    images = np.asarray(images, np.float32)
+    lo, hi = float(images.min(initial=0.0)), float(images.max(initial=0.0))
+    if lo < -PIXEL_SLACK or hi > 1.0 + PIXEL_SLACK:
+        raise ValueError(f"{where}: images span [{lo:.3g}, {hi:.3g}], not pixel values in [0, 1]; if they "
+                         "are normalized with the dataset's mean and std, say so (main.py "
+                         "--synthetic_space=normalized); 0-255 values: store them as uint8")
+    return images
+
+
+def _normalized(images: np.ndarray, where: str) -> np.ndarray:
+    if images.dtype == np.uint8:
+        raise ValueError(f"{where}: uint8 images are pixels, not normalized values; drop "
+                         "--synthetic_space=normalized")
+    images = np.asarray(images, np.float32)
+    if images.size and float(images.min()) >= 0.0:
+        raise ValueError(f"{where}: images said to be normalized lie in [{float(images.min()):.3g}, "
+                         f"{float(images.max()):.3g}] with no negative value: they look like pixel "
+                         "values (drop --synthetic_space=normalized)")
+    return images
+
+
+def load_synthetic(path: str, dataset: Any = None, *, space: str = "pixel", layout: str = "auto",
+                   partition_factor: int | None = None, method: str | None = None) -> SyntheticSet:
+    """Reads and validates a synthetic set: a synthetic.npz written by `save_synthetic`, or (given
+    `dataset`) any .npz holding `images` and `labels`. See `synthetic_from_arrays`.
 
     Raises FileNotFoundError when `path` is missing and ValueError (naming the file and the
-    problem) when it is corrupted, lacks a key, or its arrays are inconsistent. When
-    ``images_normalized`` is absent it is recomputed as (images - mean) / std.
+    problem) when it is corrupted, lacks a key, or its arrays are inconsistent.
     """
-    arrays = _read_npz(path)
-    missing = [k for k in REQUIRED_KEYS if k not in arrays]
+    return synthetic_from_arrays(read_npz(path), path, dataset, space=space, layout=layout,
+                                 partition_factor=partition_factor, method=method)
+
+
+def synthetic_from_arrays(arrays: Mapping[str, np.ndarray], path: str, dataset: Any = None, *,
+                          space: str = "pixel", layout: str = "auto", partition_factor: int | None = None,
+                          method: str | None = None) -> SyntheticSet:
+    """A SyntheticSet from an .npz's arrays (`read_npz`); `path` names it in errors.
+
+    dataset: an ArrayDataset (or anything with name, mean, std, class_names, image_shape) that
+    supplies the METADATA_KEYS the file lacks: its mean/std and class names, partition factor 1,
+    method "external", its name. Without it every key of REQUIRED_KEYS must be there.
+    space: what `images` holds when the file has no `images_normalized`: "pixel" ([0, 1] floats, or
+    uint8 0-255) or "normalized" (with the file's mean/std, else the dataset's).
+    layout: "NHWC", "NCHW" or "auto" (by the dataset's image shape, else by the channel axis).
+    partition_factor, method: override the file's (None: the file's, else 1 / "external").
+    When ``images_normalized`` is absent it is computed from ``images`` and vice versa.
+    """
+    where = f"synthetic set {path!r}"
+    if space not in IMAGE_SPACES:
+        raise ValueError(f"unknown image space {space!r}; expected one of {IMAGE_SPACES}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown image layout {layout!r}; expected one of {LAYOUTS}")
+    optional = METADATA_KEYS if dataset is not None else ()
+    missing = [k for k in REQUIRED_KEYS if k not in arrays and k not in optional
+               and not (k == "images" and "images_normalized" in arrays)]
     if missing:
-        raise ValueError(f"synthetic set {path!r} lacks key(s) {missing}; it has {sorted(arrays)}")
-    images = np.asarray(arrays["images"], np.float32)
-    labels = arrays["labels"]
-    mean = np.asarray(arrays["mean"], np.float32).reshape(-1)
-    std = np.asarray(arrays["std"], np.float32).reshape(-1)
-    class_names = tuple(str(n) for n in np.atleast_1d(arrays["class_names"]))
-    partition_factor = _scalar(path, arrays, "partition_factor", int)
-    _check_set(f"synthetic set {path!r}", images, labels, mean, std, len(class_names),
-               partition_factor)
-    if "images_normalized" in arrays:
-        images_normalized = np.asarray(arrays["images_normalized"], np.float32)
-        if images_normalized.shape != images.shape:
-            raise ValueError(f"synthetic set {path!r}: images_normalized has shape "
-                             f"{images_normalized.shape} but images has {images.shape}")
-    else:
+        hint = ("; a file of only images and labels can be scored with main.py --mode=evaluate, which "
+                "takes the rest from the dataset config" if "labels" not in missing and dataset is None else "")
+        raise ValueError(f"{where} lacks key(s) {missing}; it has {sorted(arrays)}{hint}")
+    filled = tuple(k for k in METADATA_KEYS if k not in arrays)
+    mean = np.asarray(arrays["mean"] if "mean" in arrays else dataset.mean, np.float32).reshape(-1)
+    std = np.asarray(arrays["std"] if "std" in arrays else dataset.std, np.float32).reshape(-1)
+    class_names = tuple(str(n) for n in np.atleast_1d(
+        arrays["class_names"] if "class_names" in arrays else dataset.class_names))
+    if partition_factor is None:
+        partition_factor = _scalar(path, arrays, "partition_factor", int) if "partition_factor" in arrays else 1
+    expected = tuple(int(d) for d in dataset.image_shape) if dataset is not None else None
+    stored = {k: _to_nhwc(np.asarray(arrays[k]), layout, expected, where)
+              for k in ("images", "images_normalized") if k in arrays}
+    labels = np.asarray(arrays["labels"])
+    first = next(iter(stored.values()))
+    if expected is not None and first.shape[1:] != expected:
+        raise ValueError(f"{where} has images of shape {first.shape[1:]} (H, W, C) but dataset "
+                         f"{dataset.name!r} has {expected}")
+    _check_set(where, first, labels, mean, std, len(class_names), int(partition_factor))
+    if "images_normalized" in stored:
+        if space == "normalized" and "images" in stored:
+            raise ValueError(f"{where} holds images_normalized, so its `images` are pixels; drop "
+                             "--synthetic_space=normalized")
+        images_normalized = np.asarray(stored["images_normalized"], np.float32)
+        if "images" in stored and stored["images"].shape != images_normalized.shape:
+            raise ValueError(f"{where}: images_normalized has shape {images_normalized.shape} but "
+                             f"images has {stored['images'].shape}")
+        images = (np.asarray(stored["images"], np.float32) if "images" in stored else
+                  np.clip(data.renormalize(images_normalized, mean, std, 0.0, 1.0), 0.0, 1.0))
+    elif space == "pixel":
+        images = _pixels(stored["images"], where)
         images_normalized = data.renormalize(images, 0.0, 1.0, mean, std)
+    else:
+        images_normalized = _normalized(stored["images"], where)
+        images = np.clip(data.renormalize(images_normalized, mean, std, 0.0, 1.0), 0.0, 1.0)
+    if method is None:
+        method = _scalar(path, arrays, "method", str) if "method" in arrays else EXTERNAL_METHOD
     return SyntheticSet(
         images=images, images_normalized=images_normalized, labels=labels.astype(np.int32),
-        mean=mean, std=std, class_names=class_names, partition_factor=partition_factor,
-        method=_scalar(path, arrays, "method", str), dataset=_scalar(path, arrays, "dataset", str),
+        mean=mean, std=std, class_names=class_names, partition_factor=int(partition_factor),
+        method=str(method),
+        dataset=_scalar(path, arrays, "dataset", str) if "dataset" in arrays else str(dataset.name),
         config_json=_scalar(path, arrays, "config_json", str) if "config_json" in arrays else "{}",
-        path=str(path))
+        path=str(path), filled_from_dataset=filled)
 
 
 def check_compatible(synset: SyntheticSet, dataset: Any) -> None:

@@ -225,3 +225,42 @@ def test_renormalize_keeps_pixels():
     np.testing.assert_array_equal(data.renormalize(x, [0.5], [0.25], [0.5], [0.25]), x)  # same stats: as is
     # (0, 1) <-> (mean, std) is the pixel <-> normalized conversion of export's npz.
     np.testing.assert_allclose(data.renormalize(x, 0.0, 1.0, [0.5], [0.25]), (x - 0.5) / 0.25, rtol=1e-6)
+
+
+def _digits_eval_config():
+    from configs import base  # the digits: no download, 16x16x1, 10 classes
+    c = base.get_config()
+    c.data.source = "digits"
+    c.model = "ConvNetD2"
+    c.eval.archs = "ConvNetD2"
+    c.eval.epochs = 2
+    c.eval.num_seeds = 2
+    c.eval.dsa = False  # plumbing test: skip DSA's compile time
+    return c
+
+
+def test_run_evaluation_scores_a_bare_torch_layout_set_like_its_own_format(tmp_path):
+    """A set saved as the authors' release saves it (normalized, [N, C, H, W], only images and
+    labels) scores exactly as the same set in idm_jax's synthetic.npz."""
+    from idm_jax import export
+
+    c = _digits_eval_config()
+    ds = data.load_config_dataset(c)
+    idx = np.concatenate([np.flatnonzero(ds.train_labels == k)[:2] for k in range(10)])
+    normalized = np.asarray(data.normalize(ds.train_images[idx], ds.mean, ds.std), np.float32)
+    labels = ds.train_labels[idx]
+    full = export.save_synthetic(str(tmp_path / "full.npz"), normalized, labels, mean=ds.mean, std=ds.std,
+                                 class_names=ds.class_names, partition_factor=1, method="dm", dataset=ds.name)
+    bare = tmp_path / "release.npz"
+    np.savez(bare, images=np.transpose(normalized, (0, 3, 1, 2)), labels=labels.astype(np.int64))
+    ours = evaluate.run_evaluation(c, str(tmp_path / "ours"), full)
+    theirs = evaluate.run_evaluation(c, str(tmp_path / "theirs"), str(bare), space="normalized", method="dm")
+    assert theirs["archs"]["ConvNetD2"]["accuracies"] == ours["archs"]["ConvNetD2"]["accuracies"]
+    assert (theirs["method"], theirs["partition_factor"], theirs["ipc"], theirs["num_images"]) == ("dm", 1, 2, 20)
+    assert theirs["filled_from_dataset"] == ["mean", "std", "class_names", "partition_factor", "method", "dataset"]
+    assert "filled_from_dataset" not in ours
+    # Pixel space by default: the same normalized file is refused with one line naming its values.
+    with pytest.raises(ValueError, match=r"release.npz': images span \[-.*--synthetic_space=normalized"):
+        evaluate.run_evaluation(c, str(tmp_path / "bad"), str(bare))
+    with pytest.raises(FileNotFoundError, match="nope.npz"):
+        evaluate.run_evaluation(c, str(tmp_path / "bad"), str(tmp_path / "nope.npz"))

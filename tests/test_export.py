@@ -238,3 +238,135 @@ def test_results_markdown_puts_paper_beside_measured():
     assert "| 400 |" in convnet and "| 1000 |" in convnet
     alexnet = next(l for l in lines if l.startswith("| AlexNet"))
     assert "40.00 ± 1.00" in alexnet and alexnet.endswith("| — | — |")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sets made elsewhere: a bare images + labels .npz, its metadata from the dataset it is scored on
+
+TOY_DATA = types.SimpleNamespace(name="toy", mean=MEAN, std=STD, class_names=NAMES, image_shape=(5, 6, 3))
+
+
+def _bare(tmp_path, name="bare.npz", **arrays):
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def _pixels(n=4, seed=1):
+    return np.random.default_rng(seed).uniform(0, 1, (n, 5, 6, 3)).astype(np.float32)
+
+
+def test_bare_file_without_a_dataset_names_every_missing_key(tmp_path):
+    path = _bare(tmp_path, images=_pixels(), labels=np.array([0, 1, 0, 1]))
+    with pytest.raises(ValueError, match=r"bare.npz' lacks key\(s\) \['mean', 'std', 'class_names', "
+                                         r"'partition_factor', 'method', 'dataset'\].*--mode=evaluate"):
+        export.load_synthetic(path)
+
+
+def test_bare_pixel_file_takes_statistics_and_names_from_the_dataset(tmp_path):
+    pixels = _pixels()
+    path = _bare(tmp_path, images=pixels, labels=np.array([0, 1, 0, 1], np.int64))
+    s = export.load_synthetic(path, TOY_DATA)
+    np.testing.assert_allclose(s.images_normalized, (pixels - MEAN) / STD, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(s.images, pixels)
+    assert s.labels.dtype == np.int32 and s.labels.tolist() == [0, 1, 0, 1]
+    assert (s.class_names, s.partition_factor, s.method, s.dataset) == (NAMES, 1, "external", "toy")
+    np.testing.assert_array_equal(s.mean, MEAN)
+    assert s.filled_from_dataset == export.METADATA_KEYS
+    # uint8 pixels are 0-255
+    u8 = np.round(pixels * 255).astype(np.uint8)
+    s8 = export.load_synthetic(_bare(tmp_path, "u8.npz", images=u8, labels=[0, 1, 0, 1]), TOY_DATA)
+    np.testing.assert_allclose(s8.images, u8 / 255.0, atol=1e-7)
+
+
+def test_bare_normalized_nchw_file_as_torch_saves_it(tmp_path):
+    normalized = np.random.default_rng(2).normal(0, 1.5, (4, 5, 6, 3)).astype(np.float32)
+    nchw = np.transpose(normalized, (0, 3, 1, 2))  # [N, C, H, W] = (4, 3, 5, 6)
+    path = _bare(tmp_path, images=nchw, labels=[1, 0, 1, 0])
+    for layout in ("auto", "NCHW"):
+        s = export.load_synthetic(path, TOY_DATA, space="normalized", layout=layout, partition_factor=2,
+                                  method="dm")
+        np.testing.assert_array_equal(s.images_normalized, normalized)
+        np.testing.assert_allclose(s.images, np.clip(normalized * STD + MEAN, 0, 1), atol=1e-6)
+        assert (s.partition_factor, s.method, s.image_shape) == (2, "dm", (5, 6, 3))
+    # Read as NHWC it does not fit the dataset: both shapes are named.
+    with pytest.raises(ValueError, match=r"bare.npz' has images of shape \(3, 5, 6\) \(H, W, C\) but "
+                                         r"dataset 'toy' has \(5, 6, 3\)"):
+        export.load_synthetic(path, TOY_DATA, space="normalized", layout="NHWC")
+
+
+def test_layout_guess_without_a_dataset_and_ambiguous_shapes(tmp_path):
+    normalized = np.random.default_rng(3).normal(0, 1, (2, 3, 8, 8)).astype(np.float32)
+    arrays = dict(images=normalized, labels=np.array([0, 1]), mean=MEAN, std=STD,
+                  class_names=np.asarray(NAMES), partition_factor=np.asarray(1), method=np.asarray("dm"),
+                  dataset=np.asarray("x"))
+    s = export.load_synthetic(_bare(tmp_path, "full.npz", **arrays), space="normalized")
+    assert s.image_shape == (8, 8, 3)  # channels on axis 1: NCHW
+    cube = types.SimpleNamespace(**{**vars(TOY_DATA), "image_shape": (3, 3, 3)})
+    path = _bare(tmp_path, "cube.npz", images=np.zeros((2, 3, 3, 3), np.float32), labels=[0, 1])
+    with pytest.raises(ValueError, match=r"cube.npz': images of shape \(2, 3, 3, 3\) fit both .*"
+                                         r"--synthetic_layout"):
+        export.load_synthetic(path, cube)
+    assert export.load_synthetic(path, cube, layout="NHWC").image_shape == (3, 3, 3)
+
+
+def test_pixel_and_normalized_spaces_are_told_apart(tmp_path):
+    normalized = np.random.default_rng(4).normal(0, 1.5, (4, 5, 6, 3)).astype(np.float32)
+    path = _bare(tmp_path, "norm.npz", images=normalized, labels=[0, 1, 0, 1])
+    with pytest.raises(ValueError, match=r"norm.npz': images span \[-[0-9.]+, [0-9.]+\], not pixel values.*"
+                                         r"--synthetic_space=normalized"):
+        export.load_synthetic(path, TOY_DATA)
+    path = _bare(tmp_path, "pix.npz", images=_pixels(), labels=[0, 1, 0, 1])
+    with pytest.raises(ValueError, match=r"pix.npz': images said to be normalized lie in \[0.0.*no negative"):
+        export.load_synthetic(path, TOY_DATA, space="normalized")
+    path = _bare(tmp_path, "255.npz", images=_pixels() * 255, labels=[0, 1, 0, 1])
+    with pytest.raises(ValueError, match=r"255.npz': images span \[.*, 25[0-9.]*\].*uint8"):
+        export.load_synthetic(path, TOY_DATA)
+
+
+def test_bare_file_with_bad_labels_or_size_is_one_clear_line(tmp_path):
+    path = _bare(tmp_path, "labels.npz", images=_pixels(), labels=[0, 1, 5, 1])
+    with pytest.raises(ValueError, match=r"labels.npz': labels must lie in \[0, 2\) \(2 class names\), "
+                                         r"got range \[0, 5\]"):
+        export.load_synthetic(path, TOY_DATA)
+    path = _bare(tmp_path, "float.npz", images=_pixels(), labels=np.array([0.0, 1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="float.npz': labels must be integers, got dtype float64"):
+        export.load_synthetic(path, TOY_DATA)
+    path = _bare(tmp_path, "count.npz", images=_pixels(), labels=[0, 1, 0])
+    with pytest.raises(ValueError, match=r"count.npz': .*labels shape \(3,\) for 4 images"):
+        export.load_synthetic(path, TOY_DATA)
+    big = np.zeros((2, 32, 32, 3), np.float32)
+    path = _bare(tmp_path, "size.npz", images=big, labels=[0, 1])
+    with pytest.raises(ValueError, match=r"size.npz' has images of shape \(32, 32, 3\) \(H, W, C\) but "
+                                         r"dataset 'toy' has \(5, 6, 3\)"):
+        export.load_synthetic(path, TOY_DATA)
+    path = _bare(tmp_path, "nolabels.npz", images=big)
+    with pytest.raises(ValueError, match=r"nolabels.npz' lacks key\(s\) \['labels'\]"):
+        export.load_synthetic(path, TOY_DATA)
+    with pytest.raises(ValueError, match="unknown image space 'rgb'"):
+        export.load_synthetic(path, TOY_DATA, space="rgb")
+    with pytest.raises(ValueError, match="unknown image layout 'CHW'"):
+        export.load_synthetic(path, TOY_DATA, layout="CHW")
+
+
+def test_idm_jax_file_keeps_its_own_metadata_and_overrides_apply(tmp_path):
+    images, labels = _set()
+    path = _save(tmp_path / "s.npz", images, labels)
+    s = export.load_synthetic(path, TOY_DATA)  # the dataset fills nothing: every key is there
+    assert s.filled_from_dataset == () and (s.partition_factor, s.method, s.dataset) == (2, "idm", "cifar10")
+    np.testing.assert_array_equal(s.images_normalized, images)
+    s1 = export.load_synthetic(path, TOY_DATA, partition_factor=1, method="idm_l1")
+    assert (s1.partition_factor, s1.method) == (1, "idm_l1")
+    with pytest.raises(ValueError, match=r"s.npz' holds images_normalized.*drop --synthetic_space=normalized"):
+        export.load_synthetic(path, TOY_DATA, space="normalized")
+    with pytest.raises(ValueError, match="partition_factor must be >= 1, got 0"):
+        export.load_synthetic(path, TOY_DATA, partition_factor=0)
+
+
+def test_file_without_pixel_copy_loads(tmp_path):
+    # A published set may keep only images_normalized (the pixel copy is derived from it).
+    images, labels = _set()
+    path = _rewrite(tmp_path, "compact.npz", images=None)
+    s = export.load_synthetic(path)
+    np.testing.assert_array_equal(s.images_normalized, images)
+    np.testing.assert_allclose(s.images, np.clip(images * STD + MEAN, 0, 1), atol=1e-6)
