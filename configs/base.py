@@ -18,7 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   # Condensations with seeds seed, seed+1, ...: the release runs 5 (num_exp),
   # each scored by eval.num_seeds networks; results.json then pools all of
-  # them (25 networks, as the paper's mean +- std).
+  # them (25 networks, as the paper's mean +- std). 1 keeps a run to one
+  # condensation; the config argument ",paper" (e.g. cifar10.py:10,paper) sets PAPER_RUNS.
   c.runs = 1
   c.ipc = 10  # images per class
   # "idm" = the full method; "dm" = Distribution Matching (fresh net every
@@ -44,15 +45,29 @@ def get_config() -> ml_collections.ConfigDict:
   # host, the same draws gathered there and fed to the step), "auto" = "host" for
   # train sets over 4 GiB (data.MEMMAP_BYTES), else "device".
   c.data.on_device = "auto"
+  # The release's ImageNet-subset loader (data plumbing, off by default; REFERENCE.md,
+  # "ImageNet-subset quirks"). class_sampling: "random" = a fresh random subset per class and
+  # iteration (every other release script); "first" = the first batch_real files of the class
+  # in file order every iteration (its class_sample(c, n) returns cls_idx[c][:n]; the init's
+  # real images then are the first ones too). train_sampling: the queue's training batches,
+  # "random" = independent draws; "passes" = consecutive batches of shuffled passes over the
+  # train set (its repeated BatchSampler; the short last batch of a pass is skipped).
+  c.data.class_sampling = "random"
+  c.data.train_sampling = "random"
 
   c.model = "ConvNet"  # network used for matching (idm_jax.models.MODEL_NAMES)
 
   c.idm = ml_collections.ConfigDict()
   c.idm.iterations = 20000
   # "real": l*l downscaled real images of the class packed into each image
-  # (release, CIFAR); "real_whole": one full real image each (release,
-  # TinyImageNet); "noise": N(0, 1).
+  # (release, CIFAR); "real_tiled": l*l downscaled copies of ONE real image
+  # (release, ImageNet subset: a quirk, not the default there); "real_whole":
+  # one full real image each (release, TinyImageNet); "noise": N(0, 1).
   c.idm.init = "real"
+  # Condense on [0, 1] images instead of normalized ones (release, ImageNet subset: DSA's
+  # zero fill is then black, and the final evaluation trains on those [0, 1] images while
+  # the test set is normalized, as the release does). Off: a release bug.
+  c.idm.unnormalized = False
   c.idm.dsa_strategy = "color_crop_cutout_flip_scale_rotate"
   # What the loss matches: "last_block" = flattened output of the last block
   # (2048 values on CIFAR; the published commands' --embed_last 1000);
@@ -72,6 +87,12 @@ def get_config() -> ml_collections.ConfigDict:
   # net at 0 % gives 0, and a net never trained yet also gives 0.
   c.idm.ce_weight = 0.5
   c.idm.use_ce = True  # ablation switch for the CE regularizer
+  # Only with partition_factor 1: the release's CIFAR-10 IPC-1 branch without --aug
+  # (IDM_cifar10.py, `ipc == 1 and not aug`) matches the keep_lowest_ce_real (2560) real
+  # images of the batch with the lowest CE under the matching net (0 = all), and applies the
+  # CE term only to synthetic images that net misclassifies. Set by cifar10.py:1.
+  c.idm.keep_lowest_ce_real = 0
+  c.idm.ce_only_misclassified = False
   c.idm.use_queue = True  # False: fresh random net every iteration (as DM)
   c.idm.net_num = 100  # N_max, queue capacity
   c.idm.net_init_num = 3  # nets in the queue at iteration 0 (before the push)
@@ -180,25 +201,38 @@ def apply_method(c: ml_collections.ConfigDict, method: str) -> None:
     c.idm.lr_img = 1.0
     c.idm.batch_real = 256
     c.idm.update_mode = "joint"
+    c.idm.keep_lowest_ce_real = 0  # the release's IDM-only l = 1 branch
+    c.idm.ce_only_misclassified = False
 
 
-def parse_arg(arg: str | None, default_ipc: int = 10) -> tuple[int, str]:
-  """Parses a config argument "<ipc>[,<method>]", e.g. "10" or "1,dm"."""
+# The paper's protocol: 5 condensations (the release's --num_exp 5), each evaluated by
+# eval.num_seeds (5) networks; its mean +- std are over those 25 networks.
+PAPER = "paper"
+PAPER_RUNS = 5
+
+
+def parse_arg(arg: str | None, default_ipc: int = 10) -> tuple[int, str, bool]:
+  """Parses a config argument "<ipc>[,<method>][,paper]", e.g. "10", "1,dm" or "10,paper".
+
+  Returns (ipc, method, paper): paper = the paper's protocol (runs = PAPER_RUNS).
+  """
   parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
-  ipc, method = default_ipc, "idm"
+  ipc, method, paper = default_ipc, "idm", False
   for part in parts:
     if part.isdigit():
       ipc = int(part)
     elif part in METHODS:
       method = part
+    elif part == PAPER:
+      paper = True
     else:
       raise ValueError(
-          f"bad config argument {arg!r}: {part!r} is neither an IPC number "
-          f"nor a method in {METHODS}; e.g. 'cifar10.py:10' or "
-          "'cifar10.py:1,dm'")
+          f"bad config argument {arg!r}: {part!r} is neither an IPC number, "
+          f"a method in {METHODS} nor {PAPER!r}; e.g. 'cifar10.py:10', "
+          "'cifar10.py:1,dm' or 'cifar10.py:10,paper'")
   if ipc < 1:
     raise ValueError(f"IPC must be >= 1, got {ipc} (config argument {arg!r})")
-  return ipc, method
+  return ipc, method, paper
 
 
 def first_existing(paths, fallback: str) -> str:
@@ -213,14 +247,16 @@ def make_config(arg, dataset_settings, per_ipc, default_ipc=10):
   """Builds a dataset config: base, then dataset fields, then IPC row.
 
   Args:
-    arg: the ":<ipc>[,<method>]" string from --config=configs/x.py:<arg>.
+    arg: the ":<ipc>[,<method>][,paper]" string from --config=configs/x.py:<arg>.
     dataset_settings: {dotted key: value} applied for every IPC.
     per_ipc: {ipc: {dotted key: value}} - the release's command table.
     default_ipc: IPC when the argument is empty.
   """
-  ipc, method = parse_arg(arg, default_ipc)
+  ipc, method, paper = parse_arg(arg, default_ipc)
   c = get_config()
   c.ipc = ipc
+  if paper:
+    c.runs = PAPER_RUNS
   # IPCs outside the table (e.g. 20) take the nearest row's settings.
   row = per_ipc[min(per_ipc, key=lambda k: (abs(k - ipc), k))]
   for key, value in {**dataset_settings, **row}.items():

@@ -1,7 +1,8 @@
 """CIFAR-10 (10 classes, 32x32x3).
 
 Usage: --config=configs/cifar10.py:<ipc>[,dm], e.g. configs/cifar10.py:10 or
-configs/cifar10.py:1,dm. Without ":<ipc>" the IPC is 10. The per-IPC rows are
+configs/cifar10.py:1,dm; add ",paper" for the paper's 5 condensations (runs=5).
+Without ":<ipc>" the IPC is 10. The per-IPC rows are
 the release's command table (../shared/REFERENCE.md); every other field is
 configs/base.py's default.
 """
@@ -25,7 +26,10 @@ DATASET = {
 }
 
 PER_IPC = {
-    1: {"idm.batch_real": 5000, "idm.ce_weight": 0.5, "idm.net_generate_interval": 5},
+    # keep_lowest_ce_real / ce_only_misclassified act only with idm.partition_factor=1 (the
+    # release's IPC-1 branch without --aug, IDM_cifar10.py; the l = 1 ablation); inert at l = 2.
+    1: {"idm.batch_real": 5000, "idm.ce_weight": 0.5, "idm.net_generate_interval": 5,
+        "idm.keep_lowest_ce_real": 2560, "idm.ce_only_misclassified": True},
     10: {"idm.ce_weight": 0.5, "idm.net_generate_interval": 30},
     50: {"idm.ce_weight": 0.1, "idm.meter_reset_interval": 500},
 }

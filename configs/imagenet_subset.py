@@ -15,10 +15,18 @@ configs/imagenet_subset.py:1,dm. Without ":<ipc>" the IPC is 10. The per-IPC row
 the release's command table (../shared/REFERENCE.md); every other field is
 configs/base.py's default.
 
-Release quirks: its accuracy meters are never reset (idm.meter_reset_interval 0,
-reproduced). Not reproduced (release bugs / data plumbing): real batches and the
-init taking the first images of each class in file order, and condensing on
-unnormalized [0, 1] images. The IPC-50 run of the release started its queue from a
+IPC 50 is the release's command without --aug: no partition/expansion (l = 1), each
+synthetic image starts as one whole real image, and the evaluation trains on the
+unexpanded 5,000 images (../shared/REFERENCE.md, per-setting table, "ImageNet subset IPC50").
+
+Release quirks (REFERENCE.md, "ImageNet-subset quirks"): its accuracy meters are never
+reset (idm.meter_reset_interval 0, reproduced). Options, off by default (data plumbing
+and a bug, not the method the paper describes): data.class_sampling=first (real batches
+and the init's images are the first of each class in file order), idm.init=real_tiled
+(each image tiles ONE real image; with partition), data.train_sampling=passes (the queue's
+batches walk shuffled passes), idm.unnormalized=True (condense on [0, 1] images; the
+evaluation then trains on them against the normalized test set, as the release does).
+The IPC-50 run of the release started its queue from a
 pre-trained net, which is not reproducible and left out. "Model augmentation"
 (paper supplement: idm.model_aug_lr_jitter=0.1, idm.model_aug_class_fraction) is
 not in the release's command and stays off.
@@ -52,7 +60,7 @@ DATASET = {
 PER_IPC = {
     1: {"idm.net_num": 50},
     10: {"idm.net_num": 50},
-    50: {"idm.net_num": 100},
+    50: {"idm.net_num": 100, "idm.partition_factor": 1},  # no --aug: l = 1, whole-image init
 }
 
 

@@ -156,6 +156,10 @@ class StepSettings:
     # Model augmentation of the queue (paper supplement; off: 0.0 and 1.0).
     model_aug_lr_jitter: float = 0.0
     model_aug_class_fraction: float = 1.0
+    # The release's ImageNet-subset data plumbing (all off by default, see configs/base.py):
+    class_sampling: str = "random"  # data.CLASS_SAMPLINGS: per-class real batches (and the init's images)
+    train_sampling: str = "random"  # data.TRAIN_SAMPLINGS: the queue's training batches
+    unnormalized: bool = False  # condense on [0, 1] images, not normalized ones
 
     @functools.cached_property
     def model(self):
@@ -177,6 +181,10 @@ def settings_from_config(config, ds: data_lib.ArrayDataset) -> StepSettings:
     """Static step settings; batch sizes clipped to what the data holds."""
     idm = config.idm
     min_count = int(np.bincount(ds.train_labels, minlength=ds.num_classes).min())
+    batch_real = min(idm.batch_real, min_count)
+    # The low-CE real subset and the CE mask belong to the release's l = 1 branch only.
+    without_partition = idm.partition_factor == 1
+    keep_lowest = min(int(idm.get("keep_lowest_ce_real", 0)), batch_real) if without_partition else 0
     expanded = config.ipc * idm.partition_factor ** 2
     chunk = min(idm.batch_real, min_count, idm.real_chunk_size)
     class_batch = idm.class_batch or auto_class_batch(expanded + chunk, backend.on_cpu())
@@ -186,9 +194,11 @@ def settings_from_config(config, ds: data_lib.ArrayDataset) -> StepSettings:
         model_name=config.model,
         loss=loss_lib.LossOptions(
             partition_factor=idm.partition_factor, dsa_strategy=idm.dsa_strategy,
-            ce_weight=idm.ce_weight, use_ce=idm.use_ce, real_chunk_size=idm.real_chunk_size),
+            ce_weight=idm.ce_weight, use_ce=idm.use_ce, real_chunk_size=idm.real_chunk_size,
+            keep_lowest_ce_real=keep_lowest,
+            ce_only_misclassified=without_partition and bool(idm.get("ce_only_misclassified", False))),
         # The release takes a random subset of min(batch_real, class size).
-        batch_real=min(idm.batch_real, min_count),
+        batch_real=batch_real,
         class_batch=min(class_batch, ds.num_classes),
         lr_img=idm.lr_img, momentum_img=idm.momentum_img,
         per_class_update=idm.update_mode == "per_class",
@@ -205,7 +215,10 @@ def settings_from_config(config, ds: data_lib.ArrayDataset) -> StepSettings:
         pool_size=int(idm.pool_size) if idm.pool_epochs else 0,
         pool_cache_dir=str(config.data.cache_dir),
         model_aug_lr_jitter=float(idm.model_aug_lr_jitter),
-        model_aug_class_fraction=float(idm.model_aug_class_fraction))
+        model_aug_class_fraction=float(idm.model_aug_class_fraction),
+        class_sampling=str(config.data.get("class_sampling", "random")),
+        train_sampling=str(config.data.get("train_sampling", "random")),
+        unnormalized=bool(idm.get("unnormalized", False)))
 
 
 def auto_class_batch(images_per_class: int, on_cpu: bool) -> int:
@@ -228,6 +241,49 @@ def real_images_per_iteration(s: StepSettings) -> int:
     queue = s.fetch_net_num * s.model_train_steps * s.batch_train if s.use_queue else 0
     return s.batch_real * s.num_classes + queue
 
+
+
+# ----------------------------------------------------------------------------
+# Real batches: which images, in which pixel space
+
+
+def pixel_stats(s: StepSettings, mean, std) -> tuple:
+    """(mean, std) real uint8 images are normalized with in the step: the dataset's, or (0, 1)
+    under idm.unnormalized (the release's ImageNet script condenses on [0, 1] images, so
+    DSA's zero fill is black; its test set is normalized)."""
+    if s.unnormalized:
+        return jnp.zeros_like(jnp.asarray(mean, jnp.float32)), jnp.ones_like(jnp.asarray(std, jnp.float32))
+    return mean, std
+
+
+def normalize_real(s: StepSettings, images_uint8, mean, std) -> Array:
+    return data_lib.normalize(images_uint8, *pixel_stats(s, mean, std))
+
+
+def class_batch_indices(s: StepSettings, key: Array, table: Array, counts: Array, cls) -> Array:
+    """int32[batch_real] train-set indices of class `cls`'s matching batch (data.class_sampling):
+    a fresh random subset, or the first batch_real images in file order every time."""
+    if s.class_sampling == "first":
+        return data_lib.first_class_batch(table, cls, s.batch_real)
+    return data_lib.sample_class_batch(key, table, counts, cls, s.batch_real)
+
+
+_PASS_SALT = 0x9A55  # the shuffled passes' key, apart from the per-iteration keys
+
+
+def queue_pass_indices(s: StepSettings, base_key: Array, num_examples: int, step) -> Array:
+    """int32[fetch_net_num, model_train_steps, batch_train]: the queue's training batches of
+    iteration `step` under data.train_sampling="passes".
+
+    One walk through shuffled passes over the train set for the whole run (data.pass_batch);
+    member m's k-th step takes batch (step * fetch_net_num + m) * model_train_steps + k, as the
+    release's nets draw from one loader one after the other.
+    """
+    per_step = s.fetch_net_num * s.model_train_steps
+    numbers = step * per_step + jnp.arange(per_step).reshape(s.fetch_net_num, s.model_train_steps)
+    key = jax.random.fold_in(base_key, _PASS_SALT)
+    draw = lambda b: data_lib.pass_batch(key, num_examples, s.batch_train, b)
+    return jax.vmap(jax.vmap(draw))(numbers)
 
 
 # ----------------------------------------------------------------------------
@@ -279,6 +335,7 @@ def make_member_train_fn(s: StepSettings, data: DeviceData | HostBatch):
     subset = aug is not None and aug.class_fraction < 1.0
     scale_lr = aug is not None and aug.lr_jitter > 0.0
     host = isinstance(data, HostBatch)
+    passes = not host and s.train_sampling == "passes"  # indices given in extras["indices"]
 
     def ce_loss(params, x, y, w):
         logits = model.apply({"params": params}, x)
@@ -292,9 +349,9 @@ def make_member_train_fn(s: StepSettings, data: DeviceData | HostBatch):
         if host:
             x_u8, y = inputs
         else:
-            idx = data_lib.sample_batch(inputs, data.labels.shape[0], s.batch_train)
+            idx = inputs if passes else data_lib.sample_batch(inputs, data.labels.shape[0], s.batch_train)
             x_u8, y = data.images[idx], data.labels[idx]
-        x = data_lib.normalize(x_u8, data.mean, data.std)
+        x = normalize_real(s, x_u8, data.mean, data.std)
         w = extras["class_mask"][y].astype(jnp.float32) if subset else None
         (_, logits), grads = jax.value_and_grad(ce_loss, has_aux=True)(params, x, y, w)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -309,7 +366,10 @@ def make_member_train_fn(s: StepSettings, data: DeviceData | HostBatch):
 
     def train(params, opt_state, key, extras=None):
         extras = extras or {}
-        steps = (extras["images"], extras["labels"]) if host else jax.random.split(key, s.model_train_steps)
+        if host:
+            steps = (extras["images"], extras["labels"])
+        else:
+            steps = extras["indices"] if passes else jax.random.split(key, s.model_train_steps)
         zero = jnp.zeros((), jnp.float32 if subset else jnp.int32)
         (params, opt_state, correct, seen), _ = jax.lax.scan(
             functools.partial(sgd_step, extras), (params, opt_state, zero, jnp.zeros((), jnp.float32)),
@@ -322,13 +382,18 @@ def make_member_train_fn(s: StepSettings, data: DeviceData | HostBatch):
 
 
 def member_inputs(s: StepSettings, queue: queue_lib.ModelQueue, slots: Array,
-                  data: DeviceData | HostBatch):
-    """queue.train's member_inputs for the members at `slots` (see make_member_train_fn), or None."""
+                  data: DeviceData | HostBatch, base_key: Array | None = None, step=None):
+    """queue.train's member_inputs for the members at `slots` (see make_member_train_fn), or None.
+
+    base_key, step: the run's key and the iteration, needed under data.train_sampling="passes".
+    """
     extras = {}
     if s.model_augment is not None:
         extras.update(lr_scale=queue.lr_scale[slots], class_mask=queue.class_mask[slots])
     if isinstance(data, HostBatch):
         extras.update(images=data.train_images, labels=data.train_labels)
+    elif s.train_sampling == "passes":
+        extras.update(indices=queue_pass_indices(s, base_key, data.labels.shape[0], step))
     return extras or None
 
 
@@ -336,32 +401,41 @@ def member_inputs(s: StepSettings, queue: queue_lib.ModelQueue, slots: Array,
 # Synthetic set
 
 
+INITS_FROM_REAL = ("real", "real_tiled", "real_whole")
+
+
 def init_synset(s: StepSettings, ds: data_lib.ArrayDataset, seed: int, init: str) -> SynSet:
     """The starting synthetic images, one group of `ipc` per class.
 
     init: "real" packs l*l real images of the class, each downscaled to one piece, into every
     synthetic image (the release's CIFAR init with partition on; one real image when l = 1);
-    "real_whole" starts every synthetic image as ONE full real image of its class whatever l
-    is (the release's TinyImageNet script, whose partition branch is inverted);
-    "noise" draws N(0, 1) in normalized space.
+    "real_tiled" packs l*l downscaled copies of ONE real image (the release's ImageNet init,
+    which calls its first-n sampler once per piece); "real_whole" starts every synthetic image
+    as ONE full real image of its class whatever l is (the release's TinyImageNet script, whose
+    partition branch is inverted); "noise" draws N(0, 1) in normalized space.
+    The real images are random (seeded), or the first of each class in file order with
+    data.class_sampling="first"; in [0, 1] pixels under idm.unnormalized.
     """
     shape = (s.num_classes, s.ipc) + s.image_shape
     if init == "noise":
         images = jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
-    elif init in ("real", "real_whole"):
-        factor = s.loss.partition_factor if init == "real" else 1
-        needed = s.ipc * factor * factor
+    elif init in INITS_FROM_REAL:
+        factor = 1 if init == "real_whole" else s.loss.partition_factor
+        copies = factor * factor if init == "real_tiled" else 1  # pieces cut from one real image
+        needed = s.ipc * factor * factor // copies
         rng = np.random.default_rng(seed)
         groups = []
         for c in range(s.num_classes):
-            pool = np.flatnonzero(ds.train_labels == c)
-            # Classes smaller than ipc*l*l reuse images (the release would fail).
-            idx = rng.choice(pool, needed, replace=len(pool) < needed)
-            real = data_lib.normalize(ds.train_images[idx], ds.mean, ds.std)
+            pool = np.flatnonzero(ds.train_labels == c)  # file order
+            if s.class_sampling == "first":
+                idx = np.resize(pool, needed)  # the first `needed` (repeated if the class is smaller)
+            else:  # classes smaller than needed reuse images (the release would fail)
+                idx = rng.choice(pool, needed, replace=len(pool) < needed)
+            real = normalize_real(s, ds.train_images[np.repeat(idx, copies)], ds.mean, ds.std)
             groups.append(augment.init_from_real(jnp.asarray(real), factor))
         images = jnp.stack(groups)
     else:
-        raise ValueError(f"unknown init {init!r}; expected 'real', 'real_whole' or 'noise'")
+        raise ValueError(f"unknown init {init!r}; expected one of {INITS_FROM_REAL + ('noise',)}")
     return SynSet(images=images.astype(jnp.float32), momentum=jnp.zeros(shape, jnp.float32),
                   labels=jnp.arange(s.num_classes, dtype=jnp.int32))
 
@@ -529,17 +603,17 @@ def replicate(tree, mesh: Mesh | None):
 
 def real_class_mean(s: StepSettings, params, apply_fn, data: DeviceData | HostBatch, cls: Array,
                     sample_key: Array, dsa_key: Array) -> Array:
-    """Mean embedding f32[D] of batch_real random real images of class `cls` after Siamese DSA.
+    """Mean embedding f32[D] of batch_real real images of class `cls` after Siamese DSA.
 
-    DeviceData: the images are drawn here with sample_key; HostBatch: they were drawn on
-    the host with the same key (HostSampler) and arrive as data.real[cls].
+    DeviceData: the images are drawn here with sample_key (`class_batch_indices`); HostBatch:
+    they were drawn on the host the same way (HostSampler) and arrive as data.real[cls].
     """
     if isinstance(data, HostBatch):
-        real = data_lib.normalize(data.real[cls], data.mean, data.std)
+        real = normalize_real(s, data.real[cls], data.mean, data.std)
     else:
-        idx = data_lib.sample_class_batch(sample_key, data.class_table, data.class_counts, cls, s.batch_real)
-        real = data_lib.normalize(data.images[idx], data.mean, data.std)
-    return loss_lib.mean_embedding(params, apply_fn, real, dsa_key, s.loss)
+        idx = class_batch_indices(s, sample_key, data.class_table, data.class_counts, cls)
+        real = normalize_real(s, data.images[idx], data.mean, data.std)
+    return loss_lib.mean_embedding(params, apply_fn, real, dsa_key, s.loss, cls)
 
 
 def _update_synset(s: StepSettings, syn: SynSet, params, acc, key: Array,
@@ -621,7 +695,8 @@ def make_step(s: StepSettings, mesh: Mesh | None = None):
                 k_train = backend.sequenced(syn.images, k_train)
             slots = queue_lib.sample(queue, k_train, s.fetch_net_num)
             queue = queue_lib.train(queue, slots, make_member_train_fn(s, data), k_train,
-                                    s.queue_train_impl, member_inputs(s, queue, slots, data))
+                                    s.queue_train_impl,
+                                    member_inputs(s, queue, slots, data, state.key, state.step))
             metrics["queue_acc"] = jnp.mean(jax.vmap(lambda i: queue_lib.accuracy(queue, i))(slots))
             metrics["queue_size"] = queue.size
         metrics["match_acc"] = acc
@@ -655,10 +730,12 @@ def plan_indices(s: StepSettings, class_table: Array, class_counts: Array, num_e
     """
     _, k_syn, k_train = iteration_keys(base_key, step)
     k_real = jax.random.split(k_syn)[0]  # as _update_synset splits k_syn
-    draw = lambda k, c: data_lib.sample_class_batch(k, class_table, class_counts, c, s.batch_real)
+    draw = lambda k, c: class_batch_indices(s, k, class_table, class_counts, c)
     real = jax.vmap(draw)(jax.random.split(k_real, s.num_classes), jnp.arange(s.num_classes))
     if not s.use_queue:
         return real, None
+    if s.train_sampling == "passes":
+        return real, queue_pass_indices(s, base_key, num_examples, step)
     # As queue.train splits k_train over members and the member's train fn over its steps.
     member = lambda km: jax.vmap(lambda k: data_lib.sample_batch(k, num_examples, s.batch_train))(
         jax.random.split(km, s.model_train_steps))

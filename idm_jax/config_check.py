@@ -15,7 +15,7 @@ from idm_jax import trainer
 
 METHODS = ("idm", "dm")
 UPDATE_MODES = ("per_class", "joint")
-INITS = ("real", "real_whole", "noise")
+INITS = condense.INITS_FROM_REAL + ("noise",)
 # The allowed values of the other choices live with the code that acts on them (backend,
 # trainer, data, condense), so a list is written once.
 
@@ -64,6 +64,13 @@ def validate(config) -> None:
     _require(idm.update_mode in UPDATE_MODES,
              f"idm.update_mode must be one of {UPDATE_MODES}, got {idm.update_mode!r}")
     _require(idm.init in INITS, f"idm.init must be one of {INITS}, got {idm.init!r}")
+    keep = idm.get("keep_lowest_ce_real", 0)
+    _require(isinstance(keep, int) and not isinstance(keep, bool) and keep >= 0,
+             f"idm.keep_lowest_ce_real must be an integer >= 0 (0 = all), got {keep!r}")
+    if keep and idm.partition_factor == 1:  # only the l = 1 path uses it
+        _require(keep <= idm.batch_real,
+                 f"idm.keep_lowest_ce_real ({keep}) exceeds idm.batch_real ({idm.batch_real}): it keeps "
+                 "that many of each class's real batch")
     _require(idm.embedding in models.EMBEDDINGS,
              f"idm.embedding must be one of {models.EMBEDDINGS}, got {idm.embedding!r}")
     _require(idm.embedding == "last_block" or config.model.startswith("ConvNet"),
@@ -105,6 +112,10 @@ def validate(config) -> None:
              f"data.resize must be one of {data_lib.RESIZE_MODES}, got {data.get('resize')!r}")
     _require(data.get("on_device", "auto") in condense.PLACEMENTS,
              f"data.on_device must be one of {condense.PLACEMENTS}, got {data.get('on_device')!r}")
+    _require(data.get("class_sampling", "random") in data_lib.CLASS_SAMPLINGS,
+             f"data.class_sampling must be one of {data_lib.CLASS_SAMPLINGS}, got {data.get('class_sampling')!r}")
+    _require(data.get("train_sampling", "random") in data_lib.TRAIN_SAMPLINGS,
+             f"data.train_sampling must be one of {data_lib.TRAIN_SAMPLINGS}, got {data.get('train_sampling')!r}")
 
     ev = config.eval
     _positive_ints(ev, "eval.", ["num_seeds", "epochs", "batch_size", "test_batch_size", "interval_epochs"])

@@ -850,6 +850,39 @@ def sample_class_batch(
     return row[picked]
 
 
+# How real batches are chosen (config data.class_sampling / data.train_sampling).
+CLASS_SAMPLINGS = ("random", "first")
+TRAIN_SAMPLINGS = ("random", "passes")
+
+
+def first_class_batch(table: jax.Array, cls: jax.Array | int, batch_size: int) -> jax.Array:
+    """The first batch_size example indices of class `cls` in dataset order: int32[batch_size].
+
+    Dataset order inside a class is file order (folder sources sort a class's files by
+    name, as torchvision's ImageFolder does), so this is the release's ImageNet
+    `class_sample(c, n)`, which returns `cls_idx[c][:n]` on every call. batch_size must be
+    <= counts[cls] (`check_batch_size`); cls may be traced.
+    """
+    return table[cls][:batch_size]
+
+
+def pass_batch(key: jax.Array, num_examples: int, batch_size: int, batch_number: jax.Array | int) -> jax.Array:
+    """Batch `batch_number` of a walk through shuffled passes over range(num_examples): int32[batch_size].
+
+    Pass p (batches p*P .. p*P + P - 1, P = num_examples // batch_size) is the permutation
+    drawn with fold_in(key, p), cut into consecutive slices: the release's ImageNet queue
+    loader (a repeated BatchSampler over a SubsetRandomSampler). The last
+    num_examples % batch_size examples of a pass are skipped, where that loader yields them
+    as one short batch (a jitted step needs one batch shape). Sizes are static.
+    """
+    if not 1 <= batch_size <= num_examples:
+        raise ValueError(f"batch_size {batch_size} must be in [1, num_examples={num_examples}]")
+    per_pass = num_examples // batch_size
+    order = jax.random.permutation(jax.random.fold_in(key, batch_number // per_pass), num_examples)
+    start = (batch_number % per_pass) * batch_size
+    return jax.lax.dynamic_slice_in_dim(order, start, batch_size).astype(jnp.int32)
+
+
 def sample_batch(key: jax.Array, num_examples: int, batch_size: int) -> jax.Array:
     """Draws batch_size distinct indices from range(num_examples), uniformly.
 

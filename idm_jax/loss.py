@@ -44,12 +44,20 @@ class LossOptions:
     use_ce: bool = True
     real_chunk_size: int = 1024  # real images per forward pass
     dsa_params: augment.DSAParams = augment.DSAParams()
+    # The release's CIFAR-10 IPC-1 branch without partition (IDM_cifar10.py, `if args.ipc == 1
+    # and not args.aug`): match only the k real images of the (augmented) batch whose CE under
+    # the matching net is lowest (0 = all), and apply the CE term only to misclassified
+    # synthetic images.
+    keep_lowest_ce_real: int = 0
+    ce_only_misclassified: bool = False
 
     def __post_init__(self):
         if self.partition_factor < 1:
             raise ValueError(f"partition_factor must be >= 1, got {self.partition_factor}")
         if self.real_chunk_size < 1:
             raise ValueError(f"real_chunk_size must be >= 1, got {self.real_chunk_size}")
+        if self.keep_lowest_ce_real < 0:
+            raise ValueError(f"keep_lowest_ce_real must be >= 0 (0 = all), got {self.keep_lowest_ce_real}")
         augment.parse_strategy(self.dsa_strategy)  # raises on an unknown family
 
 
@@ -65,15 +73,21 @@ def largest_divisor_at_most(n: int, limit: int) -> int:
 
 
 def mean_embedding(params, apply_fn: ApplyFn, images: Array, key: Array,
-                   opts: LossOptions) -> Array:
+                   opts: LossOptions, label: Array | int | None = None) -> Array:
     """Mean embedding of one class's real images after Siamese DSA.
 
     images: f32[B, H, W, C] -> f32[D]. No gradient flows back. Because the
     Siamese transform draws one parameter set per call, augmenting chunk by
     chunk with the same key gives exactly the transform of the whole batch.
+    With opts.keep_lowest_ce_real = k > 0, the mean is over the k augmented images
+    whose CE against `label` (their class) is lowest.
     """
     chunk = largest_divisor_at_most(images.shape[0], opts.real_chunk_size)
     chunks = images.reshape((-1, chunk) + images.shape[1:])
+    if opts.keep_lowest_ce_real:
+        if label is None:
+            raise ValueError("keep_lowest_ce_real needs the real images' class label")
+        return _lowest_ce_mean_embedding(params, apply_fn, chunks, key, opts, label)
 
     def chunk_sum(x):
         x = augment.dsa(x, key, opts.dsa_strategy, params=opts.dsa_params)
@@ -82,6 +96,23 @@ def mean_embedding(params, apply_fn: ApplyFn, images: Array, key: Array,
 
     sums = jax.lax.map(chunk_sum, chunks)
     return jax.lax.stop_gradient(sums.sum(axis=0) / images.shape[0])
+
+
+def _lowest_ce_mean_embedding(params, apply_fn: ApplyFn, chunks: Array, key: Array,
+                              opts: LossOptions, label) -> Array:
+    """Mean embedding f32[D] of the keep_lowest_ce_real images of `chunks` with the lowest CE."""
+
+    def chunk_outputs(x):
+        x = augment.dsa(x, key, opts.dsa_strategy, params=opts.dsa_params)
+        emb, logits = apply_fn(params, x)
+        labels = jnp.full((x.shape[0],), label, jnp.int32)
+        return emb, optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+    emb, ce = jax.lax.map(chunk_outputs, chunks)
+    emb, ce = emb.reshape((-1,) + emb.shape[2:]), ce.reshape(-1)
+    keep = min(opts.keep_lowest_ce_real, ce.shape[0])
+    kept = jax.lax.top_k(-ce, keep)[1]
+    return jax.lax.stop_gradient(emb[kept].mean(axis=0))
 
 
 def synthetic_class_loss(params, apply_fn: ApplyFn, syn_images: Array, label: Array,
@@ -100,15 +131,20 @@ def synthetic_class_loss(params, apply_fn: ApplyFn, syn_images: Array, label: Ar
     if not opts.use_ce:
         return mmd, {"mmd": mmd, "ce": jnp.zeros_like(mmd)}
     labels = jnp.full((logits.shape[0],), label, jnp.int32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return mmd + opts.ce_weight * acc * ce, {"mmd": mmd, "ce": ce}
+    ce_each = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    ce = ce_each.mean()  # reported unmasked, as the release prints it
+    if opts.ce_only_misclassified:  # correctly classified images add no CE (and no gradient)
+        ce_term = jnp.mean(jnp.where(jnp.argmax(logits, -1) != label, ce_each, 0.0))
+    else:
+        ce_term = ce
+    return mmd + opts.ce_weight * acc * ce_term, {"mmd": mmd, "ce": ce}
 
 
 def class_loss(params, apply_fn: ApplyFn, syn_images: Array, label: Array,
                real_images: Array, key: Array, acc: Array,
                opts: LossOptions) -> tuple[Array, dict[str, Array]]:
     """IDM loss of one class: real f32[B,H,W,C] against synthetic f32[ipc,H,W,C]."""
-    real_mean = mean_embedding(params, apply_fn, real_images, key, opts)
+    real_mean = mean_embedding(params, apply_fn, real_images, key, opts, label)
     return synthetic_class_loss(params, apply_fn, syn_images, label, real_mean, key, acc, opts)
 
 

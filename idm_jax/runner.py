@@ -169,11 +169,13 @@ def export_synthetic(workdir: str, state, ds, s: condense.StepSettings, config) 
     path = os.path.join(workdir, "synthetic.npz")
     if not distributed.is_main():  # process 0 writes the outputs
         return path
-    export.save_synthetic(path, images, labels, mean=ds.mean, std=ds.std,
+    # The pixel space the set was condensed in: (0, 1) under idm.unnormalized.
+    mean, std = condense.pixel_stats(s, ds.mean, ds.std)
+    export.save_synthetic(path, images, labels, mean=mean, std=std,
                           class_names=ds.class_names, partition_factor=s.loss.partition_factor,
                           method=config.method, dataset=ds.name,
                           config_json=json.dumps(workdir_lib.flat(config)))
-    pixels = np.clip(np.asarray(data_lib.denormalize(images, ds.mean, ds.std)), 0.0, 1.0)
+    pixels = np.clip(np.asarray(data_lib.denormalize(images, mean, std)), 0.0, 1.0)
     export.save_grid_png(os.path.join(workdir, "synthetic.png"), pixels, labels, ds.num_classes)
     return path
 

@@ -403,3 +403,25 @@ def test_queue_training_unrolls_at_most_a_block_of_steps(digits):
     assert float(outputs[2][3]) == 5 * s.batch_train  # the meter saw every step's batch
     moved = [float(jnp.abs(p1 - p0).max()) for p1, p0 in zip(jax.tree.leaves(outputs[2][0]), jax.tree.leaves(params))]
     assert min(moved) > 0  # the steps did train every parameter
+
+
+def test_l1_low_ce_branch_matches_the_k_lowest_ce_real_images_of_the_class(digits):
+    # The release's CIFAR-10 IPC-1 branch without partition (IDM_cifar10.py): the real side of
+    # class c is the mean embedding of the k images of its batch with the lowest CE.
+    c = tiny_config()
+    c.idm.partition_factor, c.idm.keep_lowest_ce_real, c.idm.ce_only_misclassified = 1, 3, True
+    c.idm.dsa_strategy = ""
+    s = condense.settings_from_config(c, digits)
+    assert (s.loss.keep_lowest_ce_real, s.loss.ce_only_misclassified) == (3, True)
+    data = condense.device_data(digits)
+    apply_fn = condense.make_apply_fn(s.model)
+    params = condense.make_init_fn(s)(jax.random.PRNGKey(0))[0]
+    key, cls = jax.random.PRNGKey(4), 6
+    got = condense.real_class_mean(s, params, apply_fn, data, jnp.int32(cls), key, key)
+    idx = condense.class_batch_indices(s, key, data.class_table, data.class_counts, cls)
+    emb, logits = apply_fn(params, data_lib.normalize(digits.train_images[np.asarray(idx)], digits.mean,
+                                                      digits.std))
+    logp = np.asarray(jax.nn.log_softmax(logits))
+    lowest = np.argsort(-logp[:, cls])[:3]
+    np.testing.assert_allclose(got, np.asarray(emb)[lowest].mean(0), rtol=1e-4, atol=1e-5)
+    assert np.abs(np.asarray(got) - np.asarray(emb).mean(0)).max() > 1e-4  # not the whole batch

@@ -70,15 +70,57 @@ def _cell(c):
             c.idm.model_train_steps, c.idm.ce_weight, c.idm.meter_reset_interval)
 
 
+# Partition l per cell: 2 (the release's --aug) except ImageNet subset IPC 50, whose command has
+# no --aug (REFERENCE.md, per-setting table, "ImageNet subset IPC50"): l = 1, one whole real image
+# per synthetic image ("real" at l = 1), evaluation on the unexpanded 5,000 images.
+NO_AUG_CELLS = {("imagenet_subset", 50)}
+# The release's CIFAR-10 IPC-1 branch without --aug (IDM_cifar10.py, `ipc == 1 and not aug`):
+# (keep_lowest_ce_real, ce_only_misclassified), acting only at l = 1.
+L1_BRANCH_CELLS = {("cifar10", 1): (2560, True)}
+
+
 @pytest.mark.parametrize("name, ipc", sorted(PAPER_CELLS))
 def test_paper_cells_resolve_to_the_release_settings(name, ipc):
     c = _get(name, str(ipc))
     assert _cell(c) == PAPER_CELLS[(name, ipc)]
-    # Release defaults shared by every cell.
+    assert c.idm.partition_factor == (1 if (name, ipc) in NO_AUG_CELLS else 2)
+    assert (c.idm.keep_lowest_ce_real, c.idm.ce_only_misclassified) == L1_BRANCH_CELLS.get((name, ipc), (0, False))
+    # Release defaults shared by every cell (the ImageNet quirks other than its meters are options).
     assert (c.idm.net_init_num, c.idm.fetch_net_num, c.idm.train_net_num, c.idm.lr_img, c.idm.momentum_img,
-            c.idm.partition_factor, c.idm.iterations, c.idm.embedding, c.idm.update_mode) == (
-        3, 2, 1, 0.2, 0.5, 2, 20000, "last_block", "per_class")
+            c.idm.iterations, c.idm.embedding, c.idm.update_mode, c.idm.unnormalized,
+            c.data.class_sampling, c.data.train_sampling) == (
+        3, 2, 1, 0.2, 0.5, 20000, "last_block", "per_class", False, "random", "random")
     assert (c.eval.epochs, c.eval.num_seeds, c.eval.lr, c.eval.schedule) == (1000, 5, 0.01, "release")
+    # One condensation by default; ",paper" is the paper's 5 x 5 networks (--num_exp 5 --num_eval 5).
+    assert c.runs == 1
+    paper = _get(name, f"{ipc},paper")
+    assert (paper.runs, paper.eval.num_seeds) == (5, 5)
+    assert {k for k, v in _flat(paper).items() if _flat(c)[k] != v} == {"runs"}
+
+
+def test_imagenet_ipc50_evaluates_the_unexpanded_set():
+    from idm_jax import condense  # pylint: disable=g-import-not-at-top
+    ds = data_lib.load_dataset("digits")
+    c = _get("imagenet_subset", "50")
+    s = condense.settings_from_config(c, ds)
+    # The run evaluates with s.loss.partition_factor (runner._evaluate): 1 -> ipc images per class.
+    assert s.loss.partition_factor == 1 and s.ipc * s.loss.partition_factor ** 2 == 50
+    assert condense.settings_from_config(_get("imagenet_subset", "10"), ds).loss.partition_factor == 2
+
+
+def test_cifar10_ipc1_low_ce_branch_acts_only_without_partition():
+    from idm_jax import condense  # pylint: disable=g-import-not-at-top
+    ds = data_lib.load_dataset("digits")  # ~140 images per class: batch_real 5000 clips to them
+    c = _get("cifar10", "1")
+    c.model = "ConvNetD2"
+    s = condense.settings_from_config(c, ds)
+    assert (s.loss.keep_lowest_ce_real, s.loss.ce_only_misclassified) == (0, False)  # l = 2: inert
+    c.idm.partition_factor = 1
+    c.idm.keep_lowest_ce_real = 100
+    s = condense.settings_from_config(c, ds)
+    assert (s.loss.keep_lowest_ce_real, s.loss.ce_only_misclassified) == (100, True)
+    c.idm.keep_lowest_ce_real = 2560  # more than the clipped batch keeps all of it
+    assert condense.settings_from_config(c, ds).loss.keep_lowest_ce_real == s.batch_real
 
 
 def test_normalization_statistics_per_dataset():
@@ -121,6 +163,10 @@ def test_dm_and_idm_presets_differ_only_where_they_should():
     ("idm.lr_img", -1.0, "idm.lr_img must be > 0, got -1.0"),
     ("idm.init", "reals", "idm.init must be one of .* got 'reals'"),
     ("idm.embedding", "pooled", "idm.embedding must be one of .* got 'pooled'"),
+    ("idm.init", "tiled", "idm.init must be one of .*'real_tiled'.* got 'tiled'"),
+    ("idm.keep_lowest_ce_real", -5, "idm.keep_lowest_ce_real must be an integer >= 0 .* got -5"),
+    ("data.class_sampling", "sorted", "data.class_sampling must be one of .* got 'sorted'"),
+    ("data.train_sampling", "epochs", "data.train_sampling must be one of .* got 'epochs'"),
 ])
 def test_bad_values_are_named(field, value, message):
     c = _get("cifar10", "10")
@@ -140,9 +186,22 @@ def test_dm_method_without_preset_is_refused():
 def test_config_argument_errors():
     with pytest.raises(ValueError, match="IPC must be >= 1, got 0"):
         base.parse_arg("0")
-    with pytest.raises(ValueError, match="'idmx' is neither an IPC number nor a method"):
+    with pytest.raises(ValueError, match="'idmx' is neither an IPC number, a method .* nor 'paper'"):
         base.parse_arg("10,idmx")
-    assert base.parse_arg("") == (10, "idm") and base.parse_arg("1,dm") == (1, "dm")
+    assert base.parse_arg("") == (10, "idm", False) and base.parse_arg("1,dm") == (1, "dm", False)
+    assert base.parse_arg("10,paper") == (10, "idm", True) and base.parse_arg("paper,1,dm") == (1, "dm", True)
+
+
+def test_keep_lowest_ce_real_beyond_the_batch_is_refused_at_l1():
+    c = _get("cifar10", "1")
+    config_check.validate(c)  # 2560 of 5000
+    c.idm.partition_factor, c.idm.batch_real = 1, 256
+    with pytest.raises(ValueError, match=r"idm.keep_lowest_ce_real \(2560\) exceeds idm.batch_real \(256\)"):
+        config_check.validate(c)
+    # The DM preset drops the IDM-only branch (its batch is 256).
+    dm = _get("cifar10", "1,dm")
+    config_check.validate(dm)
+    assert (dm.idm.keep_lowest_ce_real, dm.idm.ce_only_misclassified) == (0, False)
 
 
 def _main(*args):

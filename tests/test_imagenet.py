@@ -26,8 +26,9 @@ WNIDS = ("n01000003", "n01000001", "n01000002")  # a list order that is not sort
 # --------------------------------------------------------------------------- #
 
 
-@pytest.mark.parametrize("ipc, net_num", [(1, 50), (10, 50), (50, 100)])
-def test_imagenet_subset_config_pins_the_release_row(ipc, net_num):
+# IPC 50's command has no --aug: partition l = 1 (REFERENCE.md, "ImageNet subset IPC50").
+@pytest.mark.parametrize("ipc, net_num, partition", [(1, 50, 2), (10, 50, 2), (50, 100, 1)])
+def test_imagenet_subset_config_pins_the_release_row(ipc, net_num, partition):
     c = imagenet_subset.get_config(str(ipc))
     config_check.validate(c)
     assert c.ipc == ipc
@@ -42,7 +43,9 @@ def test_imagenet_subset_config_pins_the_release_row(ipc, net_num):
     assert (c.idm.net_init_num, c.idm.train_net_num, c.idm.fetch_net_num, c.idm.model_train_steps,
             c.idm.lr_img, c.idm.momentum_img, c.idm.partition_factor, c.idm.iterations,
             c.idm.update_mode, c.idm.init, c.data.on_device) == (
-        3, 1, 2, 10, 0.2, 0.5, 2, 20000, "per_class", "real", "auto")
+        3, 1, 2, 10, 0.2, 0.5, partition, 20000, "per_class", "real", "auto")
+    # The other release quirks are options, off (REFERENCE.md: plumbing and a bug).
+    assert (c.data.class_sampling, c.data.train_sampling, c.idm.unnormalized) == ("random", "random", False)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -312,3 +315,132 @@ def test_condensation_step_runs_with_model_augmentation():
     assert np.isfinite(float(m["loss"])) and int(state.step) == 1
     # Each trained member saw only images of its 5 classes: fewer than 2 steps x 16 in all.
     assert 0 < float(state.queue.seen.sum()) < 2 * 2 * 16
+
+
+# --------------------------------------------------------------------------- #
+# The release's ImageNet-subset quirks, as options (REFERENCE.md, "ImageNet-subset quirks")
+# --------------------------------------------------------------------------- #
+
+
+def test_first_files_sampling_follows_file_order(tmp_path):
+    # Files written in reverse name order with one grey level each: the first n of a class are
+    # the n smallest names (torchvision's ImageFolder sorts them; the release's cls_idx[c][:n]).
+    for split in ("train", "val"):
+        for c, wnid in enumerate(WNIDS):
+            folder = tmp_path / "tree" / split / wnid
+            folder.mkdir(parents=True)
+            for i in reversed(range(5)):
+                Image.fromarray(np.full((8, 8, 3), 10 * i + c, np.uint8)).save(folder / f"img_{i}.png")
+    ds = data_lib.load_dataset(str(tmp_path / "tree"), classes=",".join(WNIDS), cache_dir=str(tmp_path / "c"))
+    table, counts = data_lib.class_index_table(ds.train_labels, ds.num_classes)
+    for c in range(3):
+        idx = np.asarray(data_lib.first_class_batch(jnp.asarray(table), c, 3))
+        np.testing.assert_array_equal(ds.train_images[idx, 0, 0, 0], [c, 10 + c, 20 + c])
+
+
+def _quirk_settings(**changes):
+    ds = data_lib.load_dataset("digits")
+    c = tiny_config()
+    c.data.class_sampling, c.data.train_sampling = "first", "passes"
+    for k, v in changes.items():
+        section, leaf = k.split(".")
+        c[section][leaf] = v
+    return ds, c, condense.settings_from_config(c, ds)
+
+
+def test_first_n_sampling_returns_the_same_first_images_every_iteration():
+    ds, _, s = _quirk_settings()
+    table, counts = data_lib.class_index_table(ds.train_labels, ds.num_classes)
+    sampler = condense.HostSampler(s, ds, np.asarray(jax.random.PRNGKey(0)))
+    for step in (0, 7):
+        real, _ = sampler.indices(step)
+        np.testing.assert_array_equal(real, table[:, :s.batch_real])  # indices [0..n) of each class
+        for c in (0, 9):  # the device path's choice (the step calls class_batch_indices)
+            np.testing.assert_array_equal(
+                condense.class_batch_indices(s, jax.random.PRNGKey(step), table, counts, c), table[c, :8])
+    sampler.close()
+    random_s = condense.settings_from_config(tiny_config(), ds)
+    assert not np.array_equal(condense.class_batch_indices(random_s, jax.random.PRNGKey(1), table, counts, 0),
+                              table[0, :8])
+
+
+def test_queue_batches_walk_shuffled_passes():
+    key, n, b = jax.random.PRNGKey(3), 50, 8  # 6 batches per pass, 2 examples skipped per pass
+    walk = np.stack([np.asarray(data_lib.pass_batch(key, n, b, i)) for i in range(12)])
+    for p in range(2):
+        one_pass = walk[6 * p:6 * p + 6].reshape(-1)
+        expected = np.asarray(jax.random.permutation(jax.random.fold_in(key, p), n))[:48]
+        np.testing.assert_array_equal(one_pass, expected)  # consecutive slices of one permutation
+        assert len(set(one_pass)) == 48
+    assert not np.array_equal(np.sort(walk[:6].reshape(-1)), np.sort(walk[6:].reshape(-1)))
+    with pytest.raises(ValueError, match="batch_size 60 must be in \\[1, num_examples=50\\]"):
+        data_lib.pass_batch(key, n, 60, 0)
+    # Iteration t, member m, step k takes batch (t * 2 + m) * 2 + k of the run's walk.
+    ds, _, s = _quirk_settings()
+    base = jax.random.PRNGKey(5)
+    got = np.asarray(condense.queue_pass_indices(s, base, len(ds.train_labels), 3))
+    walk_key = jax.random.fold_in(base, condense._PASS_SALT)
+    for m in range(2):
+        for k in range(2):
+            np.testing.assert_array_equal(
+                got[m, k], data_lib.pass_batch(walk_key, len(ds.train_labels), 16, (3 * 2 + m) * 2 + k))
+    sampler = condense.HostSampler(s, ds, np.asarray(base))
+    np.testing.assert_array_equal(sampler.indices(3)[1], got)  # the host path feeds the same batches
+    sampler.close()
+
+
+def test_tiled_init_is_2x2_downscales_of_one_first_real_image():
+    ds, _, s = _quirk_settings()
+    syn = condense.init_synset(s, ds, seed=0, init="real_tiled")
+    real = np.asarray(data_lib.normalize(ds.train_images, ds.mean, ds.std))
+    halved = real.reshape(-1, 8, 2, 8, 2, 1).mean(axis=(2, 4))  # bilinear 16 -> 8, no antialias
+    for c in range(10):
+        first = np.flatnonzero(ds.train_labels == c)[0]  # data.class_sampling="first": file order
+        image = np.asarray(syn.images[c, 0])
+        for r in (0, 8):
+            for q in (0, 8):
+                np.testing.assert_allclose(image[r:r + 8, q:q + 8], halved[first], atol=1e-5)
+    # "real" with first files packs 4 different (the first 4) images instead.
+    packed = np.asarray(condense.init_synset(s, ds, seed=0, init="real").images)
+    firsts = np.flatnonzero(ds.train_labels == 0)[:4]
+    np.testing.assert_allclose(packed[0, 0, 8:, :8], halved[firsts[1]], atol=1e-5)  # piece 1 = bottom-left
+
+
+def test_unnormalized_condensation_uses_0_1_pixels_and_exports_them_as_such(tmp_path):
+    ds, c, s = _quirk_settings(**{"idm.unnormalized": True, "idm.init": "real_whole"})
+    syn = condense.init_synset(s, ds, seed=0, init="real_whole")
+    for cls in (0, 4):
+        first = np.flatnonzero(ds.train_labels == cls)[0]
+        np.testing.assert_allclose(syn.images[cls, 0], ds.train_images[first] / 255.0, atol=1e-6)
+    x = condense.normalize_real(s, ds.train_images[:2], ds.mean, ds.std)
+    np.testing.assert_allclose(x, ds.train_images[:2] / 255.0, atol=1e-6)
+    state = condense.CondenseState(step=jnp.int32(0), key=jax.random.PRNGKey(0), syn=syn, queue=None,
+                                   nonfinite_step=jnp.int32(-1))
+    path = runner.export_synthetic(str(tmp_path), state, ds, s, c)
+    with np.load(path) as z:  # the file says its pixels are [0, 1] ones (mean 0, std 1)
+        np.testing.assert_allclose(z["mean"], [0.0])
+        np.testing.assert_allclose(z["std"], [1.0])
+        first = np.flatnonzero(ds.train_labels == 0)[0]
+        np.testing.assert_allclose(z["images"][0], ds.train_images[first] / 255.0, atol=1e-6)
+    normalized = condense.settings_from_config(tiny_config(), ds)
+    np.testing.assert_allclose(condense.normalize_real(normalized, ds.train_images[:2], ds.mean, ds.std),
+                               data_lib.normalize(ds.train_images[:2], ds.mean, ds.std), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_release_loader_quirks_host_and_device_give_the_same_steps():
+    ds, c, s = _quirk_settings(**{"idm.unnormalized": True, "idm.init": "real_tiled"})
+    step = condense.make_step(s)
+    device_state = condense.init_state(s, ds, 0, "real_tiled")
+    host_state = jax.tree.map(jnp.copy, device_state)
+    sampler = condense.HostSampler(s, ds, jax.device_get(host_state.key))
+    data = condense.device_data(ds)
+    batches = sampler.batches(0, 2)
+    for _ in range(2):
+        device_state, m_device = step(device_state, data)
+        host_state, m_host = step(host_state, next(batches))
+    batches.close()
+    sampler.close()
+    np.testing.assert_allclose(np.asarray(host_state.syn.images), np.asarray(device_state.syn.images),
+                               rtol=1e-5, atol=1e-5)
+    assert float(m_host["loss"]) == pytest.approx(float(m_device["loss"]), rel=1e-5)

@@ -4,6 +4,8 @@ Most tests use a linear "network" (embedding = flattened image, logits from a
 fixed matrix) so values can be computed by hand and nothing heavy compiles.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -250,3 +252,61 @@ def test_two_matching_nets_chain_two_closed_form_passes_like_the_release():
         new_x, new_buf = jax.vmap(one)(new_x, new_buf, jnp.arange(classes))
     np.testing.assert_allclose(new_x, x, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(new_buf, buf, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- #
+# The release's CIFAR-10 IPC-1 branch without partition (IDM_cifar10.py, `ipc == 1 and not aug`)
+# --------------------------------------------------------------------------- #
+
+
+def _log_softmax(logits):
+    return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("chunk", [12, 4])
+def test_lowest_ce_filter_keeps_exactly_the_k_smallest_ce_real_images(chunk):
+    real = _images(20, (12, H, W, C))
+    label, keep = 1, 5
+    opts = loss_lib.LossOptions(partition_factor=1, dsa_strategy="", keep_lowest_ce_real=keep,
+                                real_chunk_size=chunk)
+    got = loss_lib.mean_embedding(PARAMS, linear_apply, real, jax.random.PRNGKey(0), opts, label)
+    flat = np.asarray(real).reshape(12, -1)
+    ce = -_log_softmax(flat @ np.asarray(PARAMS))[:, label]
+    lowest = np.argsort(ce)[:keep]
+    np.testing.assert_allclose(got, flat[lowest].mean(0), rtol=1e-5, atol=1e-6)
+    # Not the plain mean, and not the mean of the k highest: the filter is what changed it.
+    assert np.abs(np.asarray(got) - flat.mean(0)).max() > 1e-3
+    off = loss_lib.mean_embedding(PARAMS, linear_apply, real, jax.random.PRNGKey(0),
+                                  loss_lib.LossOptions(partition_factor=1, dsa_strategy=""))
+    np.testing.assert_allclose(off, flat.mean(0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="needs the real images' class label"):
+        loss_lib.mean_embedding(PARAMS, linear_apply, real, jax.random.PRNGKey(0), opts)
+    with pytest.raises(ValueError, match="keep_lowest_ce_real must be >= 0 .* got -1"):
+        loss_lib.LossOptions(keep_lowest_ce_real=-1)
+
+
+def test_ce_only_misclassified_zeroes_the_ce_of_correctly_classified_images():
+    syn = _images(21, (6, H, W, C))
+    flat = np.asarray(syn).reshape(6, -1)
+    logits = flat @ np.asarray(PARAMS)
+    label = int(np.bincount(logits.argmax(-1), minlength=K).argmax())  # some right, some wrong
+    wrong = logits.argmax(-1) != label
+    assert 0 < wrong.sum() < 6
+    ce = -_log_softmax(logits)[:, label]
+    real_mean = jnp.zeros(H * W * C)
+    opts = loss_lib.LossOptions(partition_factor=1, dsa_strategy="", ce_weight=0.5,
+                                ce_only_misclassified=True)
+    acc, key = 40.0, jax.random.PRNGKey(0)
+    loss, parts = loss_lib.synthetic_class_loss(PARAMS, linear_apply, syn, label, real_mean, key, acc, opts)
+    mmd = (flat.mean(0) ** 2).sum()
+    np.testing.assert_allclose(loss, mmd + 0.5 * acc * (ce * wrong).mean(), rtol=1e-5)
+    np.testing.assert_allclose(parts["ce"], ce.mean(), rtol=1e-5)  # the log shows the unmasked CE
+    # Only correctly classified images: the CE term and its gradient vanish.
+    right = syn[~wrong]
+    loss_r, parts_r = loss_lib.synthetic_class_loss(PARAMS, linear_apply, right, label, real_mean, key, acc, opts)
+    np.testing.assert_allclose(loss_r, parts_r["mmd"], rtol=1e-6)
+    grad = jax.grad(lambda x: loss_lib.synthetic_class_loss(PARAMS, linear_apply, x, label, real_mean, key,
+                                                            acc, opts)[0])(right)
+    mmd_grad = jax.grad(lambda x: loss_lib.synthetic_class_loss(
+        PARAMS, linear_apply, x, label, real_mean, key, acc, dataclasses.replace(opts, use_ce=False))[0])(right)
+    np.testing.assert_allclose(grad, mmd_grad, rtol=1e-5, atol=1e-7)
