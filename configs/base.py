@@ -105,6 +105,10 @@ def get_config() -> ml_collections.ConfigDict:
   # CPU only: unroll at most this many of those steps, looping over blocks of them (0 = all,
   # the fastest; 10 halves CIFAR-100 IPC 10's peak memory for 1.6x slower queue training).
   c.idm.max_unrolled_queue_steps = 0
+  # Iterations per jitted call (a lax.scan over the step): the host dispatches and waits once per
+  # this many. 1 = one call per iteration. Must divide log_every, checkpoint_every and
+  # eval.interval; needs data.on_device=device.
+  c.idm.steps_per_dispatch = 1
   c.idm.batch_train = 256  # real images per queue-training step
   c.idm.model_lr = 0.01
   c.idm.model_momentum = 0.9

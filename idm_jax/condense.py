@@ -716,6 +716,31 @@ def make_step(s: StepSettings, mesh: Mesh | None = None):
     return jax.jit(step, donate_argnums=0)
 
 
+@functools.lru_cache(maxsize=8)
+def make_multi_step(s: StepSettings, steps: int, mesh: Mesh | None = None):
+    """`steps` iterations in one jitted call (idm.steps_per_dispatch): (state, data) -> (state,
+    metrics), each metric stacked over the iterations (leading axis `steps`). State is donated.
+
+    The body is `make_step`'s program, run `steps` times by a lax.scan, so the values are those
+    of `steps` single calls; the host dispatches and waits once per `steps` iterations instead of
+    once per iteration. On CPU (s.unroll_loops) the iterations are unrolled: XLA:CPU runs conv
+    gradients inside a while loop slowly (backend.py). DeviceData only: a HostBatch holds one
+    iteration's real images.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps per dispatch must be an integer >= 1, got {steps!r}")
+    one = make_step(s, mesh)
+
+    def multi(state: CondenseState, data: DeviceData):
+        if isinstance(data, HostBatch):
+            raise ValueError(f"{steps} steps per dispatch need the real data on the device "
+                             "(data.on_device=device); a HostBatch holds one iteration's images")
+        return jax.lax.scan(lambda st, _: one(st, data), state, None, length=steps,
+                            unroll=steps if s.unroll_loops else 1)
+
+    return jax.jit(multi, donate_argnums=0)
+
+
 # ----------------------------------------------------------------------------
 # Real batches from the host (data.on_device = "host")
 

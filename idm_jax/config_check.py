@@ -32,6 +32,22 @@ def _positive_ints(section, prefix: str, names: list[str]) -> None:
                  f"{prefix}{name} must be an integer >= 1, got {value!r}")
 
 
+def _check_steps_per_dispatch(config) -> None:
+    """idm.steps_per_dispatch: an integer >= 1 dividing every iteration cadence the host acts on
+    (a log row, checkpoint or evaluation falls at the end of a call, never inside one)."""
+    k = config.idm.get("steps_per_dispatch", 1)
+    _require(isinstance(k, int) and not isinstance(k, bool) and k >= 1,
+             f"idm.steps_per_dispatch must be an integer >= 1, got {k!r}")
+    if k == 1:
+        return
+    for name, every in (("log_every", config.log_every), ("checkpoint_every", config.checkpoint_every),
+                        ("eval.interval", config.eval.interval)):
+        _require(not every or every % k == 0,
+                 f"idm.steps_per_dispatch={k} must divide {name}={every}; pick a divisor of it")
+    _require(config.data.get("on_device", "auto") != "host",
+             f"idm.steps_per_dispatch={k} needs the real data on the device; data.on_device='host'")
+
+
 def validate(config) -> None:
     """Raises ValueError("invalid config: <field> ... got <value>") on the first bad value."""
     _require(isinstance(config.ipc, int) and config.ipc >= 1,
@@ -134,4 +150,5 @@ def validate(config) -> None:
              f"checkpoint_every must be an integer >= 0 (0 = off), got {config.checkpoint_every!r}")
     _require(config.checkpoint_every_minutes >= 0,
              f"checkpoint_every_minutes must be >= 0 (0 = off), got {config.checkpoint_every_minutes!r}")
+    _check_steps_per_dispatch(config)  # after the cadences it must divide are checked
 

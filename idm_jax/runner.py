@@ -313,9 +313,19 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None,
         feed = host_batches
     logging.info("real batches drawn on the %s (data.on_device=%s, train images %.2f GB)", placement,
                  config.data.on_device, ds.train_images.nbytes / 1e9)
+    per_dispatch = config.idm.get("steps_per_dispatch", 1)
+    if per_dispatch > 1 and placement != "device":
+        raise ValueError(f"invalid config: idm.steps_per_dispatch={per_dispatch} needs the real data on the "
+                         f"device, but data.on_device={config.data.on_device!r} puts it on the host "
+                         "(dataset too large); use idm.steps_per_dispatch=1")
+    plan = dispatch_plan(start, stop_at, per_dispatch)
+    multi_fn = condense.make_multi_step(s, per_dispatch, mesh) if per_dispatch > 1 else None
     if start < stop_at:
         first_batch = next(feed)
-        step_fn = compile_ahead(step_fn, state, first_batch)
+        if any(n == 1 for _, n in plan):  # compile only what the plan dispatches
+            step_fn = compile_ahead(step_fn, state, first_batch)
+        if multi_fn is not None and any(n > 1 for _, n in plan):
+            multi_fn = compile_ahead(multi_fn, state, first_batch)
         feed = itertools.chain([first_batch], feed)
     summary = {"start_step": start, "data_placement": placement}
     t_start = time.time()
@@ -324,15 +334,19 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None,
     try:
         with StopFlag() as stop:
             in_flight = None
-            for it in range(start, stop_at):
-                state, metrics = step_fn(state, next(feed))
+            for it, n in plan:
+                if n == 1:
+                    state, metrics = step_fn(state, next(feed))
+                else:  # n iterations in one call; the rows below are due only at its end
+                    state, metrics = multi_fn(state, next(feed))
+                    metrics = jax.tree.map(lambda m: m[-1], metrics)
                 # Async dispatch would let the loop queue every remaining iteration and notice
                 # Ctrl-C only at the end; waiting for the previous one keeps at most two in flight.
                 if in_flight is not None:
                     jax.block_until_ready(in_flight)
                 in_flight = metrics
-                steps_window += 1
-                done = it + 1
+                steps_window += n
+                done = it + n
                 if it == start:
                     jax.block_until_ready(state)
                     t_first = time.time()
@@ -401,6 +415,22 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None,
         logging.info("finished: %s; results in %s", _accuracies(results),
                      os.path.join(workdir, "results.json"))
     return summary
+
+
+def dispatch_plan(start: int, stop: int, per_dispatch: int) -> list[tuple[int, int]]:
+    """[(first iteration, iterations in the call)] from `start` to `stop`, `per_dispatch` at a time.
+
+    Calls of per_dispatch iterations cover the multiples of per_dispatch in between; iterations
+    before the first multiple (a resume from a wall-clock checkpoint) and after the last one (the
+    end) run one per call, so logs and checkpoints due at multiples of per_dispatch (config_check)
+    fall at the end of a call and only two programs are ever compiled.
+    """
+    k = per_dispatch
+    first, last = min(-(-start // k) * k, stop), max(stop // k * k, start)
+    if first >= last:  # no whole aligned call fits
+        return [(i, 1) for i in range(start, stop)]
+    return ([(i, 1) for i in range(start, first)] + [(i, k) for i in range(first, last, k)]
+            + [(i, 1) for i in range(last, stop)])
 
 
 def compile_ahead(jitted, *args):

@@ -405,6 +405,109 @@ def test_queue_training_unrolls_at_most_a_block_of_steps(digits):
     assert min(moved) > 0  # the steps did train every parameter
 
 
+# ----------------------------------------------------------------------------
+# Several iterations per dispatch (idm.steps_per_dispatch)
+
+
+def test_dispatch_plan_aligns_whole_calls_to_multiples_of_the_count():
+    assert runner.dispatch_plan(0, 5, 1) == [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1)]
+    assert runner.dispatch_plan(0, 5, 2) == [(0, 2), (2, 2), (4, 1)]  # the end: one at a time
+    # A resume at iteration 3 (a wall-clock checkpoint): single steps up to 4, then whole calls.
+    assert runner.dispatch_plan(3, 12, 4) == [(3, 1), (4, 4), (8, 4)]
+    assert runner.dispatch_plan(5, 7, 4) == [(5, 1), (6, 1)]  # no multiple of 4 inside
+    assert runner.dispatch_plan(4, 4, 2) == []
+
+
+def test_steps_per_dispatch_must_divide_the_cadences():
+    from idm_jax import config_check
+    c = tiny_config()
+    assert c.idm.steps_per_dispatch == 1  # the default: one iteration per call
+    c.idm.steps_per_dispatch, c.log_every, c.checkpoint_every = 2, 4, 6
+    config_check.validate(c)
+    c.log_every = 5
+    with pytest.raises(ValueError, match=r"idm.steps_per_dispatch=2 must divide log_every=5"):
+        config_check.validate(c)
+    c.log_every, c.eval.interval = 4, 3
+    with pytest.raises(ValueError, match=r"must divide eval.interval=3"):
+        config_check.validate(c)
+    c.eval.interval, c.data.on_device = 0, "host"
+    with pytest.raises(ValueError, match=r"steps_per_dispatch=2 needs the real data on the device"):
+        config_check.validate(c)
+    c.data.on_device, c.idm.steps_per_dispatch = "device", 0
+    with pytest.raises(ValueError, match=r"idm.steps_per_dispatch must be an integer >= 1, got 0"):
+        config_check.validate(c)
+    with pytest.raises(ValueError, match=r"steps per dispatch must be an integer >= 1, got 0"):
+        condense.make_multi_step(condense.settings_from_config(tiny_config(), data_lib.load_dataset("digits")), 0)
+
+
+@pytest.mark.slow
+def test_multi_step_equals_single_steps_donates_and_compiles_once(digits, setup):
+    """3 iterations in one call = 3 calls of the step: bit for bit on CPU (unrolled), to float
+    rounding in the accelerator variant (a scan over the step; queue vmap, class lax.map)."""
+    import warnings
+    s, data, step = setup
+    state = condense.init_state(s, digits, 0, "real")
+    singles, rows = jax.tree.map(jnp.copy, state), []
+    for _ in range(3):
+        singles, m = step(singles, data)
+        rows.append(jax.device_get(m))
+    multi = condense.make_multi_step(s, 3)
+    accel = condense.make_multi_step(
+        dataclasses.replace(s, unroll_loops=False, queue_train_impl="vmap", class_batch=3), 3)
+    a_state = jax.tree.map(jnp.copy, state)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, metrics = multi(state, data)
+        jax.block_until_ready(out)
+    assert not [w for w in caught if "donated" in str(w.message)]
+    assert state.syn.images.is_deleted()  # the state was donated, not copied
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(singles)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert metrics["loss"].shape == (3,)  # every iteration's metrics, stacked
+    np.testing.assert_array_equal(metrics["loss"], [r["loss"] for r in rows])
+    np.testing.assert_array_equal(metrics["queue_acc"], [r["queue_acc"] for r in rows])
+    assert int(out.step) == 3 and rows[0]["loss"] != rows[2]["loss"]
+    out, _ = multi(out, data)  # the next call neither recompiles nor retraces
+    assert multi._cache_size() == 1 and int(out.step) == 6  # pylint: disable=protected-access
+    a_out, a_metrics = accel(a_state, data)
+    for a, b in zip(jax.tree.leaves(a_out), jax.tree.leaves(singles)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a_metrics["loss"], [r["loss"] for r in rows], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_runner_with_two_steps_per_dispatch_writes_what_one_step_does(tmp_path, monkeypatch):
+    outputs, calls = {}, []
+
+    def counted(*args):  # records the iteration each multi-iteration call starts at
+        multi = make_multi_step(*args)
+
+        def call(state, data):
+            calls.append(int(state.step))
+            return multi(state, data)
+        return call
+
+    make_multi_step = condense.make_multi_step
+    monkeypatch.setattr(condense, "make_multi_step", counted)
+    for k in (1, 2):
+        c = tiny_config(iterations=5)  # calls of 2 for 0-4, then one for the 5th
+        c.idm.steps_per_dispatch, c.log_every, c.checkpoint_every = k, 2, 2
+        c.eval.at_end = False
+        workdir = tmp_path / f"k{k}"
+        runner.run_condensation(c, str(workdir))
+        rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+        mngr = runner.checkpoint_manager(str(workdir), 2)
+        outputs[k] = rows, mngr.all_steps(), _npz(workdir / "synthetic.npz")["images_normalized"]
+        mngr.close()
+    (rows1, ckpts1, images1), (rows2, ckpts2, images2) = outputs[1], outputs[2]
+    assert calls == [0, 2]  # K=2: two calls of 2 iterations, then the 5th alone
+    assert [r["step"] for r in rows2] == [r["step"] for r in rows1] == [2, 4, 5]
+    for a, b in zip(rows1, rows2):
+        assert {k: v for k, v in a.items() if k != "it_per_s"} == {k: v for k, v in b.items() if k != "it_per_s"}
+    assert list(ckpts2) == list(ckpts1) == [4, 5]  # keep_checkpoints=2 of 2, 4, 5
+    np.testing.assert_array_equal(images2, images1)
+
+
 def test_l1_low_ce_branch_matches_the_k_lowest_ce_real_images_of_the_class(digits):
     # The release's CIFAR-10 IPC-1 branch without partition (IDM_cifar10.py): the real side of
     # class c is the mean embedding of the k images of its batch with the lowest CE.
