@@ -143,6 +143,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.interval = 0  # evaluate during condensation every N its (0 = off)
   c.eval.interval_epochs = 300  # epochs for those periodic evaluations
   c.eval.at_end = True  # full evaluation of the final synthetic set
+  # Also score ipc random real images per class with the same evaluation and report both
+  # (the quick demo's "IDM vs Random" line); off for the paper configs.
+  c.eval.compare_random = False
   # The seeds' networks train together with jax.vmap (GPU/TPU) or lax.map
   # (CPU, where vmapped convs are slow grouped convs). "auto": by backend.
   c.eval.seed_parallel = "auto"

@@ -510,6 +510,12 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         lines.append(f"| {arch} | {r.get('num_seeds', len(r.get('accuracies', [])))} | "
                      f"{r.get('epochs', '?')} | {r.get('num_train_images', '?')} | "
                      f"{_fmt(r['mean'], r['std'], 2)} | {paper_text} | {where} |")
+    for arch, r in results.get("random_reference", {}).items():  # eval.compare_random
+        paper = paper_accuracy(dataset, "random", ipc, arch, partition_factor=1)
+        paper_text, where = (_fmt(paper[0], paper[1], 1), paper[2]) if paper else ("—", "—")
+        lines.append(f"| {arch}, Random real images (reference) | {r.get('num_seeds', len(r.get('accuracies', [])))} | "
+                     f"{r.get('epochs', '?')} | {r.get('num_train_images', '?')} | "
+                     f"{_fmt(r['mean'], r['std'], 2)} | {paper_text} | {where} |")
     return "\n".join(lines) + "\n"
 
 

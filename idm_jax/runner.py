@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from idm_jax import backend
+from idm_jax import baselines
 from idm_jax import condense
 from idm_jax import config_check
 from idm_jax import data as data_lib
@@ -409,11 +410,16 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None,
             method=config.method, dataset=ds.name, ipc=config.ipc,
             partition_factor=s.loss.partition_factor, num_images=config.ipc * ds.num_classes,
             train_arch=config.model, iterations=total, synthetic=summary["synthetic"], archs=archs)
+        if config.eval.compare_random and not distributed.multi_process():
+            results["random_reference"] = baselines.random_reference(
+                config, ds, jax.random.fold_in(jax.random.PRNGKey(config.seed), total + 1))
         if distributed.is_main():
             export.finish_results(workdir, results)
         summary["results"] = results
         logging.info("finished: %s; results in %s", _accuracies(results),
                      os.path.join(workdir, "results.json"))
+        if "random_reference" in results:
+            logging.info(_versus_random(config.method, results))
     return summary
 
 
@@ -444,6 +450,16 @@ def compile_ahead(jitted, *args):
     compiled = jitted.lower(*args).compile()
     backend.release_freed_memory()
     return compiled
+
+
+def _versus_random(method: str, results: dict) -> str:
+    """One line per eval arch: the condensed set against ipc random real images per class."""
+    rows = []
+    for arch, r in results["archs"].items():
+        ref = results["random_reference"][arch]
+        rows.append(f"{arch}: {method.upper()} {r['mean']:.2f} ± {r['std']:.2f} % vs Random real images "
+                    f"{ref['mean']:.2f} ± {ref['std']:.2f} % ({r['mean'] - ref['mean']:+.2f} pp)")
+    return "; ".join(rows)
 
 
 def _accuracies(results: dict) -> str:

@@ -240,6 +240,17 @@ def test_results_markdown_puts_paper_beside_measured():
     assert "40.00 ± 1.00" in alexnet and alexnet.endswith("| — | — |")
 
 
+def test_results_markdown_adds_the_random_reference_rows():
+    results = {"method": "idm", "dataset": "cifar10", "ipc": 10, "partition_factor": 2, "train_arch": "ConvNet",
+               "archs": {"ConvNet": {"mean": 57.0, "std": 0.5, "num_seeds": 2, "epochs": 150,
+                                     "num_train_images": 400}},
+               "random_reference": {"ConvNet": {"mean": 25.125, "std": 1.0, "num_seeds": 2, "epochs": 150,
+                                                "num_train_images": 100}}}
+    ref = [l for l in export.results_markdown(results).splitlines() if "Random real images" in l]
+    assert ref == ["| ConvNet, Random real images (reference) | 2 | 150 | 100 | 25.12 ± 1.00 | 26.0 ± 1.2 | "
+                   "Table 1, CIFAR-10 IPC 10 |"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Sets made elsewhere: a bare images + labels .npz, its metadata from the dataset it is scored on
 
