@@ -20,6 +20,7 @@ flags and dispatches, so everything it runs is testable.
 import difflib
 import importlib.util
 import os
+import signal
 import sys
 
 from absl import app
@@ -91,6 +92,10 @@ def main(argv):
         workdir.check_writable(_WORKDIR.value)  # before any compute
         several = distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                                          _PROCESS_ID.value, _DIST_TIMEOUT.value)
+        # One run per workdir (every mode), before anything is written; released at exit, so
+        # SIGTERM exits through Python too (the condensation loop still checkpoints first).
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        workdir.lock_until_exit(_WORKDIR.value)
         logging.info("JAX %s, devices: %s", jax.__version__, jax.devices())
         if several and (_MODE.value != "condense" or config.runs > 1):
             raise ValueError(f"--mode={_MODE.value} (runs={config.runs}) runs on one process; "
@@ -119,6 +124,11 @@ def main(argv):
         # Bad input (or a full disk): one clear line, not a traceback from deep inside JAX.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def _exit_on_sigterm(signum, frame):
+    del frame
+    sys.exit(128 + signum)
 
 
 def config_arg_problem(argv) -> str | None:

@@ -43,6 +43,7 @@ import numpy as np
 from absl import logging
 
 from idm_jax import data
+from idm_jax import workdir as workdir_lib
 
 REQUIRED_KEYS = ("images", "labels", "mean", "std", "class_names", "partition_factor",
                  "method", "dataset")
@@ -89,8 +90,12 @@ class SyntheticSet:
 
 
 @contextlib.contextmanager
-def _atomic_file(path: str, suffix: str) -> Iterator[Any]:
-    """Yields a binary file in `path`'s folder; on success it replaces `path` in one step."""
+def _atomic_file(path: str, suffix: str, needed_bytes: int | None = None) -> Iterator[Any]:
+    """Yields a binary file in `path`'s folder; on success it replaces `path` in one step.
+
+    On any failure the temporary file is removed and `path` keeps its previous content; a full
+    disk (or quota) raises workdir.NoSpaceError naming the file and `needed_bytes` (an estimate).
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=suffix)
@@ -100,9 +105,11 @@ def _atomic_file(path: str, suffix: str) -> Iterator[Any]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(e, OSError) and workdir_lib.is_disk_full(e):
+            raise workdir_lib.no_space(os.path.basename(path), path, needed_bytes) from None
         raise
 
 
@@ -161,7 +168,7 @@ def save_synthetic(path: str, images_normalized: Any, labels: Any, *, mean: Sequ
         "dataset": np.asarray(str(dataset)),
         "config_json": np.asarray(str(config_json)),
     }
-    with _atomic_file(path, ".tmp") as f:
+    with _atomic_file(path, ".tmp", needed_bytes=sum(a.nbytes for a in arrays.values())) as f:
         np.savez(f, **arrays)
     return path
 
@@ -418,9 +425,9 @@ def write_results(workdir: str, results: Mapping[str, Any], name: str = "results
     """
     path = os.path.join(workdir, name)
     plain = json.loads(json.dumps(results, default=_to_json))
-    text = json.dumps(_finite(plain), indent=2, allow_nan=False)
-    with _atomic_file(path, ".tmp") as f:
-        f.write(text.encode() + b"\n")
+    data = json.dumps(_finite(plain), indent=2, allow_nan=False).encode() + b"\n"
+    with _atomic_file(path, ".tmp", needed_bytes=len(data)) as f:
+        f.write(data)
     return path
 
 
@@ -536,10 +543,9 @@ def write_report(workdir: str, stem: str, record: Mapping[str, Any], markdown: s
     """<stem>.json (the record) and <stem>.md (its table) in workdir, both atomically; logs the table."""
     os.makedirs(workdir, exist_ok=True)
     write_results(workdir, record, name=f"{stem}.json")
-    path = os.path.join(workdir, f"{stem}.md")
-    with open(path + ".tmp", "w") as f:
-        f.write(markdown)
-    os.replace(path + ".tmp", path)
+    data = markdown.encode()
+    with _atomic_file(os.path.join(workdir, f"{stem}.md"), ".tmp", needed_bytes=len(data)) as f:
+        f.write(data)
     logging.info("%s:\n%s", os.path.join(workdir, f"{stem}.json"), markdown)
 
 

@@ -12,11 +12,16 @@ config that would change the condensed state refused) before any compute
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import itertools
 import json
 import logging as std_logging
 import os
+import re
+import shutil
 import signal
+import sys
 import time
 from typing import Any
 
@@ -141,27 +146,134 @@ def latest_checkpoint(workdir: str) -> int | None:
 
 
 def _save(mngr: ocp.CheckpointManager, state: condense.CondenseState) -> None:
-    step = int(state.step)
-    if mngr.latest_step() != step:
-        mngr.save(step, args=ocp.args.StandardSave(state), force=True)
-        mngr.wait_until_finished()
+    """Saves `state` at its step (unless saved already); a full disk raises NoSpaceError.
+
+    orbax writes into <step>.orbax-checkpoint-tmp and renames it when complete, so a failed
+    save leaves the previous checkpoints as they were; its partial folder is removed here.
+    """
+    step, previous = int(state.step), mngr.latest_step()
+    if previous == step:
+        return
+    try:
+        with _without_disk_full_tracebacks():
+            mngr.save(step, args=ocp.args.StandardSave(state), force=True)
+            mngr.wait_until_finished()
+    except Exception as e:  # orbax/TensorStore report a full disk as ValueError(RESOURCE_EXHAUSTED...)
+        if not workdir_lib.is_disk_full(e):
+            raise
+        _drop_closed_loop_callbacks()
+        folder = str(mngr.directory)
+        if distributed.is_main():
+            for partial in glob.glob(os.path.join(folder, f"{step}.orbax-checkpoint-tmp*")):
+                shutil.rmtree(partial, ignore_errors=True)
+        kept = (f"the checkpoint at iteration {previous} and every earlier output are intact"
+                if previous is not None else "no checkpoint was written yet; earlier outputs are intact")
+        raise workdir_lib.no_space(f"the checkpoint at iteration {step}", os.path.join(folder, str(step)),
+                                   state_nbytes(state), kept=kept) from None
+
+
+def state_nbytes(state) -> int:
+    """Bytes of every array in `state` (all processes' shards): about what a checkpoint needs."""
+    return int(sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(state)))
+
+
+def _disk_full_record(record: std_logging.LogRecord) -> bool:
+    """False for log records about a full disk: the NoSpaceError raised after them says it once."""
+    error = record.exc_info[1] if record.exc_info else None
+    full = workdir_lib.mentions_disk_full(record.getMessage()) or (
+        error is not None and workdir_lib.is_disk_full(error))
+    return not full
+
+
+@contextlib.contextmanager
+def _without_disk_full_tracebacks():
+    """orbax logs a full disk from each of its writer threads with a traceback (14 on a CPU run):
+    drop those while a save runs (orbax logs through absl's logger)."""
+    logger = std_logging.getLogger("absl")
+    logger.addFilter(_disk_full_record)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_disk_full_record)
+
+
+def _drop_closed_loop_callbacks() -> None:
+    """After a failed save or restore, TensorStore operations still in flight call back into
+    orbax's closed asyncio loop, and each prints an 'Event loop is closed' traceback (through
+    sys.unraisablehook) after our one line; this hook drops exactly those."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+    hook.drops_closed_loop = True
+    sys.unraisablehook = hook
 
 
 def restore_or_init(mngr, s: condense.StepSettings, ds, config,
                     mesh=None) -> condense.CondenseState:
-    """The newest checkpoint in workdir if any, else a fresh state; placed on `mesh`."""
+    """The newest checkpoint in workdir that restores, else a fresh state; placed on `mesh`.
+
+    A checkpoint that cannot be restored (files truncated by a crash or a full disk) is skipped
+    with one warning line and, once an older one restores, moved to workdir/checkpoints_damaged/
+    (kept, not deleted, and no longer a step orbax sees). When none restores, a WorkdirError
+    says why for each, and nothing is moved.
+    """
     state = condense.shard_state(condense.init_state(s, ds, config.seed, config.idm.init), mesh)
-    latest = mngr.latest_step()
-    if latest is None:
+    steps = sorted(mngr.all_steps(), reverse=True)
+    if not steps:
         return state
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    try:
-        return mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
-    except Exception as e:  # orbax's own message is long and internal: say what it means
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise workdir_lib.WorkdirError(
-            f"cannot restore the checkpoint at iteration {latest} in {mngr.directory} with this "
-            f"config ({first[:200]}); use a new --workdir, or pass --restart to start over") from None
+    skipped = []
+    for step in steps:
+        try:
+            restored, problem = mngr.restore(step, args=ocp.args.StandardRestore(abstract)), None
+        except Exception as e:  # pylint: disable=broad-except  (any failure: try the next older one)
+            restored, problem = None, restore_problem(e)
+            _drop_closed_loop_callbacks()
+        if distributed.any_process(problem is not None):  # every process resumes from the same step
+            skipped.append((step, problem or "it failed on another process"))
+            continue
+        _set_aside(mngr, skipped, step)
+        return restored
+    listed = "; ".join(f"iteration {k}: {why}" for k, why in skipped)
+    raise workdir_lib.WorkdirError(
+        f"no checkpoint in {mngr.directory} can be restored with this config ({listed}); "
+        "use a new --workdir, or pass --restart to start over")
+
+
+def restore_problem(error: BaseException, limit: int = 160) -> str:
+    """Why a restore failed, in one short line: the innermost message, without TensorStore's
+    spec dump ("See full TensorStore details: ...") or the database path."""
+    chain = [error]
+    while len(chain) < 10 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    text = next((str(e) for e in reversed(chain) if str(e).strip()), type(error).__name__)
+    text = text.split("See full TensorStore details")[0]
+    text = re.sub(r' in OCDBT database at local file "[^"]*"', "", text)
+    text = " ".join(text.split()).rstrip(". ")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _set_aside(mngr: ocp.CheckpointManager, skipped: list[tuple[int, str]], resumed: int) -> None:
+    """Moves the checkpoints that failed to restore to workdir/checkpoints_damaged/<step>-<time>."""
+    if not skipped:
+        return
+    folder = str(mngr.directory)
+    damaged = os.path.join(os.path.dirname(folder), workdir_lib.DAMAGED)
+    if distributed.is_main():
+        os.makedirs(damaged, exist_ok=True)
+        for step, why in skipped:
+            target = os.path.join(damaged, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+            while os.path.exists(target):
+                target += "+"
+            os.rename(os.path.join(folder, str(step)), target)
+            logging.warning("the checkpoint at iteration %d cannot be restored (%s); moved it to %s and "
+                            "resuming from iteration %d", step, why, target, resumed)
+    distributed.any_process(False)  # a barrier: every process sees the folders moved
+    mngr.reload()
 
 
 def export_synthetic(workdir: str, state, ds, s: condense.StepSettings, config) -> str:
@@ -245,14 +357,22 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None,
                      restart: bool = False, reevaluate: bool = False) -> dict[str, Any]:
     """Condenses config.data into config.ipc images per class in workdir.
 
-    Resumes from the newest checkpoint in workdir. A workdir whose run is
+    Resumes from the newest checkpoint in workdir that restores. A workdir whose run is
     complete is only reported (no training, no evaluation) unless `reevaluate`.
     `restart` deletes the workdir's run outputs first (workdir.RUN_OUTPUTS).
     max_steps stops after that many iterations in this call (the run stays
     resumable); used by tests and benchmarks. Returns a summary dict.
+    Holds workdir.lock throughout: another process in the workdir raises WorkdirBusyError.
     """
     config_check.validate(config)
     workdir = workdir_lib.check_writable(workdir)
+    with workdir_lib.locked(workdir):
+        return _condense(config, workdir, max_steps=max_steps, restart=restart, reevaluate=reevaluate)
+
+
+def _condense(config, workdir: str, *, max_steps: int | None, restart: bool,
+              reevaluate: bool) -> dict[str, Any]:
+    """run_condensation in a checked workdir whose lock this process holds."""
     if restart and distributed.is_main():
         removed = workdir_lib.start_over(workdir)
         logging.info("--restart: removed %s from %s", ", ".join(removed) or "nothing", workdir)

@@ -1,0 +1,492 @@
+"""Runs that survive faults (issue 27): one run per workdir, damaged checkpoints, full disks,
+atomic outputs, two processes racing on one workdir.
+
+Lock tests use plain Python subprocesses (idm_jax.workdir imports no JAX) and are fast; the
+in-process runs share test_condense's tiny setting; the main.py races are marked slow.
+"""
+
+import errno
+import glob
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from idm_jax import export
+from idm_jax import runner
+from idm_jax import workdir as workdir_lib
+from test_workdir import TINY_FLAGS, _env, fast_config, images, metric_steps, run_main, snapshot
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A process that takes the lock, says so, and waits (for a kill, a signal, or an error).
+HOLDER = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from idm_jax import workdir
+holder = workdir.acquire_lock({workdir!r})
+print("held", holder["pid"], flush=True)
+time.sleep(120)
+"""
+
+
+def start_holder(workdir) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER.format(repo=REPO, workdir=str(workdir))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("held"), proc.stderr.read()
+    return proc
+
+
+def try_lock_elsewhere(workdir) -> tuple[int, str]:
+    """(returncode, last stderr line) of another process trying the lock once."""
+    code = (f"import sys; sys.path.insert(0, {REPO!r}); from idm_jax import workdir; "
+            f"workdir.acquire_lock({str(workdir)!r}); workdir.release_lock({str(workdir)!r})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    return out.returncode, (out.stderr.strip().splitlines() or [""])[-1]
+
+
+def error_lines(stderr) -> list[str]:
+    """stderr without absl's INFO/WARNING lines ("I1205 08:20:50.008833 ...")."""
+    return [l for l in stderr.splitlines() if l.strip() and not re.match(r"[IW]\d{4} \d\d:", l)]
+
+
+@pytest.fixture
+def warnings(monkeypatch):
+    """The warning lines workdir and runner log (absl), formatted."""
+    seen = []
+    for module in (workdir_lib, runner):
+        monkeypatch.setattr(module.logging, "warning", lambda msg, *a: seen.append(msg % a))
+    return seen
+
+
+# --------------------------------------------------------------------------- #
+# 1. One run per workdir
+# --------------------------------------------------------------------------- #
+
+
+def test_a_held_workdir_stops_another_process_and_is_released(tmp_path):
+    holder = workdir_lib.acquire_lock(str(tmp_path))
+    lock = tmp_path / workdir_lib.LOCK
+    written = json.loads(lock.read_text())
+    assert written == holder and written["pid"] == os.getpid() and written["host"] == socket.gethostname()
+    assert set(written) >= {"started", "boot_id", "command"}
+
+    rc, line = try_lock_elsewhere(tmp_path)
+    assert rc == 1 and f"WorkdirBusyError: workdir {tmp_path} is in use by process {os.getpid()} on host " \
+        f"{socket.gethostname()}, started {holder['started']}" in line, line
+
+    # Nested holds (main.py, then run_condensation) in one process: the last release frees it.
+    assert workdir_lib.acquire_lock(str(tmp_path)) == holder
+    workdir_lib.release_lock(str(tmp_path))
+    assert lock.exists() and try_lock_elsewhere(tmp_path)[0] == 1
+    workdir_lib.release_lock(str(tmp_path))
+    assert not lock.exists()
+    assert try_lock_elsewhere(tmp_path)[0] == 0
+    assert sorted(os.listdir(tmp_path)) == []  # nothing left behind
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over_with_a_warning(tmp_path, warnings):
+    proc = start_holder(tmp_path)
+    try:
+        with pytest.raises(workdir_lib.WorkdirBusyError, match=f"in use by process {proc.pid} on host"):
+            workdir_lib.acquire_lock(str(tmp_path))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    assert (tmp_path / workdir_lib.LOCK).exists()  # kill -9: no cleanup, but the OS dropped the flock
+    holder = workdir_lib.acquire_lock(str(tmp_path))
+    try:
+        assert holder["pid"] == os.getpid()
+        assert len(warnings) == 1 and f"took over the lock left by process {proc.pid} on host" in warnings[0]
+        assert "\n" not in warnings[0]
+    finally:
+        workdir_lib.release_lock(str(tmp_path))
+
+
+def test_without_flock_the_lock_file_and_its_pid_decide(tmp_path, monkeypatch, warnings):
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(workdir_lib.fcntl, "flock", no_flock)
+    lock = tmp_path / workdir_lib.LOCK
+
+    def left_by(pid, host=None):
+        lock.write_text(json.dumps({"host": host or socket.gethostname(), "pid": pid,
+                                    "boot_id": workdir_lib._boot_id(), "started": "then"}))
+
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        left_by(alive.pid)
+        with pytest.raises(workdir_lib.WorkdirBusyError, match=f"process {alive.pid} .*if that process is "
+                           f"gone, delete {lock}"):
+            workdir_lib.acquire_lock(str(tmp_path))
+    finally:
+        alive.kill()
+        alive.wait()
+    left_by(alive.pid, host="elsewhere")  # another machine's pid cannot be checked: still busy
+    with pytest.raises(workdir_lib.WorkdirBusyError, match="on host elsewhere"):
+        workdir_lib.acquire_lock(str(tmp_path))
+    left_by(alive.pid)  # gone, on this machine: stale
+    assert workdir_lib.acquire_lock(str(tmp_path))["pid"] == os.getpid()
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert [w for w in warnings if f"left by process {alive.pid}" in w]
+    workdir_lib.release_lock(str(tmp_path))
+    assert not lock.exists()
+
+
+EXITS = {
+    "exception": "raise RuntimeError('boom')",
+    "sigterm": "os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)",
+    "ctrl_c": "os.kill(os.getpid(), signal.SIGINT); time.sleep(30)",
+}
+
+
+@pytest.mark.parametrize("ending", sorted(EXITS))
+def test_main_releases_the_lock_however_it_ends(tmp_path, ending):
+    # main.py's own two lines (SIGTERM handler, lock_until_exit), then the ending.
+    code = (f"import os, signal, sys, time; sys.path.insert(0, {REPO!r}); os.environ['JAX_PLATFORMS'] = 'cpu'\n"
+            "import main\nfrom idm_jax import workdir\n"
+            "signal.signal(signal.SIGTERM, main._exit_on_sigterm)\n"
+            f"workdir.lock_until_exit({str(tmp_path)!r})\n"
+            f"assert os.path.exists({str(tmp_path / workdir_lib.LOCK)!r})\n" + EXITS[ending])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == {"exception": 1, "sigterm": 128 + signal.SIGTERM,
+                              "ctrl_c": -signal.SIGINT}[ending], out.stderr
+    assert "AssertionError" not in out.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_main_refuses_a_workdir_in_use_in_one_line_and_writes_nothing(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text("{}")
+    holder = workdir_lib.acquire_lock(str(workdir))
+    try:
+        before = snapshot(workdir)
+        out = run_main("--config=configs/quick.py", f"--workdir={workdir}")
+        assert out.returncode == 2
+        lines = error_lines(out.stderr)
+        assert lines == [f"error: workdir {workdir} is in use by process {os.getpid()} on host "
+                         f"{socket.gethostname()}, started {holder['started']} ({holder['command']}); wait for "
+                         "that run to end (or stop it), or use another --workdir"], out.stderr
+        assert snapshot(workdir) == before
+    finally:
+        workdir_lib.release_lock(str(workdir))
+
+
+# --------------------------------------------------------------------------- #
+# 2. A damaged newest checkpoint
+# --------------------------------------------------------------------------- #
+
+
+def checkpoint_steps(workdir):
+    return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+
+
+def truncate_arrays(step_folder):
+    """What a crash or a full disk mid-copy leaves: every array file cut to half."""
+    files = glob.glob(os.path.join(step_folder, "**", "d", "*"), recursive=True)
+    assert files
+    for path in files:
+        os.truncate(path, os.path.getsize(path) // 2)
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_an_older_one(tmp_path, warnings):
+    workdir = str(tmp_path / "run")
+    config = fast_config(checkpoint_every=1, checkpoint_every_minutes=0.0, keep_checkpoints=2)
+    runner.run_condensation(config, workdir, max_steps=2)
+    straight = images(workdir)  # the set at iteration 2
+    truncate_arrays(os.path.join(workdir, "checkpoints", "2"))
+    damaged_files = snapshot(os.path.join(workdir, "checkpoints", "2"))
+
+    summary = runner.run_condensation(config, workdir, max_steps=1)
+    assert summary["start_step"] == 1 and summary["step"] == 2
+    np.testing.assert_array_equal(images(workdir), straight)  # redone from iteration 1: the same set
+    (aside,) = os.listdir(os.path.join(workdir, workdir_lib.DAMAGED))
+    assert aside.startswith("2-")
+    assert snapshot(os.path.join(workdir, workdir_lib.DAMAGED, aside)) == damaged_files  # kept as it was
+    assert checkpoint_steps(workdir) == [1, 2]  # iteration 2 written again
+    (warning,) = warnings
+    assert warning.startswith("the checkpoint at iteration 2 cannot be restored (")
+    assert f"moved it to {os.path.join(workdir, workdir_lib.DAMAGED, aside)} and resuming from iteration 1" \
+        in warning
+    assert "\n" not in warning and "TensorStore" not in warning and len(warning) < 400
+
+    # None restores: one line, and nothing is moved.
+    for step in (1, 2):
+        truncate_arrays(os.path.join(workdir, "checkpoints", str(step)))
+    before = snapshot(os.path.join(workdir, "checkpoints"))
+    with pytest.raises(workdir_lib.WorkdirError) as e:
+        runner.run_condensation(config, workdir, max_steps=1)
+    message = str(e.value)
+    assert message.startswith(f"no checkpoint in {workdir}/checkpoints can be restored with this config "
+                              "(iteration 2: ")
+    assert "; iteration 1: " in message and message.endswith("pass --restart to start over")
+    assert "\n" not in message and "TensorStore" not in message
+    assert snapshot(os.path.join(workdir, "checkpoints")) == before
+    assert len(os.listdir(os.path.join(workdir, workdir_lib.DAMAGED))) == 1
+
+
+def test_restore_problem_is_one_short_line():
+    try:
+        try:
+            raise ValueError('OUT_OF_RANGE: Error reading "syn.images/0" in OCDBT database at local file '
+                             '"/w/checkpoints/2/default/": Requested byte range [1, 9) is not valid')
+        except ValueError as inner:
+            raise Exception("Encountered error while reading array index: (slice(0, 4, 1),). See full "
+                            "TensorStore details: <bound method spec of TensorStore({\n 'driver': 'zarr'})>") \
+                from inner
+    except Exception as e:  # pylint: disable=broad-except
+        assert runner.restore_problem(e) == ('OUT_OF_RANGE: Error reading "syn.images/0": Requested byte '
+                                             'range [1, 9) is not valid')
+    assert runner.restore_problem(KeyError()) == "KeyError"
+    assert len(runner.restore_problem(ValueError("x" * 500))) == 160
+
+
+# --------------------------------------------------------------------------- #
+# 3. A full disk
+# --------------------------------------------------------------------------- #
+
+DISK_FULL = ('RESOURCE_EXHAUSTED: Error writing "syn.images/0" in OCDBT database at local file "{path}/": '
+             'Failed writing: "{path}/d/7ce8": Failed to write 2102221 bytes to file 8: No space left on device '
+             '[OS error: No space left on device]')
+
+
+def test_a_full_disk_during_a_checkpoint_stops_in_one_line_and_the_next_run_resumes(tmp_path, monkeypatch):
+    """orbax reports TensorStore's ENOSPC as a ValueError (message as on a full 9 MB tmpfs), from
+    its save thread after leaving <step>.orbax-checkpoint-tmp; the real tmpfs is a slow test."""
+    workdir = str(tmp_path / "run")
+    config = fast_config(checkpoint_every=1, checkpoint_every_minutes=0.0)
+    real_save, sizes = runner.ocp.CheckpointManager.save, []
+
+    def save(self, step, *args, **kwargs):
+        if step == 2:
+            partial = os.path.join(str(self.directory), "2.orbax-checkpoint-tmp", "default")
+            os.makedirs(partial)
+            open(os.path.join(partial, "half"), "wb").write(b"\0" * 1000)
+            sizes.append(runner.state_nbytes(kwargs["args"].item))
+            raise ValueError(DISK_FULL.format(path=partial))
+        return real_save(self, step, *args, **kwargs)
+    monkeypatch.setattr(runner.ocp.CheckpointManager, "save", save)
+    with pytest.raises(workdir_lib.NoSpaceError) as e:
+        runner.run_condensation(config, workdir, max_steps=3)
+    message = str(e.value)
+    assert message.startswith(f"no space left on the device to write the checkpoint at iteration 2 in "
+                              f"{workdir}/checkpoints (needs about {workdir_lib.megabytes(sizes[0])}, ")
+    assert sizes[0] > 1e5  # the state's arrays: images, momentum, queue nets
+    assert "the checkpoint at iteration 1 and every earlier output are intact" in message and "\n" not in message
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"]  # partial folder removed
+    assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK))
+
+    monkeypatch.undo()  # space freed
+    summary = runner.run_condensation(config, workdir, max_steps=1)
+    assert summary["start_step"] == 1 and summary["step"] == 2
+    assert checkpoint_steps(workdir) == [1, 2]
+
+
+def _full_disk(monkeypatch, keep=100):
+    """Writes through os.fdopen'ed files (every atomic writer's) store `keep` bytes, then ENOSPC."""
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self._f = f
+
+        def write(self, data):
+            self._f.write(bytes(data)[:keep])
+            self._f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self._f.__exit__(*exc)
+
+    monkeypatch.setattr(os, "fdopen", lambda *a, **k: Full(real_fdopen(*a, **k)))
+
+
+def test_a_full_disk_while_writing_outputs_keeps_the_previous_files(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    set_args = dict(mean=[0.5], std=[0.25], class_names=[str(k) for k in range(10)], partition_factor=2,
+                    method="idm", dataset="digits")
+    npz = str(tmp_path / "synthetic.npz")
+    export.save_synthetic(npz, rng.normal(size=(20, 8, 8, 1)), np.repeat(np.arange(10), 2), **set_args)
+    export.finish_results(str(tmp_path), {"method": "idm", "dataset": "digits", "ipc": 2, "archs": {}})
+    workdir_lib.atomic_write(str(tmp_path / "config.json"), '{"ipc": 2}')
+    before = snapshot(tmp_path)
+
+    _full_disk(monkeypatch)
+    bigger = rng.normal(size=(40, 8, 8, 1))
+    with pytest.raises(workdir_lib.NoSpaceError) as e:
+        export.save_synthetic(npz, bigger, np.repeat(np.arange(10), 4), **set_args)
+    # images and images_normalized (f32, 2 x 10240 bytes), labels and the small keys: 20.7 kB
+    assert str(e.value).startswith(f"no space left on the device to write synthetic.npz in {tmp_path} (needs "
+                                   "about 20.7 kB, ")
+    assert "the previous synthetic.npz is intact" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(workdir_lib.NoSpaceError, match="to write results.json in .* the previous results.json "
+                       "is intact"):
+        export.finish_results(str(tmp_path), {"method": "idm", "dataset": "digits", "ipc": 4, "archs": {}})
+    with pytest.raises(workdir_lib.NoSpaceError, match=r"to write config.json in .*\(needs about 10 bytes, "):
+        workdir_lib.atomic_write(str(tmp_path / "config.json"), '{"ipc": 4}')
+    assert snapshot(tmp_path) == before  # no half-written file, no temporary file
+    assert export.load_synthetic(npz).ipc == 2
+
+
+def test_a_full_disk_appending_the_config_history_is_one_line(tmp_path, monkeypatch):
+    real_open = open
+
+    def full_open(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        if str(path).endswith(workdir_lib.HISTORY):
+            f.close()
+            raise OSError(errno.EDQUOT, "Disk quota exceeded", str(path))
+        return f
+    monkeypatch.setattr("builtins.open", full_open)
+    with pytest.raises(workdir_lib.NoSpaceError, match=f"to write a row of {workdir_lib.HISTORY} in {tmp_path}"):
+        workdir_lib.record_config(str(tmp_path), "{}", start_step=0, diff={})
+
+
+def test_disk_full_is_told_apart_from_out_of_memory():
+    assert workdir_lib.is_disk_full(OSError(errno.ENOSPC, "x"))
+    assert workdir_lib.is_disk_full(OSError(errno.EDQUOT, "x"))
+    assert workdir_lib.is_disk_full(ValueError(DISK_FULL.format(path="/w")))
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("save failed") from inner
+    except RuntimeError as e:
+        assert workdir_lib.is_disk_full(e)
+    assert not workdir_lib.is_disk_full(ValueError("RESOURCE_EXHAUSTED: Out of memory allocating 4 GiB"))
+    assert not workdir_lib.is_disk_full(OSError(errno.EACCES, "Permission denied"))
+
+
+# --------------------------------------------------------------------------- #
+# 4. A truncated synthetic.npz given to --mode=evaluate
+# --------------------------------------------------------------------------- #
+
+
+def test_evaluate_on_a_truncated_synthetic_set_is_one_line(tmp_path):
+    npz = str(tmp_path / "synthetic.npz")
+    export.save_synthetic(npz, np.zeros((10, 16, 16, 1)), np.arange(10), mean=[0.5], std=[0.25],
+                          class_names=[str(k) for k in range(10)], partition_factor=2, method="idm",
+                          dataset="digits")
+    os.truncate(npz, os.path.getsize(npz) // 2)
+    out = run_main("--config=configs/quick.py", "--mode=evaluate", f"--synthetic={npz}",
+                   f"--workdir={tmp_path / 'eval'}")
+    assert out.returncode == 2
+    lines = error_lines(out.stderr)
+    assert len(lines) == 1 and lines[0].startswith(f"error: synthetic set {npz!r} is not a readable .npz file"), \
+        out.stderr
+    assert sorted(os.listdir(tmp_path / "eval")) == []  # lock released, nothing written
+
+
+# --------------------------------------------------------------------------- #
+# 5. Two main.py processes racing on one workdir (slow: about 3 minutes)
+# --------------------------------------------------------------------------- #
+
+
+def _start(workdir, env):
+    return subprocess.Popen([sys.executable, "main.py", *TINY_FLAGS, f"--workdir={workdir}"], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_rows(workdir, proc, rows=1):
+    path = os.path.join(workdir, "metrics.jsonl")
+    while proc.poll() is None and (not os.path.exists(path) or sum(1 for _ in open(path)) < rows):
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_two_processes_racing_on_one_workdir_leave_a_resumable_run(tmp_path):
+    env = _env(tmp_path / "compile_cache")
+    reference = str(tmp_path / "reference")
+    out = run_main(*TINY_FLAGS, f"--workdir={reference}", env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+    # Interleavings the lock allows: started together; the second while the first condenses.
+    for race, second_after in (("together", None), ("later", 2)):
+        workdir = str(tmp_path / race)
+        first = _start(workdir, env)
+        if second_after is not None:
+            _wait_for_rows(workdir, first, rows=second_after)
+        second = _start(workdir, env)
+        results = [(p.wait(timeout=300), p.stderr.read()) for p in (first, second)]
+        codes = sorted(rc for rc, _ in results)
+        assert codes == [0, 2], [err[-1500:] for _, err in results]
+        (busy,) = [err for rc, err in results if rc == 2]
+        (line,) = [l for l in busy.splitlines() if l.startswith("error:")]
+        assert f"error: workdir {workdir} is in use by process " in line
+        assert "Traceback" not in busy
+        history = [json.loads(l) for l in open(os.path.join(workdir, workdir_lib.HISTORY))]
+        assert [h["start_step"] for h in history] == [0]  # the refused one wrote nothing
+        assert metric_steps(workdir) == list(range(1, 9))
+        # The next run finds a finished, consistent run.
+        again = run_main(*TINY_FLAGS, f"--workdir={workdir}", env=env)
+        assert again.returncode == 0 and "is complete" in again.stderr, again.stderr[-2000:]
+        np.testing.assert_array_equal(images(workdir), images(reference))
+        assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK))
+
+    # Killed mid-run (kill -9), then two restarts race: one resumes, the other is refused.
+    workdir = str(tmp_path / "killed")
+    first = _start(workdir, env)
+    _wait_for_rows(workdir, first, rows=3)
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    racers = [_start(workdir, env) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in racers]
+    assert sorted(rc for rc, _ in results) == [0, 2], [err[-1500:] for _, err in results]
+    (winner,) = [err for rc, err in results if rc == 0]
+    assert "took over the lock left by process" in winner
+    np.testing.assert_array_equal(images(workdir), images(reference))
+    assert metric_steps(workdir) == list(range(1, 9))
+
+
+# --------------------------------------------------------------------------- #
+# 3 for real: a small tmpfs (root and a mount namespace allowing it; slow)
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=9m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_stops_in_one_line_and_a_rerun_with_space_finishes(tmp_path, tmpfs):
+    env = _env(tmp_path / "compile_cache")
+    reference = str(tmp_path / "reference")
+    assert run_main(*TINY_FLAGS, f"--workdir={reference}", env=env).returncode == 0
+    workdir = str(tmpfs / "run")
+    out = run_main(*TINY_FLAGS, f"--workdir={workdir}", env=env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "RESOURCE_EXHAUSTED" not in out.stderr, out.stderr[-3000:]
+    (line,) = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+    assert line.startswith("error: no space left on the device to write the checkpoint at iteration ")
+    assert "needs about" in line and "earlier output are intact" in line
+    assert not [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in d]
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(tmpfs)], check=True)
+    again = run_main(*TINY_FLAGS, f"--workdir={workdir}", env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    np.testing.assert_array_equal(images(workdir), images(reference))
+    assert metric_steps(workdir) == list(range(1, 9))
