@@ -490,3 +490,52 @@ def test_a_real_full_disk_stops_in_one_line_and_a_rerun_with_space_finishes(tmp_
     assert again.returncode == 0, again.stderr[-2000:]
     np.testing.assert_array_equal(images(workdir), images(reference))
     assert metric_steps(workdir) == list(range(1, 9))
+
+
+# --------------------------------------------------------------------------- #
+# 1 with several processes: process 0 holds the lock, the others check it
+# --------------------------------------------------------------------------- #
+
+SHARED_LOCK = """
+import json, os, sys
+sys.path.insert(0, {repo!r})
+from idm_jax import distributed, workdir
+distributed.initialize("on", "localhost:{port}", 2, int(sys.argv[1]), timeout_s=60)
+try:
+    with workdir.locked({workdir!r}) as holder:
+        print("HOLDER", json.dumps(holder), flush=True)
+        distributed.any_process(False)  # both inside the block at once
+except workdir.WorkdirError as e:
+    print("REFUSED", e, flush=True)
+"""
+
+
+def test_processes_of_one_run_share_the_lock_of_process_0(tmp_path):
+    from test_multiprocess import free_port, launch  # pylint: disable=import-outside-toplevel
+
+    def run_both():
+        code = SHARED_LOCK.format(repo=REPO, port=free_port(), workdir=str(tmp_path))
+        results = launch([[sys.executable, "-c", code, str(i)] for i in range(2)], timeout=180)
+        for rc, _, err in results:
+            assert rc == 0, err[-2000:]
+        return [out.strip().splitlines()[-1] for _, out, _ in results]
+
+    held = run_both()
+    holders = [json.loads(line.split(" ", 1)[1]) for line in held if line.startswith("HOLDER")]
+    assert len(holders) == 2 and holders[0] == holders[1] and holders[0]["pid"] != os.getpid()
+    assert not (tmp_path / workdir_lib.LOCK).exists()  # released by process 0
+
+    ours = workdir_lib.acquire_lock(str(tmp_path))  # another run holds it: both stop, same line
+    try:
+        refused = run_both()
+    finally:
+        workdir_lib.release_lock(str(tmp_path))
+    assert refused[0] == refused[1] and refused[0].startswith(
+        f"REFUSED workdir {tmp_path} is in use by process {ours['pid']} on host"), refused
+
+
+def test_restart_also_removes_the_damaged_checkpoints(tmp_path):
+    (tmp_path / workdir_lib.DAMAGED / "2-20250101-000000").mkdir(parents=True)
+    (tmp_path / "config.json").write_text("{}")
+    assert workdir_lib.start_over(str(tmp_path)) == [workdir_lib.DAMAGED]
+    assert os.listdir(tmp_path) == ["config.json"]
