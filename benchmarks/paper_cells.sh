@@ -48,6 +48,7 @@ if [ -n "${DRY_RUN:-}" ]; then
   cells=${CELLS:-digits:1}
   curve=${CURVE_INTERVAL:-2}
   extra=(--config.idm.iterations="${DRY_ITERATIONS:-4}" --config.eval.epochs=2 --config.eval.num_seeds=2
+         --config.eval.compare_random=False
          --config.eval.interval_epochs=1 --config.log_every=2 --config.checkpoint_every=2)
 else
   if ls .carry/whl/*.whl >/dev/null 2>&1; then  # packages the device image lacks
