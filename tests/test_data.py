@@ -201,7 +201,7 @@ def test_second_load_uses_cache(toy_tree, tmp_path, monkeypatch):
     files = sorted(p.name for p in cache.iterdir())
     assert len(files) == 1 and files[0].startswith("decoded-") and files[0].endswith(".npz")  # no tmp left
 
-    monkeypatch.setattr(data, "_decode_image", no_decoding)
+    monkeypatch.setattr(data.decode, "_decode_image", no_decoding)
     assert_is_toy(data.load_dataset(str(archive), cache_dir=str(cache)), "toy")
     # The key is the content, not the path or the time: a copy elsewhere (another
     # name, a newer mtime) reuses the entry, and no second file is written.
@@ -236,7 +236,7 @@ def test_archive_key_reads_only_its_ends(tmp_path):
 def test_folder_cache_notices_changed_files(toy_tree, tmp_path, monkeypatch):
     cache = str(tmp_path / "cache")
     data.load_dataset(str(toy_tree), cache_dir=cache)
-    monkeypatch.setattr(data, "_decode_image", no_decoding)
+    monkeypatch.setattr(data.decode, "_decode_image", no_decoding)
     data.load_dataset(str(toy_tree), cache_dir=cache)  # unchanged: cache hit
     Image.new("RGB", (8, 8), (1, 2, 3)).save(toy_tree / "train" / "ant" / "999.png")
     with pytest.raises(AssertionError, match="decoded although"):

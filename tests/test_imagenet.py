@@ -163,7 +163,7 @@ def test_memmap_cache_matches_in_memory_arrays(tmp_path, monkeypatch):
         np.testing.assert_array_equal(getattr(mapped, k), getattr(in_memory, k))
     (folder,) = [p for p in (tmp_path / "c2").iterdir()]
     assert folder.is_dir() and json.loads((folder / "class_names.json").read_text()) == list(WNIDS)
-    monkeypatch.setattr(data_lib, "_decode_splits", lambda *a, **k: pytest.fail("decoded again"))
+    monkeypatch.setattr(data_lib.decode, "_decode_splits", lambda *a, **k: pytest.fail("decoded again"))
     again = data_lib.load_dataset(str(root), cache_dir=str(tmp_path / "c2"), **kw)
     assert isinstance(again.train_images, np.memmap) and again.class_names == WNIDS
 
