@@ -5,6 +5,9 @@
 #   device run, carry [".carry"], timeout_s 590:
 #     bash benchmarks/gpu_check.sh "$OUT"
 #   DRY_RUN=1 bash benchmarks/gpu_check.sh /tmp/x  # tiny CPU settings, no installs (the test suite runs this)
+#   CHECK=speed bash benchmarks/gpu_check.sh "$OUT"  # instead: the step's profile and speed (issue 23,
+#                  benchmarks/gpu_speed.py: ~8.5 min; brings back gpu_speed.json, gpu_speed.md, timings.txt,
+#                  devices.txt, results.tar.gz); SPEED_LIMITS="eval=60,..." overrides its parts' limits
 #
 # Budget: about 9 minutes on a fresh H100/H200 (device time is ~15 min a session, start-up
 # included). Each part has its own time limit and a failed or cut part does not stop the others,
@@ -60,6 +63,21 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>"$out/dev
 log "devices: $(head -c 300 "$out/devices.txt")"
 # Decode the dataset once (the cache serves every later process).
 [ -z "${DRY_RUN:-}" ] && $PY -c "from idm_jax import data; data.load_dataset('$source', normalization='cifar10')"
+
+if [ "${CHECK:-parity}" = speed ]; then  # each part of gpu_speed.py has its own limit inside
+  if [ -n "${DRY_RUN:-}" ]; then
+    speed=(--dry-run --steps=2 --dispatch=2 --trace-steps=2 --eval-epochs=1)
+  else
+    speed=(--release-python="$PY")
+    [ -d "$release" ] && speed+=(--release="$release")
+  fi
+  part gpu_speed 570 $PY benchmarks/gpu_speed.py --out="$out/speed" --limits="${SPEED_LIMITS:-}" "${speed[@]}"
+  cp "$out/speed/gpu_speed.json" "$out/speed/gpu_speed.md" "$out/" 2>/dev/null
+  (cd "$out" && tar -czf results.tar.gz logs speed/parts)
+  rm -rf "$out/logs" "$out/speed"
+  log "done"
+  exit 0
+fi
 
 parity=($PY benchmarks/release_parity.py --root="$out/parity_run" --config=$cfg --ipc=$ipc
         --budgets=$budgets --epochs=$epochs --seeds=$seeds --seed=$runs)

@@ -10,6 +10,8 @@ Phases of the release's IDM iteration (configs/cifar10.py:<ipc>, real CIFAR-10):
 * synthetic gradient: per class, partition/expand + DSA of the synthetic images, loss and
                       its gradient w.r.t. the images, given the real mean embeddings
 * queue training:     fetch_net_num queue members x model_train_steps SGD steps
+* queue push + sample: the iteration's queue bookkeeping: meter reset, a fresh net pushed
+                      (every net_generate_interval), the matching nets drawn
 * full step:          condense.make_step (all of the above plus queue bookkeeping)
 
 Each phase is compiled first and then timed --steps times (median, seconds). The sum of
@@ -74,9 +76,14 @@ def phase_fns(s: condense.StepSettings):
         return queue_lib.train(state.queue, slots, condense.make_member_train_fn(s, data), key,
                                s.queue_train_impl).params
 
+    def queue_push_sample(state, data, key):
+        queue, nets, accs, _ = condense._matching_nets(s, state, key, condense.make_init_fn(s))  # pylint: disable=protected-access
+        return queue, nets, accs
+
     fns = {"real embeddings": real_means, "synthetic gradient": synthetic_grads}
     if s.use_queue:
         fns["queue training"] = queue_training
+        fns["queue push + sample"] = queue_push_sample
     return {name: jax.jit(fn) for name, fn in fns.items()}
 
 

@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.sh must work the first time on a GPU: its dry run (same commands, toy
 sizes, no installs) runs here on the CPU and brings back every table."""
 
+import json
 import os
 import subprocess
 import sys
@@ -35,3 +36,99 @@ def test_gpu_check_dry_run_writes_every_table(tmp_path):
         names = tar.getnames()
     assert "logs/parity_eval.log" in names and "parity_run/seed_1/idm_jax/snap_1.npz" in names
     assert not any("checkpoints" in n or n.endswith("data.npz") for n in names)
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks/gpu_speed.py (issue 23): the summaries it writes, then its dry run
+
+
+def _gpu_trace():
+    """A trace as jax.profiler writes it on a GPU: a device process with a stream line and a
+    derived "XLA Ops" line (which repeats the kernels' time and must not be counted)."""
+    meta = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name", "args": {"name": "Stream #20(Compute)"}},
+        {"ph": "M", "pid": 1, "tid": 8, "name": "thread_name", "args": {"name": "XLA Ops"}},
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 2, "tid": 9, "name": "thread_name", "args": {"name": "python"}},
+    ]
+    kernel = lambda name, dur: {"ph": "X", "pid": 1, "tid": 7, "name": name, "ts": 0, "dur": dur}
+    events = []
+    for _ in range(2):  # two iterations
+        events += [kernel("sm90_xmma_fprop_implicit_gemm", 300.0), kernel("loop_gather_fusion", 100.0),
+                   kernel("input_reduce_fusion", 50.0), kernel("loop_gather_fusion", 50.0)]
+    events += [{"ph": "X", "pid": 1, "tid": 8, "name": "convolution.3", "ts": 0, "dur": 600.0},
+               {"ph": "X", "pid": 2, "tid": 9, "name": "PjitFunction(step)", "ts": 0, "dur": 5000.0}]
+    return {"traceEvents": meta + events}
+
+
+def test_trace_summary_counts_device_kernels_per_iteration():
+    from benchmarks import gpu_speed
+    got = gpu_speed.summarize_trace(_gpu_trace(), iterations=2)
+    assert got["source"] == "device kernels"
+    assert got["kernels_per_it"] == 4 and got["distinct_kernels"] == 3
+    assert got["busy_s_per_it"] == pytest.approx(500e-6)  # 300 + 100 + 50 + 50 us
+    assert [t["name"] for t in got["top"]] == ["sm90_xmma_fprop_implicit_gemm", "loop_gather_fusion",
+                                               "input_reduce_fusion"]
+    assert got["top"][1]["calls_per_it"] == 2 and got["top"][1]["ms_per_it"] == pytest.approx(0.15)
+    assert got["top"][0]["share"] == pytest.approx(0.6)
+    assert got["by_kind_share"] == pytest.approx({"convolution": 0.6, "gather/scatter": 0.3, "reduction": 0.1})
+
+
+def test_hlo_op_counts_and_the_json_record_keys():
+    from benchmarks import gpu_speed
+    hlo = """ENTRY %main {
+  %fusion.1 = f32[8]{0} fusion(f32[8]{0} %p), kind=kLoop, calls=%fused
+  %cc = (f32[8,8]{1,0}, s8[0]{0}) custom-call(f32[8,8]{1,0} %a), custom_call_target="__cublas$gemm"
+  %cc.2 = (f32[8,8]{1,0}, s8[0]{0}) custom-call(f32[8,8]{1,0} %a), custom_call_target="__cudnn$convForward"
+  %w = (s32[], f32[8]{0}) while((s32[], f32[8]{0}) %t), condition=%c, body=%b
+  %copy.1 = f32[8]{0} copy(f32[8]{0} %fusion.1)
+}"""
+    counts = gpu_speed.hlo_op_counts(hlo)
+    assert (counts["fusion"], counts["custom_call"], counts["while"], counts["copy"]) == (1, 2, 1, 1)
+    assert counts["custom_calls"] == {"__cublas$gemm": 1, "__cudnn$convForward": 1}
+    rows = {"cifar10_ipc10": [{"what": "environment", "device": "gpu:H200", "jax": "0.10.2"},
+                              {"what": "step", "s_per_it": 0.1, "host_rss_gib": 3.5}],
+            "eval": [{"what": "eval", "total_s": 25.0}]}
+    record = gpu_speed.summary_json(rows, "python benchmarks/gpu_speed.py", dry_run=False)
+    assert tuple(record)[:len(gpu_speed.JSON_KEYS)] == gpu_speed.JSON_KEYS
+    assert record["cifar10_ipc10_s_per_it"] == 0.1 and record["host_rss_gib"] == 3.5
+    assert record["eval_5nets_1000ep_ipc10_s"] == 25.0 and record["device"] == "gpu:H200"
+    assert record["cifar10_ipc1_s_per_it"] is None and record["release_cifar10_ipc10_s_per_it"] is None
+    with open(os.path.join(ROOT, "docs", "gpu_speed.json")) as f:  # the committed file has the same keys
+        assert tuple(json.load(f))[:len(gpu_speed.JSON_KEYS)] == gpu_speed.JSON_KEYS
+
+
+@pytest.mark.slow
+def test_gpu_speed_dry_run_measures_every_figure(tmp_path):
+    out = tmp_path / "speed"
+    run = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(out)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=900, env={**os.environ, "DRY_RUN": "1", "CHECK": "speed",
+                                           "PYTHON": sys.executable})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "end gpu_speed rc=0" in (out / "timings.txt").read_text()
+    record = json.loads((out / "gpu_speed.json").read_text())
+    assert tuple(record)[:11] == (
+        "device", "jax_version", "date", "cifar10_ipc1_s_per_it", "cifar10_ipc10_s_per_it", "cifar10_ipc50_s_per_it",
+        "cifar100_ipc10_s_per_it", "eval_5nets_1000ep_ipc10_s", "host_rss_gib", "release_cifar10_ipc10_s_per_it",
+        "command")
+    measured = [k for k in record if k.endswith("_s_per_it") and not k.startswith("release")]
+    assert all(isinstance(record[k], float) and 0 < record[k] < 60 for k in measured), record
+    assert record["eval_5nets_1000ep_ipc10_s"] > 0 and 0.1 < record["host_rss_gib"] < 16
+    assert record["release_cifar10_ipc10_s_per_it"] is None  # no release in a dry run
+    assert record["dry_run"] and record["device"].startswith("cpu") and "--dry-run" in record["command"]
+    rows = record["details"]["cifar10_ipc10"]
+    step = next(r for r in rows if r["what"] == "step")
+    assert step["compiles"] == 0 and not step["warnings"]  # no recompilation, the state donated
+    flops = next(r for r in rows if r["what"] == "flops")
+    assert flops["flops_per_it"] > 1e6 and flops["tflops_per_s"] > 0
+    trace = next(r for r in rows if r["what"] == "trace")
+    assert trace["kernels_per_it"] > 10 and trace["top"]
+    phases = {r["phase"] for r in rows if r["what"] == "phase"}
+    assert phases == {"real embeddings", "synthetic gradient", "queue training", "queue push + sample"}
+    dispatch = next(r for r in rows if r["what"] == "dispatch")
+    assert dispatch["steps_per_dispatch"] == 2 and dispatch["s_per_it"] > 0 and dispatch["compiles"] == 0
+    assert any(r["what"] == "candidate" for r in record["details"]["candidates"])
+    assert "| cifar10_ipc10 |" in (out / "gpu_speed.md").read_text()
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
+        "devices.txt", "gpu_speed.json", "gpu_speed.md", "results.tar.gz", "timings.txt"]
