@@ -187,6 +187,13 @@ def test_state_preserving_changes_resume_and_are_recorded(tmp_path):
     assert [h["start_step"] for h in history] == [0, 2, 0] and history[2]["changed"]["seed"] == [0, 1]
 
 
+def test_dispatch_and_memory_knobs_may_change_between_starts():
+    for key in ("idm.steps_per_dispatch", "idm.class_batch", "idm.max_unrolled_queue_steps", "eval.epochs"):
+        assert workdir_lib.resumable(key), key
+    for key in ("idm.lr_img", "idm.partition_factor", "seed", "ipc"):
+        assert not workdir_lib.resumable(key), key
+
+
 # --------------------------------------------------------------------------- #
 # 3. Checkpoints by wall-clock time as well as by iteration
 # --------------------------------------------------------------------------- #
