@@ -154,6 +154,7 @@ def _save(mngr: ocp.CheckpointManager, state: condense.CondenseState) -> None:
     step, previous = int(state.step), mngr.latest_step()
     if previous == step:
         return
+    _drop_closed_loop_callbacks()
     try:
         with _without_disk_full_tracebacks():
             mngr.save(step, args=ocp.args.StandardSave(state), force=True)
@@ -161,7 +162,6 @@ def _save(mngr: ocp.CheckpointManager, state: condense.CondenseState) -> None:
     except Exception as e:  # orbax/TensorStore report a full disk as ValueError(RESOURCE_EXHAUSTED...)
         if not workdir_lib.is_disk_full(e):
             raise
-        _drop_closed_loop_callbacks()
         folder = str(mngr.directory)
         if distributed.is_main():
             for partial in glob.glob(os.path.join(folder, f"{step}.orbax-checkpoint-tmp*")):
@@ -200,7 +200,8 @@ def _without_disk_full_tracebacks():
 def _drop_closed_loop_callbacks() -> None:
     """After a failed save or restore, TensorStore operations still in flight call back into
     orbax's closed asyncio loop, and each prints an 'Event loop is closed' traceback (through
-    sys.unraisablehook) after our one line; this hook drops exactly those."""
+    sys.unraisablehook, also while orbax is still failing, so it is installed before a save or a
+    restore); this hook drops exactly those."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_closed_loop", False):
         return
@@ -226,13 +227,13 @@ def restore_or_init(mngr, s: condense.StepSettings, ds, config,
     if not steps:
         return state
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    _drop_closed_loop_callbacks()
     skipped = []
     for step in steps:
         try:
             restored, problem = mngr.restore(step, args=ocp.args.StandardRestore(abstract)), None
         except Exception as e:  # pylint: disable=broad-except  (any failure: try the next older one)
             restored, problem = None, restore_problem(e)
-            _drop_closed_loop_callbacks()
         if distributed.any_process(problem is not None):  # every process resumes from the same step
             skipped.append((step, problem or "it failed on another process"))
             continue
