@@ -197,6 +197,7 @@ def run_cell(config, workdir: str, cell: str, overrides: dict[str, Any], *, iter
                 "seconds": 0.0}
     c = cell_config(config, overrides, iterations=iterations)
     c.eval.at_end = bool(evaluate_at_end)
+    c.eval.compare_random = False  # a sweep's table has its own reference cells
     logging.info("sweep cell %r: %s, %d iterations -> %s", cell, overrides or "(as configured)",
                  iterations, cell_dir)
     t = time.perf_counter()

@@ -36,6 +36,7 @@ def tiny_config(iterations=4, arg="1"):
     c.eval.epochs = 2
     c.eval.num_seeds = 2
     c.eval.test_batch_size = 364
+    c.eval.compare_random = False  # the quick demo's Random line is tested in test_integration.py
     return c
 
 
