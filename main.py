@@ -67,7 +67,7 @@ _RESTART = flags.DEFINE_bool("restart", False, "condense: delete the workdir's r
                              "metrics, synthetic set, results) and start over; configs are kept.")
 _REEVALUATE = flags.DEFINE_bool("reevaluate", False, "condense: evaluate a completed run again "
                                 "(by default a finished workdir is only reported).")
-# Several processes (hosts), see idm_jax/distributed.py and the README: every process runs the
+# Several processes (hosts), see idm_jax/distributed.py and docs/SCALING.md: every process runs the
 # same command; these (or $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID) say
 # where they meet, unless JAX detects the cluster (SLURM, Cloud TPU).
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", list(distributed.MODES),

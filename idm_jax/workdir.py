@@ -1,6 +1,6 @@
 """A run's folder: checked before any compute, its config history, starting over.
 
-What a condensation run writes under --workdir (README "Outputs"):
+What a condensation run writes under --workdir (docs/RUNNING.md, "Outputs"):
 config.json (the config of the latest start), config_history.jsonl (every
 config the workdir has run with, one row per start), metrics.jsonl,
 tensorboard/, checkpoints/, synthetic.npz/.png, results.json/.md.
