@@ -25,6 +25,7 @@ import numpy as np
 from absl import logging
 
 from idm_jax import data, evaluate, export, models, trainer
+from idm_jax import results as results_lib
 
 BASELINES = ("random", "herding", "forgetting", "whole")
 
@@ -195,6 +196,6 @@ def run_baseline(config: Any, workdir: str) -> dict[str, Any]:
                      selection_seconds=time.perf_counter() - t, **info)
     archs_results = evaluate.evaluate_archs(images, labels, dataset, config.eval, archs=archs,
                                             key=eval_key, partition_factor=1)
-    return export.finish_results(workdir, export.results_record(
+    return results_lib.finish_results(workdir, results_lib.results_record(
         method=method, dataset=dataset.name, ipc=ipc, partition_factor=1, num_images=num_images,
         train_arch=config.model, archs=archs_results, **extra))

@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 
 from idm_jax import augment, data, export, models, trainer
+from idm_jax import results as results_lib
 
 
 def consistency_ratio(syn_features: Any, syn_labels: Any, real_features: Any, real_labels: Any,
@@ -152,7 +153,7 @@ def run_consistency(config: Any, workdir: str, synthetic: str | dict[str, str] |
         logging.info("consistency of %s: k=1 %.3f, k=%d %.3f", name, ratio[0], max_k, ratio[-1])
     result = {"dataset": dataset.name, "max_k": max_k, "feature_network": net_info,
               "condensed": condensed, "sets": curves}
-    export.write_report(workdir, "consistency", result, markdown(result))
+    results_lib.write_report(workdir, "consistency", result, markdown(result))
     plot(os.path.join(workdir, "consistency.png"), result)
     return result
 

@@ -37,6 +37,7 @@ from absl import logging
 
 from idm_jax import baselines, condense, evaluate, export, models
 from idm_jax import data as data_lib
+from idm_jax import results as results_lib
 
 METHODS = ("idm", "dm", "random")
 
@@ -188,7 +189,7 @@ def run_order(config: Any, ds: data_lib.ArrayDataset, method: str, num_steps: in
                   "memory_class_counts": {int(c): int(counts[c]) for c in np.flatnonzero(counts)},
                   "accuracy": result["mean"], "accuracies": result["accuracies"],
                   "arch": result["arch"], "epochs": result["epochs"]}
-        export.write_results(folder, record, name=f"step{t}.json")
+        results_lib.write_results(folder, record, name=f"step{t}.json")
         logging.info("continual %s, %d steps, order %d, step %d/%d: %d classes seen, memory %d images, "
                      "accuracy %.2f %%", method, num_steps, order_seed, t + 1, num_steps, len(seen),
                      len(labels_all), result["mean"])
@@ -231,15 +232,15 @@ def run_continual(config: Any, workdir: str) -> dict[str, Any]:
            "class_order_seeds": seeds,
            "class_orders": {str(s): class_order(s, ds.num_classes).tolist() for s in seeds},
            "results": results, "paper": paper_continual(ds.name)}
-    export.write_report(workdir, "continual", out, markdown(out))
+    results_lib.write_report(workdir, "continual", out, markdown(out))
     plot(os.path.join(workdir, "continual.png"), out)
     return out
 
 
 def paper_continual(dataset: str) -> dict[str, Any] | None:
     """{'steps': [5, 10], method: [final acc 5 steps, 10 steps]} when `dataset` is the paper's (CIFAR-100)."""
-    paper = export.paper_results()["continual"]
-    return paper if export.paper_dataset_key(dataset) == paper["dataset"] else None
+    paper = results_lib.paper_results()["continual"]
+    return paper if results_lib.paper_dataset_key(dataset) == paper["dataset"] else None
 
 
 def _paper_final(paper: dict[str, Any] | None, method: str, num_steps: int) -> float | None:

@@ -20,6 +20,7 @@ import numpy as np
 from absl import logging
 
 from idm_jax import augment, backend, data, export, models, trainer
+from idm_jax import results as results_lib
 
 def train_and_evaluate(images: Any, labels: Any, test_images: Any, test_labels: Any, *, mean: Any,
                        std: Any, arch: str, num_classes: int, key: jax.Array, num_seeds: int = 5,
@@ -156,8 +157,8 @@ def run_evaluation(config: Any, workdir: str, synthetic_path: str, *, space: str
     archs_results = evaluate_archs(images, synset.labels, dataset, config.eval, archs=archs,
                                    key=key, partition_factor=synset.partition_factor)
     extra = {"filled_from_dataset": list(synset.filled_from_dataset)} if synset.filled_from_dataset else {}
-    results = export.results_record(
+    results = results_lib.results_record(
         method=synset.method, dataset=dataset.name, ipc=synset.ipc,
         partition_factor=synset.partition_factor, num_images=synset.labels.shape[0],
         train_arch=config.model, synthetic=os.path.abspath(synthetic_path), **extra, archs=archs_results)
-    return export.finish_results(workdir, results)
+    return results_lib.finish_results(workdir, results)

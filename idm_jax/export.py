@@ -1,4 +1,4 @@
-"""The files a run leaves behind: synthetic.npz, synthetic.png, results.json, results.md.
+"""The synthetic-set files: synthetic.npz (save, load, check; bare images+labels files) and synthetic.png.
 
 `synthetic.npz` is the one format every part shares (condensation, coreset baselines,
 evaluation). Its keys:
@@ -19,31 +19,27 @@ an .npz of only ``images`` and ``labels``, pixel or normalized, NHWC or NCHW; th
 the rest (docs/EVALUATE_ANY_SET.md). A published set (synthetic_sets/) may lack the derived
 ``images``, which is then recomputed from ``images_normalized``.
 
-Files are written atomically (a temporary file in the same folder, then `os.replace`), so a
-reader never sees a half-written file. The paper's numbers that `results_markdown` prints beside
-measured accuracies live in one data file, ``idm_jax/paper_results.json``.
+Files are written atomically (workdir.atomic_file: a temporary file in the same folder, then
+`os.replace`), so a reader never sees a half-written file. results.json / results.md and the
+paper's numbers live in idm_jax/results.py; their names stay reachable here as export.X.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import importlib.resources
-import json
 import math
 import os
-import re
-import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from absl import logging
 
 from idm_jax import data
 from idm_jax import workdir as workdir_lib
+from idm_jax.results import (  # noqa: F401  (re-exported: export.X names predate idm_jax/results.py)
+    finish_results, paper_accuracy, paper_dataset_key, paper_results, results_markdown, results_record,
+    write_report, write_results)
 
 REQUIRED_KEYS = ("images", "labels", "mean", "std", "class_names", "partition_factor",
                  "method", "dataset")
@@ -83,34 +79,6 @@ class SyntheticSet:
     def ipc(self) -> int:
         """Images per class (the largest class count; the sets we write are balanced)."""
         return int(np.bincount(self.labels, minlength=self.num_classes).max()) if len(self.labels) else 0
-
-
-# ----------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-@contextlib.contextmanager
-def _atomic_file(path: str, suffix: str, needed_bytes: int | None = None) -> Iterator[Any]:
-    """Yields a binary file in `path`'s folder; on success it replaces `path` in one step.
-
-    On any failure the temporary file is removed and `path` keeps its previous content; a full
-    disk (or quota) raises workdir.NoSpaceError naming the file and `needed_bytes` (an estimate).
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        if isinstance(e, OSError) and workdir_lib.is_disk_full(e):
-            raise workdir_lib.no_space(os.path.basename(path), path, needed_bytes) from None
-        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,7 +136,7 @@ def save_synthetic(path: str, images_normalized: Any, labels: Any, *, mean: Sequ
         "dataset": np.asarray(str(dataset)),
         "config_json": np.asarray(str(config_json)),
     }
-    with _atomic_file(path, ".tmp", needed_bytes=sum(a.nbytes for a in arrays.values())) as f:
+    with workdir_lib.atomic_file(path, needed_bytes=sum(a.nbytes for a in arrays.values())) as f:
         np.savez(f, **arrays)
     return path
 
@@ -388,168 +356,6 @@ def save_grid_png(path: str, images_pixel: Any, labels: Any, num_classes: int, *
             grid[k * cell_h:k * cell_h + h * scale, j * cell_w:j * cell_w + w * scale] = cell
     pixels = np.round(np.clip(grid, 0.0, 1.0) * 255).astype(np.uint8)
     image = Image.fromarray(pixels[..., 0] if c == 1 else pixels, mode="L" if c == 1 else "RGB")
-    with _atomic_file(path, ".tmp") as f:
+    with workdir_lib.atomic_file(path) as f:
         image.save(f, format="PNG")
     return path
-
-
-# ----------------------------------------------------------------------------------------------
-# results.json / results.md and the paper's numbers
-
-
-def _to_json(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if hasattr(value, "tolist"):  # jax arrays
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def _finite(value: Any) -> Any:
-    """NaN / inf floats -> None (strict JSON has no NaN), through dicts, lists and tuples."""
-    if isinstance(value, Mapping):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
-        return None
-    return value
-
-
-def write_results(workdir: str, results: Mapping[str, Any], name: str = "results.json") -> str:
-    """Writes `results` as indented JSON to `workdir`/`name` atomically; returns the path.
-
-    numpy / jax values become plain numbers and lists; NaN and inf become null.
-    """
-    path = os.path.join(workdir, name)
-    plain = json.loads(json.dumps(results, default=_to_json))
-    data = json.dumps(_finite(plain), indent=2, allow_nan=False).encode() + b"\n"
-    with _atomic_file(path, ".tmp", needed_bytes=len(data)) as f:
-        f.write(data)
-    return path
-
-
-@functools.lru_cache(maxsize=1)
-def paper_results() -> dict:
-    """The paper's numbers (idm_jax/paper_results.json), parsed once."""
-    text = importlib.resources.files("idm_jax").joinpath("paper_results.json").read_text()
-    return json.loads(text)
-
-
-def _squash(name: str) -> str:
-    name = name.lower()
-    name = name.split(":", 1)[1] if name.startswith("tfds:") else name
-    name = os.path.basename(name.rstrip("/"))
-    name = re.sub(r"\.(tar\.gz|tgz|tar|zip)$", "", name)
-    return re.sub(r"[^a-z0-9]", "", name)
-
-
-def paper_dataset_key(dataset: str) -> str | None:
-    """The paper_results.json key of a dataset name ('cifar10', 'tfds:cifar10', 'cifar10-jpeg', ...)."""
-    squashed = _squash(dataset)
-    for key, entry in paper_results()["datasets"].items():
-        if squashed in entry["aliases"]:
-            return key
-    return None
-
-
-def paper_accuracy(dataset: str, method: str, ipc: int | None, arch: str, *,
-                   partition_factor: int = 2, train_arch: str = "ConvNet"
-                   ) -> tuple[float, float, str] | None:
-    """The paper's (mean, std, where) for a setting, or None when the paper has no such number.
-
-    dataset: a dataset name; method: idm | dm | random | herding | forgetting | whole;
-    ipc: images per class (ignored for whole); arch: evaluation network; partition_factor: the
-    l the synthetic set is evaluated with; train_arch: the network it was condensed with.
-    """
-    paper = paper_results()
-    key = paper_dataset_key(dataset)
-    if key is None:
-        return None
-    entry = paper["datasets"][key]
-    method = method.lower()
-    if method == "whole":
-        if arch == entry["arch"]:
-            return (*entry["whole"], f"Table 1, {entry['display']}, whole dataset")
-        return None
-    cross = paper["cross_arch"]
-    if (method in ("idm", "dm") and key == cross["dataset"] and ipc == cross["ipc"]
-            and partition_factor == cross["partition_factor"]
-            and arch in cross[method].get(train_arch, {})):
-        mean, std = cross[method][train_arch][arch]
-        return mean, std, f"Table 5, {method.upper()} {train_arch} -> {arch}, l=1"
-    # Table 1: ConvNet-family evaluation; IDM with partition l=2, everything else without.
-    expected_partition = 2 if method == "idm" else 1
-    row = entry["table1"].get(method, {}).get(str(ipc))
-    if row is None or arch != entry["arch"] or partition_factor != expected_partition:
-        return None
-    if method in ("idm", "dm") and train_arch != entry["arch"]:
-        return None
-    return (*row, f"Table 1, {entry['display']} IPC {ipc}")
-
-
-def _fmt(mean: float, std: float, digits: int) -> str:
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def results_markdown(results: Mapping[str, Any]) -> str:
-    """A markdown table of measured accuracy (mean ± std over seeds) beside the paper's number.
-
-    results: {'method', 'dataset', 'ipc', 'partition_factor', 'train_arch', 'archs': {arch:
-    {'mean', 'std', 'accuracies', 'epochs', 'train_seconds', ...}}} as written by
-    `idm_jax.evaluate.run_evaluation` and `idm_jax.baselines.run_baseline`.
-    """
-    method = str(results.get("method", "?"))
-    dataset = str(results.get("dataset", "?"))
-    ipc = results.get("ipc")
-    partition = int(results.get("partition_factor", 1))
-    train_arch = str(results.get("train_arch", "ConvNet"))
-    title = f"{method} on {dataset}" + (f", {ipc} image{'s' if ipc != 1 else ''} per class" if ipc else "")
-    lines = [f"### {title} (partition l={partition})", "",
-             "| eval arch | seeds | epochs | train images | measured acc. (%) | paper (%) | paper setting |",
-             "|---|---|---|---|---|---|---|"]
-    for arch, r in results.get("archs", {}).items():
-        paper = paper_accuracy(dataset, method, ipc, arch, partition_factor=partition,
-                               train_arch=train_arch)
-        paper_text, where = (_fmt(paper[0], paper[1], 1), paper[2]) if paper else ("—", "—")
-        lines.append(f"| {arch} | {r.get('num_seeds', len(r.get('accuracies', [])))} | "
-                     f"{r.get('epochs', '?')} | {r.get('num_train_images', '?')} | "
-                     f"{_fmt(r['mean'], r['std'], 2)} | {paper_text} | {where} |")
-    for arch, r in results.get("random_reference", {}).items():  # eval.compare_random
-        paper = paper_accuracy(dataset, "random", ipc, arch, partition_factor=1)
-        paper_text, where = (_fmt(paper[0], paper[1], 1), paper[2]) if paper else ("—", "—")
-        lines.append(f"| {arch}, Random real images (reference) | {r.get('num_seeds', len(r.get('accuracies', [])))} | "
-                     f"{r.get('epochs', '?')} | {r.get('num_train_images', '?')} | "
-                     f"{_fmt(r['mean'], r['std'], 2)} | {paper_text} | {where} |")
-    return "\n".join(lines) + "\n"
-
-
-def results_record(*, method: str, dataset: str, ipc: int | None, partition_factor: int, num_images: int,
-                   train_arch: str, archs: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
-    """The results.json of every mode: what was evaluated, `extra` fields, then {arch: result}.
-
-    ipc: images per class (None for the whole dataset); partition_factor: l of the set's images;
-    num_images: stored images; train_arch: the network that condensed (or selected) them;
-    archs: `evaluate.evaluate_archs`'s dict; extra: e.g. iterations, synthetic (path).
-    """
-    return {"method": str(method), "dataset": str(dataset), "ipc": None if ipc is None else int(ipc),
-            "partition_factor": int(partition_factor), "num_images": int(num_images),
-            "train_arch": str(train_arch), **extra, "archs": dict(archs)}
-
-
-def write_report(workdir: str, stem: str, record: Mapping[str, Any], markdown: str) -> None:
-    """<stem>.json (the record) and <stem>.md (its table) in workdir, both atomically; logs the table."""
-    os.makedirs(workdir, exist_ok=True)
-    write_results(workdir, record, name=f"{stem}.json")
-    data = markdown.encode()
-    with _atomic_file(os.path.join(workdir, f"{stem}.md"), ".tmp", needed_bytes=len(data)) as f:
-        f.write(data)
-    logging.info("%s:\n%s", os.path.join(workdir, f"{stem}.json"), markdown)
-
-
-def finish_results(workdir: str, results: dict[str, Any]) -> dict[str, Any]:
-    """Writes results.json and results.md in workdir and logs the markdown table."""
-    write_report(workdir, "results", results, results_markdown(results))
-    return results

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from idm_jax import export
+from idm_jax import results as results_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DEST = os.path.join(REPO_ROOT, "synthetic_sets")
@@ -76,7 +77,7 @@ def config_iterations(config_json: str) -> int | None:
 
 def dataset_key(name: str) -> str:
     """The short dataset name a cell uses: paper key ('cifar10-jpeg' -> 'cifar10') or the name squashed."""
-    return export.paper_dataset_key(name) or re.sub(r"[^a-z0-9]", "", os.path.basename(name.lower()))
+    return results_lib.paper_dataset_key(name) or re.sub(r"[^a-z0-9]", "", os.path.basename(name.lower()))
 
 
 def sha256_file(path: str) -> str:

@@ -39,6 +39,7 @@ from idm_jax import distributed
 from idm_jax import export
 from idm_jax import models
 from idm_jax import progress
+from idm_jax import results as results_lib
 from idm_jax import workdir as workdir_lib
 from idm_jax.checkpoints import checkpoint_manager, latest_checkpoint, restore_or_init, save_state
 from idm_jax.checkpoints import restore_problem, state_nbytes  # noqa: F401  (reached as runner.X)
@@ -334,7 +335,7 @@ def _finish(run: _Run, state, summary: dict[str, Any], clock: LoopClock) -> dict
                  progress.hms(time.time() - clock.start), summary["synthetic"])
     if int(state.step) >= total and config.eval.at_end:
         archs = _evaluate(state, ds, s, config, epochs=config.eval.epochs, step=total)
-        results = export.results_record(
+        results = results_lib.results_record(
             method=config.method, dataset=ds.name, ipc=config.ipc,
             partition_factor=s.loss.partition_factor, num_images=config.ipc * ds.num_classes,
             train_arch=config.model, iterations=total, synthetic=summary["synthetic"], archs=archs)
@@ -342,7 +343,7 @@ def _finish(run: _Run, state, summary: dict[str, Any], clock: LoopClock) -> dict
             results["random_reference"] = baselines.random_reference(
                 config, ds, jax.random.fold_in(jax.random.PRNGKey(config.seed), total + 1))
         if distributed.is_main():
-            export.finish_results(run.workdir, results)
+            results_lib.finish_results(run.workdir, results)
         summary["results"] = results
         logging.info("finished: %s; results in %s", _accuracies(results),
                      os.path.join(run.workdir, "results.json"))
@@ -474,5 +475,5 @@ def run_repeated(config, workdir: str) -> dict[str, Any]:
         results.append(summary["results"])
     combined = combine_runs(results)
     if distributed.is_main():
-        export.finish_results(workdir, combined)
+        results_lib.finish_results(workdir, combined)
     return {"step": int(config.idm.iterations), "runs": config.runs, "results": combined}

@@ -26,7 +26,7 @@ from typing import Any
 
 from absl import logging
 
-from idm_jax import export
+from idm_jax import results as results_lib
 
 _T2 = "CIFAR-100, 10 images per class (paper Table 2)"
 _FIG = "CIFAR-100, 10 images per class (paper Figs. 5-7; values only in the figures)"
@@ -314,7 +314,7 @@ def plot(path: str, sweep: dict[str, Any], table: dict[str, Any]) -> str:
 
 
 def write_outputs(workdir: str, sweep: dict[str, Any], table: dict[str, Any]) -> None:
-    export.write_report(workdir, "sweep", table, markdown(table))
+    results_lib.write_report(workdir, "sweep", table, markdown(table))
     if table["cells"]:
         plot(os.path.join(workdir, "sweep.png"), sweep, table)
 

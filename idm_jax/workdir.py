@@ -176,17 +176,27 @@ def record_config(workdir: str, config_json: str, *, start_step: int,
 
 
 def atomic_write(path: str, text: str) -> None:
-    """Replaces `path` by `text` in one step (temporary file in its folder, fsync, rename).
-
-    A crash or a full disk leaves either the old file or the new one, never a half-written one
-    (nor the temporary file); running out of space raises NoSpaceError.
-    """
+    """Replaces `path` by `text` in one step (see `atomic_file`)."""
     data = text.encode()
+    with atomic_file(path, needed_bytes=len(data)) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, needed_bytes: float | None = None) -> Iterator[Any]:
+    """Yields a binary file in `path`'s folder (created if needed); on success it replaces `path`
+    in one step (temporary file, fsync, rename).
+
+    A crash or any failure leaves either the old file or the new one, never a half-written one
+    (nor the temporary file); a full disk (or quota) raises NoSpaceError naming the file and
+    `needed_bytes` (an estimate).
+    """
     folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -194,7 +204,7 @@ def atomic_write(path: str, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         if isinstance(e, OSError) and is_disk_full(e):
-            raise no_space(os.path.basename(path), path, len(data)) from None
+            raise no_space(os.path.basename(path), path, needed_bytes) from None
         raise
 
 

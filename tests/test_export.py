@@ -381,3 +381,25 @@ def test_file_without_pixel_copy_loads(tmp_path):
     s = export.load_synthetic(path)
     np.testing.assert_array_equal(s.images_normalized, images)
     np.testing.assert_allclose(s.images, np.clip(images * STD + MEAN, 0, 1), atol=1e-6)
+
+
+def test_results_names_live_in_results_and_stay_reachable_as_export_names():
+    from idm_jax import results
+    for name in ("finish_results", "paper_accuracy", "paper_dataset_key", "paper_results", "results_markdown",
+                 "results_record", "write_report", "write_results"):
+        assert getattr(export, name) is getattr(results, name)
+        assert getattr(results, name).__module__ == "idm_jax.results"
+    assert export.save_synthetic.__module__ == "idm_jax.export"
+
+
+def test_atomic_file_makes_the_folder_and_keeps_the_old_file_on_failure(tmp_path):
+    from idm_jax import workdir
+    path = tmp_path / "new" / "folder" / "out.bin"
+    with workdir.atomic_file(str(path)) as f:
+        f.write(b"first")
+    assert path.read_bytes() == b"first"
+    with pytest.raises(RuntimeError, match="mid-write"):
+        with workdir.atomic_file(str(path), needed_bytes=6) as f:
+            f.write(b"sec")
+            raise RuntimeError("mid-write")
+    assert path.read_bytes() == b"first" and os.listdir(path.parent) == ["out.bin"]
