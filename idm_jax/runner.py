@@ -41,6 +41,7 @@ from idm_jax import models
 from idm_jax import progress
 from idm_jax import results as results_lib
 from idm_jax import workdir as workdir_lib
+from idm_jax import workdir_lock
 from idm_jax.checkpoints import checkpoint_manager, latest_checkpoint, restore_or_init, save_state
 from idm_jax.checkpoints import restore_problem, state_nbytes  # noqa: F401  (reached as runner.X)
 from idm_jax.run_io import LoopClock, MetricsWriter, StopFlag
@@ -108,7 +109,7 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None,
     """
     config_check.validate(config)
     workdir = workdir_lib.check_writable(workdir)
-    with workdir_lib.locked(workdir):
+    with workdir_lock.locked(workdir):
         return _condense(config, workdir, max_steps=max_steps, restart=restart, reevaluate=reevaluate)
 
 

@@ -22,6 +22,7 @@ import pytest
 from idm_jax import export
 from idm_jax import runner
 from idm_jax import workdir as workdir_lib
+from idm_jax import workdir_lock
 from test_workdir import TINY_FLAGS, _env, fast_config, images, metric_steps, run_main, snapshot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,9 +61,9 @@ def error_lines(stderr) -> list[str]:
 
 @pytest.fixture
 def warnings(monkeypatch):
-    """The warning lines workdir and runner log (absl), formatted."""
+    """The warning lines workdir_lock and runner log (absl), formatted."""
     seen = []
-    for module in (workdir_lib, runner):
+    for module in (workdir_lock, runner):
         monkeypatch.setattr(module.logging, "warning", lambda msg, *a: seen.append(msg % a))
     return seen
 
@@ -114,12 +115,12 @@ def test_a_lock_left_by_a_killed_process_is_taken_over_with_a_warning(tmp_path, 
 def test_without_flock_the_lock_file_and_its_pid_decide(tmp_path, monkeypatch, warnings):
     def no_flock(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
-    monkeypatch.setattr(workdir_lib.fcntl, "flock", no_flock)
+    monkeypatch.setattr(workdir_lock.fcntl, "flock", no_flock)
     lock = tmp_path / workdir_lib.LOCK
 
     def left_by(pid, host=None):
         lock.write_text(json.dumps({"host": host or socket.gethostname(), "pid": pid,
-                                    "boot_id": workdir_lib._boot_id(), "started": "then"}))
+                                    "boot_id": workdir_lock._boot_id(), "started": "then"}))
 
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

@@ -64,6 +64,20 @@ def images(workdir) -> np.ndarray:
 # --------------------------------------------------------------------------- #
 
 
+
+def test_lock_names_live_in_workdir_lock_and_stay_reachable_as_workdir_names():
+    code = ("from idm_jax import workdir_lock\n"  # imported first: no import cycle with workdir.py
+            "from idm_jax import workdir\n"
+            "names = ('LOCK', 'WorkdirBusyError', 'acquire_lock', 'release_lock', 'locked', 'lock_until_exit',\n"
+            "         'describe', 'read_holder')\n"
+            "assert all(getattr(workdir, n) is getattr(workdir_lock, n) for n in names)\n"
+            "assert workdir.locked.__module__ == 'idm_jax.workdir_lock' and workdir.LOCK == 'workdir.lock'\n"
+            "assert issubclass(workdir.WorkdirBusyError, workdir.WorkdirError)\n"
+            "try:\n    workdir.no_such_name\nexcept AttributeError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "module 'idm_jax.workdir' has no attribute 'no_such_name'"
+
 def test_bad_workdirs_are_named_before_any_compute(tmp_path, monkeypatch):
     def no_data(*args, **kwargs):
         raise AssertionError("loaded data for an unusable workdir")
