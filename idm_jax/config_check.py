@@ -49,7 +49,23 @@ def _check_steps_per_dispatch(config) -> None:
 
 
 def validate(config) -> None:
-    """Raises ValueError("invalid config: <field> ... got <value>") on the first bad value."""
+    """Raises ValueError("invalid config: <field> ... got <value>") on the first bad value.
+
+    Sections are checked in this order (the first bad value is the one named).
+    """
+    _check_run(config)
+    _check_idm_numbers(config.idm)
+    _check_idm_choices(config)
+    _check_queue_and_pool(config.idm)
+    _check_dsa_and_method(config)
+    _check_data(config.data)
+    _check_eval(config.eval)
+    _check_cadences(config)
+    _check_steps_per_dispatch(config)  # after the cadences it must divide are checked
+
+
+def _check_run(config) -> None:
+    """What is condensed: ipc, method, the matching model, how many devices."""
     _require(isinstance(config.ipc, int) and config.ipc >= 1,
              f"ipc must be an integer >= 1, got {config.ipc!r}")
     _require(config.method in METHODS, f"method must be one of {METHODS}, got {config.method!r}")
@@ -61,7 +77,10 @@ def validate(config) -> None:
     _require(isinstance(config.mesh_devices, int) and config.mesh_devices >= 0,
              f"mesh_devices must be an integer >= 0 (0 = all that divide the classes), "
              f"got {config.mesh_devices!r}")
-    idm = config.idm
+
+
+def _check_idm_numbers(idm) -> None:
+    """idm.*: counts, rates and fractions."""
     _positive_ints(idm, "idm.", [
         "iterations", "partition_factor", "batch_real", "net_num", "net_init_num",
         "net_generate_interval", "train_net_num", "fetch_net_num", "model_train_steps",
@@ -77,6 +96,11 @@ def validate(config) -> None:
     _require(0.0 < idm.get("model_aug_class_fraction", 1.0) <= 1.0,
              f"idm.model_aug_class_fraction must be in (0, 1] (1 = all classes), got "
              f"{idm.get('model_aug_class_fraction')!r}")
+
+
+def _check_idm_choices(config) -> None:
+    """idm.*: named choices and the values that depend on other fields."""
+    idm = config.idm
     _require(idm.update_mode in UPDATE_MODES,
              f"idm.update_mode must be one of {UPDATE_MODES}, got {idm.update_mode!r}")
     _require(idm.init in INITS, f"idm.init must be one of {INITS}, got {idm.init!r}")
@@ -97,6 +121,10 @@ def validate(config) -> None:
     _require(idm.lr_img > 0, f"idm.lr_img must be > 0, got {idm.lr_img!r}")
     _require(0 <= idm.momentum_img < 1, f"idm.momentum_img must be in [0, 1), got {idm.momentum_img!r}")
     _require(idm.ce_weight >= 0, f"idm.ce_weight must be >= 0, got {idm.ce_weight!r}")
+
+
+def _check_queue_and_pool(idm) -> None:
+    """The model queue's sizes, or the pre-trained pool that replaces it."""
     if idm.use_queue:
         _require(idm.net_init_num <= idm.net_num,
                  f"idm.net_init_num ({idm.net_init_num}) must be <= idm.net_num ({idm.net_num})")
@@ -113,6 +141,11 @@ def validate(config) -> None:
                  f"idm.pool_size must be an integer >= 1, got {idm.pool_size!r}")
         _require(not idm.use_queue, f"idm.pool_epochs={pool_epochs} (a pre-trained pool) needs "
                  "idm.use_queue=False: the pool replaces the fresh nets of DM, not the queue")
+
+
+def _check_dsa_and_method(config) -> None:
+    """The DSA strategy string, and the fields method 'dm' fixes."""
+    idm = config.idm
     try:
         augment.parse_strategy(idm.dsa_strategy)
     except ValueError as e:
@@ -123,7 +156,8 @@ def validate(config) -> None:
                      f"method 'dm' needs idm.{name}={dm_value!r}, got {idm[name]!r} (load the "
                      "DM preset with e.g. --config=configs/cifar10.py:10,dm)")
 
-    data = config.data
+
+def _check_data(data) -> None:
     _require(data.get("resize", "stretch") in data_lib.RESIZE_MODES,
              f"data.resize must be one of {data_lib.RESIZE_MODES}, got {data.get('resize')!r}")
     _require(data.get("on_device", "auto") in condense.PLACEMENTS,
@@ -133,7 +167,8 @@ def validate(config) -> None:
     _require(data.get("train_sampling", "random") in data_lib.TRAIN_SAMPLINGS,
              f"data.train_sampling must be one of {data_lib.TRAIN_SAMPLINGS}, got {data.get('train_sampling')!r}")
 
-    ev = config.eval
+
+def _check_eval(ev) -> None:
     _positive_ints(ev, "eval.", ["num_seeds", "epochs", "batch_size", "test_batch_size", "interval_epochs"])
     _require(ev.interval >= 0, f"eval.interval must be >= 0 (0 = off), got {ev.interval!r}")
     try:
@@ -145,10 +180,13 @@ def validate(config) -> None:
     _require(ev.loop in backend.EVAL_LOOPS, f"eval.loop must be one of {backend.EVAL_LOOPS}, got {ev.loop!r}")
     _require(ev.schedule in trainer.SCHEDULES,
              f"eval.schedule must be one of {trainer.SCHEDULES}, got {ev.schedule!r}")
+
+
+def _check_cadences(config) -> None:
+    """Logging, checkpoints and repeated runs."""
     _positive_ints(config, "", ["log_every", "keep_checkpoints", "runs"])
     _require(isinstance(config.checkpoint_every, int) and config.checkpoint_every >= 0,
              f"checkpoint_every must be an integer >= 0 (0 = off), got {config.checkpoint_every!r}")
     _require(config.checkpoint_every_minutes >= 0,
              f"checkpoint_every_minutes must be >= 0 (0 = off), got {config.checkpoint_every_minutes!r}")
-    _check_steps_per_dispatch(config)  # after the cadences it must divide are checked
 

@@ -176,6 +176,24 @@ def test_bad_values_are_named(field, value, message):
         config_check.validate(c)
 
 
+
+@pytest.mark.parametrize("first, later", [
+    (("mesh_devices", -1), ("idm.iterations", 0)),  # run fields before idm.*
+    (("idm.real_chunk_size", 0), ("idm.update_mode", "batched")),  # idm numbers before idm choices
+    (("idm.ce_weight", -1.0), ("idm.fetch_net_num", 9)),  # idm choices before the queue
+    (("idm.pool_epochs", -1), ("idm.dsa_strategy", "color_blur")),  # the pool before DSA
+    (("idm.dsa_strategy", "color_blur"), ("data.resize", "squash")),  # idm.* before data.*
+    (("data.train_sampling", "epochs"), ("eval.loop", "python")),  # data before eval
+    (("eval.schedule", "cosine"), ("log_every", 0)),  # eval before the cadences
+])
+def test_the_first_bad_value_in_section_order_is_the_one_named(first, later):
+    c = _get("cifar10", "10")
+    for field, value in (later, first):
+        section, _, leaf = field.rpartition(".")
+        (c[section] if section else c)[leaf] = value
+    with pytest.raises(ValueError, match=f"invalid config: .*{first[0]}"):
+        config_check.validate(c)
+
 def test_dm_method_without_preset_is_refused():
     c = _get("cifar10", "10")
     c.method = "dm"
