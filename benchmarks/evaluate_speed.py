@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402,F401  (XLA:CPU's memory scheduler, set before JAX starts)
-from idm_jax import augment, data, models, trainer  # noqa: E402
+from idm_jax import augment, data, measure, models, trainer  # noqa: E402
 
 CIFAR10 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
                        "cifar10-jpeg.tar.gz")
@@ -95,7 +95,7 @@ def main(argv=None) -> None:
         test_s = float("nan")
         if not args.no_test:
             t = time.perf_counter()
-            trainer.measure_accuracy(model, nets.variables, test_x, test_y, mean=mean, std=std,
+            measure.measure_accuracy(model, nets.variables, test_x, test_y, mean=mean, std=std,
                                       seed_parallel=mode)
             test_s = time.perf_counter() - t
         per_epoch = nets.seconds_per_epoch

@@ -337,7 +337,7 @@ def part_eval(args, rows: Rows) -> None:
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
 
-    from idm_jax import augment, models, trainer  # pylint: disable=g-import-not-at-top
+    from idm_jax import augment, measure, models, trainer  # pylint: disable=g-import-not-at-top
 
     config_name, ipc, _ = (DRY_SETTINGS if args.dry_run else SETTINGS)["cifar10_ipc10"]
     environment_row(rows)
@@ -357,7 +357,7 @@ def part_eval(args, rows: Rows) -> None:
                                   num_seeds=seeds, epochs=args.eval_epochs + 1, schedule="paper",
                                   batch_size=ev.batch_size, log_every=1000, name="gpu_speed")
     t0 = time.perf_counter()
-    trainer.measure_accuracy(model, nets.variables, ds.test_images, ds.test_labels, mean=ds.mean, std=ds.std,
+    measure.measure_accuracy(model, nets.variables, ds.test_images, ds.test_labels, mean=ds.mean, std=ds.std,
                              test_batch_size=ev.test_batch_size)
     test_s = time.perf_counter() - t0
     passes = trainer.epoch_plan(1000, "release")[0]

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from idm_jax import data, evaluate, export, models, trainer
+from idm_jax import data, evaluate, export, measure, models, trainer
 from idm_jax import results as results_lib
 
 BASELINES = ("random", "herding", "forgetting", "whole")
@@ -151,7 +151,7 @@ def select_coreset(method: str, config: Any, dataset: Any, key: jax.Array) -> tu
             "feature_net_seconds": float(nets.seconds)}
     if method == "herding":
         variables = jax.tree.map(lambda a: a[0], nets.variables)
-        features = trainer.embed_images(model, variables, dataset.train_images, mean=dataset.mean,
+        features = measure.embed_images(model, variables, dataset.train_images, mean=dataset.mean,
                                          std=dataset.std)
         return select_herding(features, dataset.train_labels, k, ipc), info
     return select_forgetting(nets.forget_counts[0], dataset.train_labels, k, ipc, pick_key), info

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from idm_jax import augment, data, export, models, trainer
+from idm_jax import augment, data, export, measure, models, trainer
 from idm_jax import results as results_lib
 
 
@@ -90,7 +90,7 @@ def feature_network(config: Any, dataset: Any, key: jax.Array) -> tuple[Any, Any
         momentum=float(config.eval.momentum), weight_decay=float(config.eval.weight_decay),
         dsa_strategy="", mean=dataset.mean, std=dataset.std, loop=str(config.eval.loop),
         schedule="paper", name=f"{config.model} (consistency features)")
-    test_acc = trainer.measure_accuracy(model, nets.variables, dataset.test_images, dataset.test_labels,
+    test_acc = measure.measure_accuracy(model, nets.variables, dataset.test_images, dataset.test_labels,
                                          mean=dataset.mean, std=dataset.std,
                                          test_batch_size=int(config.eval.test_batch_size))
     info = {"arch": str(config.model), "epochs": epochs, "trained_on": f"{dataset.name} train split (real, "
@@ -113,7 +113,7 @@ def synthetic_features(model, variables, path: str, dataset: Any) -> tuple[np.nd
         images, labels = np.asarray(images), np.asarray(labels)
     # Already normalized: embed with mean 0, std 1.
     zeros, ones = np.zeros(dataset.channels, np.float32), np.ones(dataset.channels, np.float32)
-    feats = trainer.embed_images(model, variables, images, mean=zeros, std=ones)
+    feats = measure.embed_images(model, variables, images, mean=zeros, std=ones)
     return feats, labels, {"method": synset.method, "partition_factor": synset.partition_factor,
                            "num_images": int(labels.shape[0]), "path": os.path.abspath(path)}
 
@@ -144,7 +144,7 @@ def run_consistency(config: Any, workdir: str, synthetic: str | dict[str, str] |
     if max_k > len(dataset.train_labels):
         raise ValueError(f"consistency.max_k={max_k} exceeds the {len(dataset.train_labels)} real images")
     model, variables, net_info = feature_network(config, dataset, jax.random.PRNGKey(int(config.seed)))
-    real = trainer.embed_images(model, variables, dataset.train_images, mean=dataset.mean, std=dataset.std)
+    real = measure.embed_images(model, variables, dataset.train_images, mean=dataset.mean, std=dataset.std)
     curves = {}
     for name, path in sets.items():
         feats, labels, info = synthetic_features(model, variables, path, dataset)

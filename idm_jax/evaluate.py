@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from idm_jax import augment, backend, data, export, models, trainer
+from idm_jax import augment, backend, data, export, measure, models, trainer
 from idm_jax import results as results_lib
 
 def train_and_evaluate(images: Any, labels: Any, test_images: Any, test_labels: Any, *, mean: Any,
@@ -49,7 +49,7 @@ def train_and_evaluate(images: Any, labels: Any, test_images: Any, test_labels: 
                           std=std, seed_parallel=mode, loop=loop, schedule=schedule, log_every=log_every,
                           name=arch, seed_indices=seed_indices)
     t = time.perf_counter()
-    accs = trainer.measure_accuracy(model, nets.variables, test_images, test_labels, mean=mean, std=std,
+    accs = measure.measure_accuracy(model, nets.variables, test_images, test_labels, mean=mean, std=std,
                          test_batch_size=test_batch_size, seed_parallel=mode)
     test_seconds = time.perf_counter() - t
     return {

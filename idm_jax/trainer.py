@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -93,7 +92,7 @@ def epoch_batches(key: jax.Array, num_examples: int, batch_size: int) -> tuple[j
     return perm[:num_full * size].reshape(num_full, size), perm[num_full * size:]
 
 
-def _over_seeds(fn, mode: str, *stacked):
+def over_seeds(fn, mode: str, *stacked):
     """fn applied to every slice of the `stacked` pytrees' leading (seed) axis.
 
     mode: "vmap"; "map" (lax.map, one seed after another); "single" (a stack of one seed,
@@ -139,7 +138,7 @@ def torch_sgd(lr: Any, momentum: float, weight_decay: float) -> optax.GradientTr
                        optax.sgd(learning_rate=lr, momentum=momentum))
 
 
-def _to_float(images: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+def to_float(images: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
     """uint8 pixels are normalized; float images are taken as already normalized."""
     if images.dtype == jnp.uint8:
         return data_lib.normalize(images, mean, std)
@@ -156,13 +155,13 @@ class _Spec:
     dsa_strategy: str
     momentum: float
     weight_decay: float
-    seed_mode: str  # "vmap" | "map" | "single" (see _over_seeds)
+    seed_mode: str  # "vmap" | "map" | "single" (see over_seeds)
 
 
 def _train_step(spec: _Spec, data, lr, state: NetState, idx: jax.Array, key: jax.Array) -> NetState:
     """One SGD step of one network on the examples `idx`: int32[B] (per-image DSA, CE loss)."""
     images, labels, mean, std = data
-    x = augment.dsa(_to_float(images[idx], mean, std), key, spec.dsa_strategy, per_image=True)
+    x = augment.dsa(to_float(images[idx], mean, std), key, spec.dsa_strategy, per_image=True)
     y = labels[idx]
 
     def loss_fn(params):
@@ -217,7 +216,7 @@ def _device_chunk_fn(spec: _Spec):
 
     @jax.jit
     def run(states, seed_keys, data, start, count, lr):
-        return _over_seeds(lambda s, k: one_seed(s, k, data, start, count, lr), spec.seed_mode,
+        return over_seeds(lambda s, k: one_seed(s, k, data, start, count, lr), spec.seed_mode,
                            states, seed_keys)
     return run
 
@@ -229,16 +228,16 @@ def _host_fns(spec: _Spec):
     @jax.jit
     def begin(states, seed_keys, p):
         fn = lambda s, k: _begin_epoch(spec, s, k, p)
-        return _over_seeds(fn, spec.seed_mode, states, seed_keys)
+        return over_seeds(fn, spec.seed_mode, states, seed_keys)
 
     @jax.jit
     def step(states, data, lr, idx, keys):
         fn = lambda s, i, k: _train_step(spec, data, lr, s, i, k)
-        return _over_seeds(fn, spec.seed_mode, states, idx, keys)
+        return over_seeds(fn, spec.seed_mode, states, idx, keys)
 
     @jax.jit
     def end(states, before):
-        return _over_seeds(_end_epoch, spec.seed_mode, states, before)
+        return over_seeds(_end_epoch, spec.seed_mode, states, before)
     return begin, step, end
 
 
@@ -279,37 +278,8 @@ def _reset_optimizer_fn(momentum: float, weight_decay: float):
     return jax.jit(jax.vmap(torch_sgd(0.0, momentum, weight_decay).init))
 
 
-@functools.lru_cache(maxsize=16)
-def _count_correct_fn(model: nn.Module, seed_mode: str):
-    """jit(stacked variables, images[T, B, ...], labels[T, B], mask[T, B], mean, std) -> int[S]."""
-
-    def one_seed(variables, images, labels, mask, mean, std):
-        def chunk(total, batch):
-            x, y, m = batch
-            logits, _ = models.apply_model(model, variables, _to_float(x, mean, std), train=False)
-            return total + jnp.sum((jnp.argmax(logits, -1) == y) & m), None
-        return jax.lax.scan(chunk, jnp.zeros((), jnp.int32), (images, labels, mask))[0]
-
-    @jax.jit
-    def run(stacked_variables, images, labels, mask, mean, std):
-        fn = lambda v: one_seed(v, images, labels, mask, mean, std)
-        return _over_seeds(fn, seed_mode, stacked_variables)
-
-    return run
-
-
-@functools.lru_cache(maxsize=16)
-def _embed_fn(model: nn.Module):
-    @jax.jit
-    def run(variables, images, mean, std):
-        out, _ = models.apply_model(model, variables, _to_float(images, mean, std), train=False,
-                                    method="embed")
-        return out
-    return run
-
-
 # ----------------------------------------------------------------------------------------------
-# Training and measuring
+# Training
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,15 +336,8 @@ def train_networks(model: nn.Module, images: Any, labels: Any, *, key: jax.Array
     `log_every` passes. seed_indices: train only these of the num_seeds networks (each as it
     is trained among all; the results hold them in this order), e.g. one process's share.
     """
-    if isinstance(num_seeds, bool) or not isinstance(num_seeds, (int, np.integer)) or num_seeds < 1:
-        raise ValueError(f"num_seeds must be a positive integer, got {num_seeds!r}")
-    images, labels = _check_training_set(images, labels, model.num_classes)
-    if images.dtype == np.uint8 and (mean is None or std is None):
-        raise ValueError("uint8 training images need the dataset's mean and std to be normalized")
-    augment.parse_strategy(dsa_strategy)  # fail early on a bad strategy
-    channels = images.shape[-1]
-    mean = jnp.asarray(np.zeros(channels) if mean is None else mean, jnp.float32)
-    std = jnp.asarray(np.ones(channels) if std is None else std, jnp.float32)
+    images, labels, mean, std = _training_inputs(images, labels, model.num_classes, mean, std,
+                                                 num_seeds=num_seeds, dsa_strategy=dsa_strategy)
     mode, loop = backend.seed_parallel(seed_parallel), backend.eval_loop(loop)
     num_passes, decay_pass = epoch_plan(epochs, schedule)
     n = int(images.shape[0])
@@ -383,13 +346,7 @@ def train_networks(model: nn.Module, images: Any, labels: Any, *, key: jax.Array
     spec = _Spec(model, n, int(min(batch_size, n)), dsa_strategy, float(momentum),
                  float(weight_decay), seed_mode)
     image_shape = tuple(int(d) for d in images.shape[1:])
-    init_key, train_key = jax.random.split(key)
-    init_keys, all_keys = jax.random.split(init_key, num_seeds), jax.random.split(train_key, num_seeds)
-    if seed_indices is not None:
-        picked = np.asarray(seed_indices, np.int32).reshape(-1)
-        if picked.size == 0 or picked.min() < 0 or picked.max() >= num_seeds:
-            raise ValueError(f"seed_indices {list(seed_indices)} must be non-empty, within 0..{num_seeds - 1}")
-        init_keys, all_keys, num_seeds = init_keys[picked], all_keys[picked], int(picked.size)
+    init_keys, all_keys, num_seeds = _seed_keys(key, num_seeds, seed_indices)
     all_states = _init_fn(model, image_shape, n, spec.momentum, spec.weight_decay)(init_keys)
     data = (jnp.asarray(images), jnp.asarray(labels), mean, std)
     groups = [slice(s, s + 1) for s in range(num_seeds)] if seed_mode == "single" else [slice(0, num_seeds)]
@@ -436,59 +393,60 @@ def train_networks(model: nn.Module, images: Any, labels: Any, *, key: jax.Array
         finished.append(states)
     states = _stack(finished)
     seconds = time.perf_counter() - t0
+    seconds_per_epoch = t_steady / passes_steady * len(groups) if passes_steady else float("nan")
+    return _trained_nets(states, n, num_passes, seconds=seconds, first_epoch_seconds=first_seconds,
+                         seconds_per_epoch=seconds_per_epoch)
+
+
+def _training_inputs(images: Any, labels: Any, num_classes: int, mean: Any, std: Any, *, num_seeds: int,
+                     dsa_strategy: str) -> tuple[Any, np.ndarray, jax.Array, jax.Array]:
+    """train_networks' arguments checked (one line naming a bad one); mean/std f32[C] (0 / 1 if None)."""
+    if isinstance(num_seeds, bool) or not isinstance(num_seeds, (int, np.integer)) or num_seeds < 1:
+        raise ValueError(f"num_seeds must be a positive integer, got {num_seeds!r}")
+    images, labels = _check_training_set(images, labels, num_classes)
+    if images.dtype == np.uint8 and (mean is None or std is None):
+        raise ValueError("uint8 training images need the dataset's mean and std to be normalized")
+    augment.parse_strategy(dsa_strategy)  # fail early on a bad strategy
+    channels = images.shape[-1]
+    mean = jnp.asarray(np.zeros(channels) if mean is None else mean, jnp.float32)
+    std = jnp.asarray(np.ones(channels) if std is None else std, jnp.float32)
+    return images, labels, mean, std
+
+
+def _seed_keys(key: jax.Array, num_seeds: int, seed_indices: Sequence[int] | None
+               ) -> tuple[jax.Array, jax.Array, int]:
+    """(init keys, training keys, count) of the seeds to train: all num_seeds, or those picked.
+
+    The keys are split for all num_seeds first, so a seed trains the same whichever others are picked.
+    """
+    init_key, train_key = jax.random.split(key)
+    init_keys, all_keys = jax.random.split(init_key, num_seeds), jax.random.split(train_key, num_seeds)
+    if seed_indices is not None:
+        picked = np.asarray(seed_indices, np.int32).reshape(-1)
+        if picked.size == 0 or picked.min() < 0 or picked.max() >= num_seeds:
+            raise ValueError(f"seed_indices {list(seed_indices)} must be non-empty, within 0..{num_seeds - 1}")
+        init_keys, all_keys, num_seeds = init_keys[picked], all_keys[picked], int(picked.size)
+    return init_keys, all_keys, num_seeds
+
+
+def _trained_nets(states: Any, n: int, num_passes: int, **timings: float) -> TrainedNets:
+    """TrainedNets of the stacked final states; examples never classified correctly count
+    num_passes + 1 forgetting events."""
     ever = np.asarray(states.ever_correct)
     forgets = np.where(ever, np.asarray(states.forgets), num_passes + 1).astype(np.int32)
     return TrainedNets(variables=states.variables, forget_counts=forgets,
                        train_loss=np.asarray(states.loss_sum) / n,
                        train_accuracy=np.asarray(states.correct_sum) / n * 100.0,
-                       seconds=seconds, num_passes=num_passes, first_epoch_seconds=first_seconds,
-                       seconds_per_epoch=(t_steady / passes_steady * len(groups) if passes_steady
-                                          else float("nan")))
+                       num_passes=num_passes, **timings)
 
 
-def measure_accuracy(model: nn.Module, stacked_variables: Any, test_images: Any, test_labels: Any, *,
-                  mean: Any, std: Any, test_batch_size: int = 1000,
-                  seed_parallel: str = "auto") -> np.ndarray:
-    """Test accuracy in % of every seed's network over the whole test split: f64[S].
-
-    test_images: uint8[M, H, W, C] (or normalized float); chunks of test_batch_size images,
-    the last one padded and masked out.
-    """
-    test_images = np.asarray(test_images)
-    test_labels = np.asarray(test_labels, np.int32)
-    m = test_images.shape[0]
-    if m == 0 or test_labels.shape != (m,):
-        raise ValueError(f"need a non-empty test split with one label per image, got images "
-                         f"{test_images.shape} and labels {test_labels.shape}")
-    chunk = int(min(test_batch_size, m))
-    num_chunks = math.ceil(m / chunk)
-    pad = num_chunks * chunk - m
-    images = np.concatenate([test_images, np.zeros((pad, *test_images.shape[1:]), test_images.dtype)])
-    labels = np.concatenate([test_labels, np.zeros(pad, np.int32)])
-    mask = np.arange(num_chunks * chunk) < m
-    run = _count_correct_fn(model, backend.seed_parallel(seed_parallel))
-    correct = run(stacked_variables, jnp.asarray(images.reshape(num_chunks, chunk, *images.shape[1:])),
-                  jnp.asarray(labels.reshape(num_chunks, chunk)), jnp.asarray(mask.reshape(num_chunks, chunk)),
-                  jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32))
-    return np.asarray(correct, np.float64) / m * 100.0
+# Measuring trained networks lives in idm_jax/measure.py (which imports this module, so the names
+# are looked up on first use); trainer.measure_accuracy and trainer.embed_images still work.
+_MEASURE_NAMES = ("measure_accuracy", "embed_images")
 
 
-def embed_images(model: nn.Module, variables: Any, images: Any, *, mean: Any, std: Any,
-                 batch_size: int = 1000) -> np.ndarray:
-    """model.embed of every image with one network's variables (eval mode): f32[N, D].
-
-    images: uint8[N, H, W, C] (normalized with mean, std) or normalized float.
-    """
-    images = np.asarray(images)
-    run = _embed_fn(model)
-    mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
-    out = []
-    for start in range(0, images.shape[0], batch_size):
-        batch = images[start:start + batch_size]
-        if batch.shape[0] < batch_size and images.shape[0] > batch_size:  # keep one compiled shape
-            pad = np.zeros((batch_size - batch.shape[0], *batch.shape[1:]), batch.dtype)
-            padded = jnp.asarray(np.concatenate([batch, pad]))
-            out.append(np.asarray(run(variables, padded, mean, std))[:batch.shape[0]])
-        else:
-            out.append(np.asarray(run(variables, jnp.asarray(batch), mean, std)))
-    return np.concatenate(out).astype(np.float32)
+def __getattr__(name: str) -> Any:
+    if name not in _MEASURE_NAMES:
+        raise AttributeError(f"module 'idm_jax.trainer' has no attribute {name!r}")
+    from idm_jax import measure  # pylint: disable=g-import-not-at-top
+    return getattr(measure, name)

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from idm_jax import augment, data, evaluate, models, trainer
+from idm_jax import augment, data, evaluate, measure, models, trainer
 
 H = 16
 MEAN, STD = np.array([0.5], np.float32), np.array([0.25], np.float32)
@@ -63,7 +63,7 @@ def test_trained_seeds_have_different_parameters_and_accuracy_counts_every_test_
     kernels = np.asarray(nets.variables["params"]["conv0"]["kernel"])
     assert kernels.shape == (3, 3, 3, 1, 128)
     assert not np.allclose(kernels[0], kernels[1]) and not np.allclose(kernels[1], kernels[2])
-    accs = trainer.measure_accuracy(model, nets.variables, TEST_U8, TEST_Y, mean=MEAN, std=STD,
+    accs = measure.measure_accuracy(model, nets.variables, TEST_U8, TEST_Y, mean=MEAN, std=STD,
                                      test_batch_size=64)  # 200 = 3 x 64 + 8 padded
     for s in range(3):
         v = jax.tree.map(lambda a: a[s], nets.variables)
@@ -264,3 +264,23 @@ def test_run_evaluation_scores_a_bare_torch_layout_set_like_its_own_format(tmp_p
         evaluate.run_evaluation(c, str(tmp_path / "bad"), str(bare))
     with pytest.raises(FileNotFoundError, match="nope.npz"):
         evaluate.run_evaluation(c, str(tmp_path / "bad"), str(tmp_path / "nope.npz"))
+
+
+def test_measuring_lives_in_measure_and_stays_reachable_as_trainer_names():
+    assert trainer.measure_accuracy is measure.measure_accuracy and trainer.embed_images is measure.embed_images
+    assert measure.measure_accuracy.__module__ == "idm_jax.measure"
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        trainer.no_such_name  # noqa: B018
+
+
+def test_picked_seeds_get_the_keys_they_have_among_all_seeds():
+    key = jax.random.PRNGKey(3)
+    init_all, train_all, n_all = trainer._seed_keys(key, 4, None)
+    init_picked, train_picked, n_picked = trainer._seed_keys(key, 4, [2, 0])
+    assert (n_all, n_picked) == (4, 2) and init_all.shape == (4, 2)
+    np.testing.assert_array_equal(init_picked, init_all[np.array([2, 0])])
+    np.testing.assert_array_equal(train_picked, train_all[np.array([2, 0])])
+    _, train_key = jax.random.split(key)
+    np.testing.assert_array_equal(train_all, jax.random.split(train_key, 4))
+    with pytest.raises(ValueError, match=r"seed_indices \[4\] must be non-empty, within 0..3"):
+        trainer._seed_keys(key, 4, [4])
