@@ -162,7 +162,7 @@ def _accuracy_percent(value: Array | float, scale: str) -> Array:
     if scale not in ACCURACY_SCALES:
         raise ValueError(f"accuracy_scale must be one of {ACCURACY_SCALES}, got {scale!r}")
     if not isinstance(value, jax.core.Tracer):
-        v = float(jnp.asarray(value))
+        v = float(np.asarray(value))  # not jnp: under jit that would stage even a Python float
         top = 1.0 if scale == "fraction" else 100.0
         if not 0.0 <= v <= top:
             raise ValueError(f"train_accuracy_percent must lie in [0, {top:g}] ({scale}), got {v!r}")

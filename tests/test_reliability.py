@@ -145,7 +145,9 @@ def test_without_flock_the_lock_file_and_its_pid_decide(tmp_path, monkeypatch, w
 EXITS = {
     "exception": "raise RuntimeError('boom')",
     "sigterm": "os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)",
-    "ctrl_c": "os.kill(os.getpid(), signal.SIGINT); time.sleep(30)",
+    # A shell starts background jobs with SIGINT ignored (and Python keeps that): restore Ctrl-C first.
+    "ctrl_c": ("signal.signal(signal.SIGINT, signal.default_int_handler); "
+               "os.kill(os.getpid(), signal.SIGINT); time.sleep(30)"),
 }
 
 
