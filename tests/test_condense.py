@@ -78,6 +78,7 @@ def test_auto_class_batch_one_class_at_a_time_on_cpu_for_full_batches():
     assert condense.auto_class_batch(10_000, on_cpu=False) == 1
 
 
+@pytest.mark.slow  # compiles several steps: 9-29 s on 2 cores (README, Test)
 def test_class_chunks_give_the_same_step_as_all_classes_at_once(digits, setup):
     s, data, step = setup
     assert s.class_batch == 10  # the tiny setting stacks all classes
@@ -92,6 +93,7 @@ def test_class_chunks_give_the_same_step_as_all_classes_at_once(digits, setup):
     assert float(np.abs(np.asarray(new_all.syn.images) - before).max()) > 1e-4  # a real update
 
 
+@pytest.mark.slow  # compiles the GPU/TPU variant of the step on CPU: ~30 s on 2 cores (README, Test)
 def test_accelerator_step_equals_the_cpu_step(digits, setup):
     """The GPU/TPU step (loops kept as lax.scan / lax.map, queue members trained with vmap) is
     the CPU step (loops unrolled, members one after another), to float rounding: 3 iterations
@@ -101,11 +103,12 @@ def test_accelerator_step_equals_the_cpu_step(digits, setup):
     accel = dataclasses.replace(s, unroll_loops=False, queue_train_impl="vmap", class_batch=3)
     accel_step = condense.make_step(accel)
     cpu_chunks = dataclasses.replace(s, class_batch=3)  # chunks 3, 3, 3, 1: the map over chunks
+    cpu_step = condense.make_step(cpu_chunks)  # built once: each make_step compiles anew
     state = condense.init_state(s, digits, 0, "real")
     a, b = jax.tree.map(jnp.copy, state), state
     for _ in range(3):
         a, ma = accel_step(a, data)
-        b, mb = condense.make_step(cpu_chunks)(b, data)
+        b, mb = cpu_step(b, data)
         for k in ("loss", "mmd", "ce", "match_acc", "queue_acc"):
             np.testing.assert_allclose(float(ma[k]), float(mb[k]), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(a.syn.images, b.syn.images, rtol=1e-4, atol=1e-5)
@@ -148,6 +151,7 @@ def test_real_whole_init_starts_each_image_as_one_full_real_image(digits, setup)
     assert not np.allclose(packed.images, syn.images)  # "real" packs 4 downscaled images instead
 
 
+@pytest.mark.slow  # compiles several steps: 9-29 s on 2 cores (README, Test)
 def test_two_matching_nets_step_is_one_pass_per_net(digits, setup):
     s, data, _ = setup
     s2 = dataclasses.replace(s, train_net_num=2)
@@ -231,6 +235,7 @@ def test_dm_preset_step_is_one_joint_sgd_step_at_lr_1(digits):
     assert float(m["ce"]) == 0.0 and np.isfinite(float(m["loss"]))
 
 
+@pytest.mark.slow  # compiles several steps: 9-29 s on 2 cores (README, Test)
 def test_periodic_evaluation_writes_eval_rows(tmp_path):
     c = tiny_config()
     c.eval.interval, c.eval.interval_epochs, c.eval.at_end = 2, 1, False

@@ -183,6 +183,7 @@ def test_data_placement_rule(monkeypatch):
 # --------------------------------------------------------------------------- #
 
 
+@pytest.mark.slow  # compiles several steps: 9-29 s on 2 cores (README, Test)
 def test_host_batches_give_the_same_steps_as_device_sampling():
     ds = data_lib.load_dataset("digits")
     c = tiny_config()
@@ -226,6 +227,7 @@ def _imagenet_test_config(root, tmp_path, image_size, model, iterations=2):
     return c
 
 
+@pytest.mark.slow  # compiles several steps: 9-29 s on 2 cores (README, Test)
 def test_imagenet_path_end_to_end_through_the_host_sampler(tmp_path):
     # The ImageNet config on a tiny folder (3 listed classes + 1 extra, non-square JPEGs),
     # centre-cropped to 32x32 with ConvNet-D2 to stay cheap; the 224/ConvNet-6 run is `slow`.
@@ -304,6 +306,7 @@ def test_member_training_uses_its_lr_factor_and_only_its_classes():
     assert float(none[3]) == 0.0
 
 
+@pytest.mark.slow  # compiles several steps: 9-29 s on 2 cores (README, Test)
 def test_condensation_step_runs_with_model_augmentation():
     ds = data_lib.load_dataset("digits")
     c = tiny_config()

@@ -36,6 +36,7 @@ def tiny_tree(tmp_path_factory):
     return _write_tree(tmp_path_factory.mktemp("tiny_imagenet"))
 
 
+@pytest.mark.slow  # compiles several steps: 9-29 s on 2 cores (README, Test)
 def test_tinyimagenet_runs_as_the_release_on_a_tiny_folder(tiny_tree, tmp_path):
     c = tinyimagenet.get_config("1")
     c.data.source = str(tiny_tree)

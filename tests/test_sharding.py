@@ -88,6 +88,7 @@ def two_devices(tmp_path_factory):
     return json.loads(lines[-1][len("RESULT "):]), workdir
 
 
+@pytest.mark.slow  # compiles several steps: 9-29 s on 2 cores (README, Test)
 def test_two_devices_split_the_classes_and_match_one_device(two_devices):
     res, _ = two_devices
     assert res["devices"] == 2
@@ -105,6 +106,7 @@ def test_two_devices_split_the_classes_and_match_one_device(two_devices):
     assert res["queue_diff"] < 1e-4  # replicated queue training; seen 1e-5 (params ~0.03)
 
 
+@pytest.mark.slow  # compiles several steps: 9-29 s on 2 cores (README, Test)
 def test_sharded_run_resumes_to_the_uninterrupted_result(two_devices):
     res, _ = two_devices
     # runner with mesh_devices=2: 2 iterations, checkpoint, restore onto the mesh, 2 more.
