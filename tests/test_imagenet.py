@@ -183,6 +183,22 @@ def test_data_placement_rule(monkeypatch):
 # --------------------------------------------------------------------------- #
 
 
+def _device_and_host_steps(s, ds, state, iterations):
+    """`iterations` steps from `state` with real batches drawn on the device and, from a copy, on
+    the host (HostSampler); returns ((device state, last metrics), (host state, last metrics))."""
+    step = condense.make_step(s)
+    device_state, host_state = state, jax.tree.map(jnp.copy, state)
+    sampler = condense.HostSampler(s, ds, jax.device_get(host_state.key))
+    data = condense.device_data(ds)
+    batches = sampler.batches(0, iterations)
+    for _ in range(iterations):
+        device_state, m_device = step(device_state, data)
+        host_state, m_host = step(host_state, next(batches))
+    batches.close()
+    sampler.close()
+    return (device_state, m_device), (host_state, m_host)
+
+
 @pytest.mark.slow  # compiles several steps: 9-29 s on 2 cores (README, Test)
 def test_host_batches_give_the_same_steps_as_device_sampling():
     ds = data_lib.load_dataset("digits")
@@ -190,21 +206,14 @@ def test_host_batches_give_the_same_steps_as_device_sampling():
     c.idm.meter_reset_interval = 0  # never: the release's ImageNet setting
     c.idm.net_generate_interval = 10  # one push (iteration 0), so no trained member is replaced
     s = condense.settings_from_config(c, ds)
-    step = condense.make_step(s)
     device_state = condense.init_state(s, ds, 0, "real")
-    host_state = jax.tree.map(jnp.copy, device_state)
-    sampler = condense.HostSampler(s, ds, jax.device_get(host_state.key))
-    data = condense.device_data(ds)
+    sampler = condense.HostSampler(s, ds, jax.device_get(device_state.key))
     real_idx, train_idx = sampler.indices(0)
+    sampler.close()
     assert real_idx.shape == (10, 8) and train_idx.shape == (2, 2, 16)
     for cls, row in enumerate(real_idx):  # each class's batch: distinct images of that class
         assert len(set(row)) == 8 and (ds.train_labels[row] == cls).all()
-    batches = sampler.batches(0, 4)
-    for _ in range(4):
-        device_state, m_device = step(device_state, data)
-        host_state, m_host = step(host_state, next(batches))
-    batches.close()
-    sampler.close()
+    (device_state, m_device), (host_state, m_host) = _device_and_host_steps(s, ds, device_state, 4)
     np.testing.assert_allclose(np.asarray(host_state.syn.images), np.asarray(device_state.syn.images),
                                rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(host_state.queue.params), jax.tree.leaves(device_state.queue.params)):
@@ -433,17 +442,8 @@ def test_unnormalized_condensation_uses_0_1_pixels_and_exports_them_as_such(tmp_
 @pytest.mark.slow
 def test_release_loader_quirks_host_and_device_give_the_same_steps():
     ds, c, s = _quirk_settings(**{"idm.unnormalized": True, "idm.init": "real_tiled"})
-    step = condense.make_step(s)
-    device_state = condense.init_state(s, ds, 0, "real_tiled")
-    host_state = jax.tree.map(jnp.copy, device_state)
-    sampler = condense.HostSampler(s, ds, jax.device_get(host_state.key))
-    data = condense.device_data(ds)
-    batches = sampler.batches(0, 2)
-    for _ in range(2):
-        device_state, m_device = step(device_state, data)
-        host_state, m_host = step(host_state, next(batches))
-    batches.close()
-    sampler.close()
+    (device_state, m_device), (host_state, m_host) = _device_and_host_steps(
+        s, ds, condense.init_state(s, ds, 0, "real_tiled"), 2)
     np.testing.assert_allclose(np.asarray(host_state.syn.images), np.asarray(device_state.syn.images),
                                rtol=1e-5, atol=1e-5)
     assert float(m_host["loss"]) == pytest.approx(float(m_device["loss"]), rel=1e-5)
