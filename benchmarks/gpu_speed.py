@@ -58,6 +58,23 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+
+def host_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def host_rss_now_gib() -> float:
+    """Resident memory of this process now (Linux /proc; elsewhere the peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError):
+        return host_rss_gib()
+
+
+_RSS_AT_START_GIB = host_rss_now_gib()  # before JAX and idm_jax are imported
+
+
 from benchmarks import common  # noqa: E402  (XLA:CPU's memory scheduler, set before JAX starts)
 
 # json key prefix -> (config module, ipc, profiled); the dry run maps them onto the digits.
@@ -197,8 +214,20 @@ class Rows:
         print(f"[gpu_speed] {os.path.basename(self.path)}: {what} {values}", file=sys.stderr, flush=True)
 
 
-def host_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+class HostMemory:
+    """Resident GiB after each named stage, so that each GiB of the peak has a cause."""
+
+    def __init__(self, start_gib: float = _RSS_AT_START_GIB):
+        self.stages = [("python started", start_gib)]
+
+    def after(self, stage: str) -> None:
+        self.stages.append((stage, host_rss_now_gib()))
+
+    def row(self) -> dict:
+        return {"stages": [{"stage": name, "rss_gib": gib,
+                            "added_gib": gib - (self.stages[i - 1][1] if i else 0.0)}
+                           for i, (name, gib) in enumerate(self.stages)],
+                "peak_gib": host_rss_gib()}
 
 
 def environment_row(rows: Rows) -> None:
@@ -280,15 +309,23 @@ def part_setting(args, rows: Rows, key: str) -> None:
     from idm_jax import condense  # pylint: disable=g-import-not-at-top
 
     config_name, ipc, profiled = (DRY_SETTINGS if args.dry_run else SETTINGS)[key]
+    memory = HostMemory()
+    memory.after("jax and idm_jax imported")
     environment_row(rows)
+    memory.after("backend started (jax.devices)")
     t0 = time.perf_counter()
     config, ds, s, data = load_setting(config_name, ipc, args.set)
+    memory.after("dataset decoded and put on the device")
     state = condense.init_state(s, ds, 0, config.idm.init)
+    memory.after("state initialised")
     rows.add("setting", config=config_name, ipc=ipc, class_batch=s.class_batch, queue=s.queue_train_impl,
              unroll_loops=s.unroll_loops, load_s=time.perf_counter() - t0)
     step, compile_s, hlo = compiled_ahead(condense.make_step(s), state, data)
     rows.add("compile", seconds=compile_s, hlo=hlo)
+    memory.after("step compiled")
     seconds, state, seen = timed_calls(step, state, data, args.steps)
+    memory.after(f"{args.steps + 1} steps run")
+    rows.add("host_memory", **memory.row())
     rows.add("step", s_per_it=seconds, steps=args.steps, **seen, host_rss_gib=host_rss_gib(),
              device_peak_gib=common.peak_memory_gib())
     flops = cost_flops(s, state, data)
@@ -433,6 +470,13 @@ def markdown(record: dict) -> str:
             lines += [f"| `{t['name']}` | {t['calls_per_it']:.1f} | {t['ms_per_it']:.2f} | {100 * t['share']:.0f} % |"
                       for t in trace["top"]]
             lines += ["", "by kind: " + ", ".join(f"{k} {100 * v:.0f} %" for k, v in trace["by_kind_share"].items())]
+    for key in SETTINGS:
+        memory = next((r for r in d.get(key, []) if r.get("what") == "host_memory"), None)
+        if memory:
+            lines += ["", f"{key} host memory of the process, resident after each stage (peak "
+                      f"{memory['peak_gib']:.2f} GiB):", "", "| stage | resident (GiB) | added (GiB) |",
+                      "|---|---:|---:|"]
+            lines += [f"| {m['stage']} | {m['rss_gib']:.2f} | {m['added_gib']:+.2f} |" for m in memory["stages"]]
     cands = [r for r in d.get("candidates", []) if r.get("what") == "candidate"]
     if cands:
         lines += ["", "Step variants:", "", "| setting | variant | s / it | compile (s) |", "|---|---|---:|---:|"]

@@ -99,6 +99,25 @@ def test_hlo_op_counts_and_the_json_record_keys():
         assert tuple(json.load(f))[:len(gpu_speed.JSON_KEYS)] == gpu_speed.JSON_KEYS
 
 
+def test_host_memory_stages_add_up_to_the_resident_size():
+    from benchmarks import gpu_speed
+    memory = gpu_speed.HostMemory(start_gib=gpu_speed.host_rss_now_gib())
+    ballast = bytearray(256 * 2**20)  # 256 MiB written, so resident
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    memory.after("ballast")
+    row = memory.row()
+    first, second = row["stages"]
+    assert first["stage"] == "python started" and second["stage"] == "ballast"
+    assert first["added_gib"] == first["rss_gib"] > 0
+    assert 0.2 < second["added_gib"] < 0.3  # the 0.25 GiB just written
+    assert abs(first["added_gib"] + second["added_gib"] - second["rss_gib"]) < 1e-9
+    assert row["peak_gib"] >= second["rss_gib"] - 1e-3
+    record = {"device": "gpu:H200", "jax_version": "0.11", "date": "2026-12-05", "dry_run": False,
+              "command": "c", "details": {"cifar10_ipc10": [{"what": "host_memory", **row}]}}
+    assert "| ballast | " in gpu_speed.markdown(record)
+    del ballast
+
+
 @pytest.mark.slow
 def test_gpu_speed_dry_run_measures_every_figure(tmp_path):
     out = tmp_path / "speed"
@@ -126,6 +145,11 @@ def test_gpu_speed_dry_run_measures_every_figure(tmp_path):
     assert trace["kernels_per_it"] > 10 and trace["top"]
     phases = {r["phase"] for r in rows if r["what"] == "phase"}
     assert phases == {"real embeddings", "synthetic gradient", "queue training", "queue push + sample"}
+    memory = next(r for r in rows if r["what"] == "host_memory")
+    assert [m["stage"] for m in memory["stages"]][:3] == [
+        "python started", "jax and idm_jax imported", "backend started (jax.devices)"]
+    assert len(memory["stages"]) == 7 and all(m["rss_gib"] > 0 for m in memory["stages"])
+    assert memory["peak_gib"] >= max(m["rss_gib"] for m in memory["stages"]) - 1e-3
     dispatch = next(r for r in rows if r["what"] == "dispatch")
     assert dispatch["steps_per_dispatch"] == 2 and dispatch["s_per_it"] > 0 and dispatch["compiles"] == 0
     assert any(r["what"] == "candidate" for r in record["details"]["candidates"])
