@@ -17,8 +17,14 @@ for pkg in "ml-collections>=1.0,<2" "tensorboardX>=2.6,<3" kornia kornia-rs json
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${plat[@]}" -d .carry/whl "$pkg"
 done
-# visdom and torchnet 0.0.4 ship only as source archives: build their (pure Python) wheels here.
-python3 -m pip wheel -q --no-deps --no-build-isolation -w .carry/whl visdom "torchnet==0.0.4"
+# visdom and torchnet 0.0.4 ship only as source archives: build their (pure Python) wheels here,
+# in a throwaway venv with a setuptools that still has pkg_resources (visdom's setup.py imports
+# it; setuptools 81 removed it) and the wheel package (older setuptools need it for bdist_wheel).
+builder=$(mktemp -d)
+trap 'rm -rf "$builder"' EXIT
+python3 -m venv "$builder"
+"$builder/bin/python" -m pip install -q "setuptools>=61,<70" wheel
+"$builder/bin/python" -m pip wheel -q --no-deps --no-build-isolation -w .carry/whl visdom "torchnet==0.0.4"
 rm -rf .carry/IDM && cp -r "$release" .carry/IDM && rm -rf .carry/IDM/.git
 cp ../shared/data/cifar10-jpeg.tar.gz .carry/
 du -sh .carry
