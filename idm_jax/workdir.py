@@ -170,6 +170,19 @@ def atomic_write(path: str, text: str) -> None:
         f.write(data)
 
 
+def _new_file_mode() -> int:
+    """The mode open() gives a new file: 0666 less the process's umask."""
+    try:  # Linux says it without changing it (another thread may be creating files)
+        with open("/proc/self/status") as f:
+            umask = next((int(line.split()[1], 8) for line in f if line.startswith("Umask:")), None)
+    except OSError:
+        umask = None
+    if umask is None:
+        umask = os.umask(0o022)  # elsewhere reading it means setting it: put it straight back
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_file(path: str, needed_bytes: float | None = None) -> Iterator[Any]:
     """Yields a binary file in `path`'s folder (created if needed); on success it replaces `path`
@@ -183,6 +196,7 @@ def atomic_file(path: str, needed_bytes: float | None = None) -> Iterator[Any]:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _new_file_mode())  # mkstemp's 0600 would hide the outputs from a shared group
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

@@ -403,3 +403,17 @@ def test_atomic_file_makes_the_folder_and_keeps_the_old_file_on_failure(tmp_path
             f.write(b"sec")
             raise RuntimeError("mid-write")
     assert path.read_bytes() == b"first" and os.listdir(path.parent) == ["out.bin"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_atomic_file_gets_the_mode_open_would_give(tmp_path, umask):
+    """mkstemp makes 0600 files: a results folder shared with a group must stay readable."""
+    from idm_jax import workdir
+    old = os.umask(umask)
+    try:
+        workdir.atomic_write(str(tmp_path / "config.json"), "{}")
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    mode = os.stat(tmp_path / "config.json").st_mode & 0o777
+    assert mode == os.stat(tmp_path / "plain.txt").st_mode & 0o777 == 0o666 & ~umask
