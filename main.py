@@ -35,8 +35,8 @@ from idm_jax import config_check
 from idm_jax import consistency
 from idm_jax import continual
 from idm_jax import distributed
+from idm_jax import errors
 from idm_jax import evaluate
-from idm_jax import plots
 from idm_jax import runner
 from idm_jax import sweeps
 from idm_jax import workdir
@@ -119,7 +119,7 @@ def main(argv):
             consistency.run_consistency(config, _WORKDIR.value, _SYNTHETIC.value)
         else:
             sweeps.run_sweep(config, _WORKDIR.value)
-    except (ValueError, OSError, runner.NonFiniteLossError, plots.MissingDependency,
+    except (ValueError, OSError, runner.NonFiniteLossError, errors.MissingDependency,
             distributed.DistributedError) as e:
         # Bad input (or a full disk): one clear line, not a traceback from deep inside JAX.
         print(f"error: {e}", file=sys.stderr)

@@ -11,9 +11,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-
-class MissingDependency(ImportError):
-    """An optional package a feature needs is not installed."""
+from idm_jax.errors import MissingDependency  # noqa: F401  (raised here; plots.MissingDependency stays)
 
 
 def pyplot():

@@ -1,6 +1,8 @@
 """Tests for idm_jax.data: loaders, caching, error messages, sampling helpers."""
 
 import os
+import re
+import subprocess
 import sys
 import tarfile
 import types
@@ -13,6 +15,9 @@ import pytest
 from PIL import Image
 
 from idm_jax import data
+from idm_jax import errors
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CIFAR_ARCHIVE = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.gz"
 
@@ -426,8 +431,57 @@ def test_tfds_loads_via_builder_with_validation_fallback(monkeypatch, tmp_path):
 
 def test_tfds_missing_package_message(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes the import fail
-    with pytest.raises(ImportError, match="pip install tensorflow-datasets"):
+    with pytest.raises(errors.MissingDependency, match="pip install tensorflow-datasets"):
         data.load_dataset("tfds:cifar10")
+
+
+def _tfds_builder_failing_with(monkeypatch, exception):
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    class Builder:
+        def download_and_prepare(self, download_config=None):
+            raise exception
+
+    monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: Builder())
+
+
+def test_tfds_offline_download_is_one_line_naming_the_source_and_the_offline_ways(monkeypatch):
+    cause = ("HTTPSConnectionPool(host='www.cs.toronto.edu', port=443): Max retries exceeded with url: "
+             "/~kriz/cifar-100-binary.tar.gz (Caused by NameResolutionError(...))")
+    _tfds_builder_failing_with(monkeypatch, ConnectionError(cause))  # requests' own is an OSError too
+    with pytest.raises(OSError) as raised:
+        data.load_dataset("tfds:cifar100")
+    message = str(raised.value)
+    assert message.startswith("could not download or prepare 'tfds:cifar100' (ConnectionError: HTTPSConnectionPool")
+    assert "IDM_TFDS_MANUAL_DIR" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("missing, install", [("importlib_resources", "pip install importlib-resources"),
+                                              ("tensorflow", "pip install 'idm_jax[tf]'")])
+def test_tfds_undeclared_or_optional_package_is_named(monkeypatch, missing, install):
+    # tensorflow-datasets 4.9.10 imports importlib_resources without declaring it (tensorflow/datasets#11212).
+    _tfds_builder_failing_with(monkeypatch, ModuleNotFoundError(f"No module named '{missing}'", name=missing))
+    with pytest.raises(errors.MissingDependency, match=re.escape(install)):
+        data.load_dataset("tfds:cifar100")
+
+
+def test_installed_tfds_finds_every_package_it_imports():
+    """pyproject.toml lists what tensorflow-datasets imports but does not declare."""
+    pytest.importorskip("tensorflow_datasets")
+    import importlib_resources.abc  # noqa: F401  (tfds's dataset_builder needs it to download)
+
+
+def test_main_reports_a_missing_tfds_in_one_line(tmp_path):
+    blocker = tmp_path / "site" / "tensorflow_datasets"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('blocked by the test')\n")
+    env = {**os.environ, "PYTHONPATH": f"{blocker.parent}{os.pathsep}{ROOT}"}
+    out = subprocess.run([sys.executable, "main.py", "--config=configs/quick.py", f"--workdir={tmp_path}/run",
+                          "--config.data.source=tfds:cifar10"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert "error: loading 'tfds:cifar10' needs tensorflow-datasets: pip install tensorflow-datasets" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 # --------------------------------------------------------------------------- #

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from idm_jax.data import cache, decode, listing
+from idm_jax.errors import MissingDependency
 
 _log = logging.getLogger(__name__)
 
@@ -53,10 +54,26 @@ def _load_tfds(name: str, data_dir: str | None) -> dict[str, Any]:
     try:
         import tensorflow_datasets as tfds  # lazy: heavy, and only this source needs it
     except ImportError as e:
-        raise ImportError(
+        raise MissingDependency(
             f"loading 'tfds:{name}' needs tensorflow-datasets: pip install tensorflow-datasets "
             "(and tensorflow for most datasets: pip install 'idm_jax[tf]')"
         ) from e
+    try:
+        return _read_tfds(tfds, name, data_dir)
+    except ModuleNotFoundError as e:
+        if e.name == "tensorflow" or str(e.name).startswith("tensorflow."):
+            raise MissingDependency(
+                f"reading 'tfds:{name}' needs TensorFlow: pip install 'idm_jax[tf]' (or pip install tensorflow)"
+            ) from e
+        # tensorflow-datasets 4.9.x imports importlib_resources without declaring it
+        # (tensorflow/datasets#11212); pyproject.toml lists it, a --no-deps install may lack it.
+        raise MissingDependency(
+            f"'tfds:{name}': tensorflow-datasets needs the package {e.name!r}, which is not installed: "
+            f"pip install {str(e.name).replace('_', '-')}"
+        ) from e
+
+
+def _read_tfds(tfds, name: str, data_dir: str | None) -> dict[str, Any]:
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
@@ -68,26 +85,26 @@ def _load_tfds(name: str, data_dir: str | None) -> dict[str, Any]:
     manual_dir = os.environ.get("IDM_TFDS_MANUAL_DIR")
     if manual_dir:  # offline: tfds prepares the dataset from files placed there
         kwargs["download_config"] = tfds.download.DownloadConfig(manual_dir=manual_dir)
-    builder.download_and_prepare(**kwargs)
+    try:
+        builder.download_and_prepare(**kwargs)
+    except OSError as e:  # no network, a refused download (requests' errors are OSErrors too)
+        cause = " ".join(str(e).split())[:160]
+        raise OSError(
+            f"could not download or prepare 'tfds:{name}' ({type(e).__name__}: {cause}); offline, set "
+            "data.source to a folder or archive of the images, or put tfds's downloads in IDM_TFDS_MANUAL_DIR"
+        ) from e
     splits = builder.info.splits
     test_split = next((s for s in ("test", "validation") if s in splits), None)
     if "train" not in splits or test_split is None:
         raise ValueError(
             f"tfds dataset {name!r} needs a 'train' and a 'test' (or 'validation') split, has {sorted(splits)}"
         )
-    try:
-        arrays = {}
-        for split, key in (("train", "train"), (test_split, "test")):
-            ds = builder.as_dataset(split=split, batch_size=-1, as_supervised=True)
-            images, labels = tfds.as_numpy(ds)
-            arrays[f"{key}_images"] = _as_nhwc_uint8(np.asarray(images), f"tfds:{name}/{split}")
-            arrays[f"{key}_labels"] = np.asarray(labels).astype(np.int32)
-    except ModuleNotFoundError as e:
-        if e.name != "tensorflow" and not str(e.name).startswith("tensorflow."):
-            raise
-        raise ImportError(
-            f"reading 'tfds:{name}' needs TensorFlow: pip install 'idm_jax[tf]' (or pip install tensorflow)"
-        ) from e
+    arrays = {}
+    for split, key in (("train", "train"), (test_split, "test")):
+        ds = builder.as_dataset(split=split, batch_size=-1, as_supervised=True)
+        images, labels = tfds.as_numpy(ds)
+        arrays[f"{key}_images"] = _as_nhwc_uint8(np.asarray(images), f"tfds:{name}/{split}")
+        arrays[f"{key}_labels"] = np.asarray(labels).astype(np.int32)
     arrays["class_names"] = tuple(builder.info.features["label"].names)
     return arrays
 
