@@ -43,13 +43,7 @@ if [ -n "${DRY_RUN:-}" ]; then
   cfg=quick ipcs=1 steps=1 source=digits budgets=0,1 epochs=1 seeds=1 runs=0,1 release="" IPC=1
   limits=(100 0 0 200 0 200)  # idm_jax, release, convert, eval, cross, condense_speed
 else
-  if ls .carry/whl/*.whl >/dev/null 2>&1; then  # packages the device image lacks
-    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/whl/*.whl
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  fi
-  $PY -m pip install -q --no-deps --no-build-isolation -e . || log "editable install failed; running from the tree"
-  export IDM_CIFAR10=$PWD/.carry/cifar10-jpeg.tar.gz
-  export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache  # the seeds' processes compile the step once
+  source benchmarks/device_setup.sh && device_setup  # wheels, the project, IDM_CIFAR10, the compile cache
   cfg=cifar10 ipcs=${SPEED_IPCS:-10,50,1} steps=5 source=$IDM_CIFAR10 budgets=${BUDGETS:-0,50,100,200} epochs=300
   seeds=3 runs=${RUNS:-0,1,2} release=$PWD/.carry/IDM
   # idm_jax, release, convert, eval, cross, condense_speed (seconds; 0 skips a part). A second,

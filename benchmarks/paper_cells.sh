@@ -51,15 +51,7 @@ if [ -n "${DRY_RUN:-}" ]; then
          --config.eval.compare_random=False
          --config.eval.interval_epochs=1 --config.log_every=2 --config.checkpoint_every=2)
 else
-  if ls .carry/whl/*.whl >/dev/null 2>&1; then  # packages the device image lacks
-    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/whl/*.whl
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  fi
-  $PY -m pip install -q --no-deps --no-build-isolation -e . || log "editable install failed; running from the tree"
-  export IDM_CIFAR10=${IDM_CIFAR10:-$PWD/.carry/cifar10-jpeg.tar.gz}
-  c100=$(ls .carry/cifar100*.tar.gz 2>/dev/null | head -1)
-  [ -n "$c100" ] && export IDM_CIFAR100=${IDM_CIFAR100:-$PWD/$c100}
-  export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
+  source benchmarks/device_setup.sh && device_setup  # wheels, the project, IDM_CIFAR10/100, the compile cache
   root=${CELLS_ROOT:-runs/paper_cells}
   cells=${CELLS:-cifar10:10 cifar10:50 cifar10:1 cifar100:1 cifar100:10}
   curve=${CURVE_INTERVAL:-5000}

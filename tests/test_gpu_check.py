@@ -1,12 +1,14 @@
 """benchmarks/gpu_check.sh must work the first time on a GPU: its dry run (same commands, toy
 sizes, no installs) runs here on the CPU and brings back every table."""
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import tarfile
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,6 +118,40 @@ def test_host_memory_stages_add_up_to_the_resident_size():
               "command": "c", "details": {"cifar10_ipc10": [{"what": "host_memory", **row}]}}
     assert "| ballast | " in gpu_speed.markdown(record)
     del ballast
+
+
+def test_cifar100_without_its_data_is_timed_on_cifar10_shapes_relabelled(monkeypatch):
+    """The device has no network: CIFAR-100's settings run on CIFAR-10's pixels as 100 classes."""
+    import configs.cifar10
+    from benchmarks import gpu_speed
+    from idm_jax import data
+    rng = np.random.default_rng(0)
+    cifar10_like = data.ArrayDataset(  # 10 classes of 25 (test: 110 images)
+        "cifar10-jpeg", rng.integers(0, 256, (250, 32, 32, 3), np.uint8), np.arange(250, dtype=np.int32) % 10,
+        rng.integers(0, 256, (110, 32, 32, 3), np.uint8), np.arange(110, dtype=np.int32) % 10,
+        tuple("abcdefghij"), np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32))
+    real_load = data.load_config_dataset
+
+    def load(config):
+        return cifar10_like if config.data.source == "/data/cifar10.tar.gz" else real_load(config)
+
+    monkeypatch.delenv("IDM_CIFAR100", raising=False)
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # tfds:cifar100 cannot load
+    monkeypatch.setattr(configs.cifar10, "_source", lambda: "/data/cifar10.tar.gz")
+    monkeypatch.setattr(data, "load_config_dataset", load)
+    config, ds, s, device_data, stand_in = gpu_speed.load_setting("cifar100", 10, "")
+    assert stand_in.startswith("CIFAR-10's 250 training images relabelled into 100 classes (tfds:cifar100: loading")
+    assert config.data.source == "/data/cifar10.tar.gz" and s.num_classes == 100 and len(ds.class_names) == 100
+    np.testing.assert_array_equal(ds.train_labels, np.arange(250) % 100)  # round-robin: sizes differ by <= 1
+    np.testing.assert_array_equal(np.asarray(device_data.class_counts), [3] * 50 + [2] * 50)
+    np.testing.assert_array_equal(ds.train_images, cifar10_like.train_images)  # the pixels are CIFAR-10's
+    np.testing.assert_array_equal(ds.test_labels, np.arange(110) % 100)
+    with pytest.raises(ValueError, match="3 train images cannot fill 100 classes"):
+        gpu_speed.relabelled_stand_in(dataclasses.replace(ds, train_images=ds.train_images[:3],
+                                                          train_labels=ds.train_labels[:3]), 100)
+    record = {"device": "gpu:H200", "jax_version": "0.11", "date": "2026-12-05", "dry_run": False, "command": "c",
+              "details": {"cifar100_ipc10": [{"what": "setting", "stand_in": stand_in}]}}
+    assert f"cifar100_ipc10 was timed on {stand_in}." in gpu_speed.markdown(record)
 
 
 @pytest.mark.slow
