@@ -350,6 +350,7 @@ def part_setting(args, rows: Rows, key: str) -> None:
     step, compile_s, hlo = compiled_ahead(condense.make_step(s), state, data)
     rows.add("compile", seconds=compile_s, hlo=hlo)
     memory.after("step compiled")
+    rows.add("host_memory", **memory.row())  # again below, with the steps: a part cut short keeps this one
     seconds, state, seen = timed_calls(step, state, data, args.steps)
     memory.after(f"{args.steps + 1} steps run")
     rows.add("host_memory", **memory.row())
@@ -501,7 +502,7 @@ def markdown(record: dict) -> str:
                       for t in trace["top"]]
             lines += ["", "by kind: " + ", ".join(f"{k} {100 * v:.0f} %" for k, v in trace["by_kind_share"].items())]
     for key in SETTINGS:
-        memory = next((r for r in d.get(key, []) if r.get("what") == "host_memory"), None)
+        memory = next((r for r in reversed(d.get(key, [])) if r.get("what") == "host_memory"), None)  # newest
         if memory:
             lines += ["", f"{key} host memory of the process, resident after each stage (peak "
                       f"{memory['peak_gib']:.2f} GiB):", "", "| stage | resident (GiB) | added (GiB) |",
@@ -517,6 +518,21 @@ def markdown(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+MIN_PART_S = 10  # a part is not started with less time than this
+SUMMARY_RESERVE_S = 15  # of --total, kept for reading the parts and writing gpu_speed.json/.md
+
+
+def part_limit(limit: int, total: int, elapsed: float) -> int | None:
+    """A part's time limit (0 = none) within what --total (0 = none) leaves after `elapsed`
+    seconds and the summary's reserve; None when too little is left to start it."""
+    if not total:
+        return limit
+    left = int(total - SUMMARY_RESERVE_S - elapsed)
+    if left < MIN_PART_S:
+        return None
+    return min(limit, left) if limit else left
+
+
 def run_parts(args, argv: list[str]) -> dict:
     limits = parse_limits(args.limits, args.dry_run)
     parts_dir = os.path.join(args.out, "parts")
@@ -525,23 +541,30 @@ def run_parts(args, argv: list[str]) -> dict:
     if args.dry_run:  # the toy settings share their programs across the parts' processes
         env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(args.out, "jax_cache"))
         env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    for part in args.parts.split(","):
+    parts = args.parts.split(",")
+    for part in parts:
         if part not in PARTS:
             raise SystemExit(f"--parts: unknown part {part!r}; expected some of {PARTS}")
+    began = time.perf_counter()
+    for part in parts:
         jsonl = os.path.join(parts_dir, f"{part}.jsonl")
         if os.path.exists(jsonl):
             os.remove(jsonl)
+        limit = part_limit(limits[part], args.total, time.perf_counter() - began)
+        if limit is None:
+            print(f"[gpu_speed] part {part}: skipped, under {MIN_PART_S} s of --total={args.total} left", flush=True)
+            continue
         start = time.perf_counter()
         with open(os.path.join(parts_dir, f"{part}.log"), "w") as log:
             try:
                 rc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, f"--part={part}",
                                      f"--out={args.out}"],
                                     stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                    timeout=limits[part] or None).returncode
+                                    timeout=limit or None).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
         print(f"[gpu_speed] part {part}: rc={rc} after {time.perf_counter() - start:.0f} s "
-              f"(limit {limits[part]} s)", flush=True)
+              f"(limit {limit} s)", flush=True)
     rows = {}
     for part in PARTS:
         path = os.path.join(parts_dir, f"{part}.jsonl")
@@ -563,6 +586,9 @@ def main(argv=None) -> None:
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on the digits (CPU, the test suite)")
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--limits", default="", help="part=seconds overrides, e.g. eval=60 (0 = no limit)")
+    parser.add_argument("--total", type=int, default=0,
+                        help="seconds for everything (0 = no limit): later parts are shortened or skipped so "
+                             "that gpu_speed.json is always written")
     parser.add_argument("--steps", type=int, default=10, help="timed iterations after the first")
     parser.add_argument("--dispatch", type=int, default=10, help="iterations per call in the dispatch row")
     parser.add_argument("--trace-steps", type=int, default=3)

@@ -154,6 +154,22 @@ def test_cifar100_without_its_data_is_timed_on_cifar10_shapes_relabelled(monkeyp
     assert f"cifar100_ipc10 was timed on {stand_in}." in gpu_speed.markdown(record)
 
 
+def test_total_limit_shortens_then_skips_parts_and_still_writes_the_record(tmp_path, capsys):
+    from benchmarks import gpu_speed
+    reserve, least = gpu_speed.SUMMARY_RESERVE_S, gpu_speed.MIN_PART_S
+    assert gpu_speed.part_limit(120, 0, 1e6) == 120  # no --total: the part's own limit
+    assert gpu_speed.part_limit(120, 555, 100.0) == 120  # 440 s left
+    assert gpu_speed.part_limit(120, 555, 500.0) == 555 - reserve - 500  # shortened to what is left
+    assert gpu_speed.part_limit(0, 555, 500.0) == 555 - reserve - 500  # "no limit" is capped too
+    assert gpu_speed.part_limit(120, 555, 555 - reserve - least + 0.5) is None  # under 10 s: skipped
+    # A --total with no room for any part: every part skipped, gpu_speed.json written all null.
+    gpu_speed.main(["--dry-run", f"--out={tmp_path}", f"--total={reserve + least - 1}"])
+    with open(tmp_path / "gpu_speed.json") as f:
+        record = json.load(f)
+    assert record["details"] == {} and record["cifar10_ipc10_s_per_it"] is None
+    assert capsys.readouterr().out.count("skipped, under 10 s") == len(gpu_speed.PARTS)
+
+
 @pytest.mark.slow
 def test_gpu_speed_dry_run_measures_every_figure(tmp_path):
     out = tmp_path / "speed"
@@ -181,10 +197,11 @@ def test_gpu_speed_dry_run_measures_every_figure(tmp_path):
     assert trace["kernels_per_it"] > 10 and trace["top"]
     phases = {r["phase"] for r in rows if r["what"] == "phase"}
     assert phases == {"real embeddings", "synthetic gradient", "queue training", "queue push + sample"}
-    memory = next(r for r in rows if r["what"] == "host_memory")
+    compiled, memory = [r for r in rows if r["what"] == "host_memory"]  # after compiling, after the steps
     assert [m["stage"] for m in memory["stages"]][:3] == [
         "python started", "jax and idm_jax imported", "backend started (jax.devices)"]
     assert len(memory["stages"]) == 7 and all(m["rss_gib"] > 0 for m in memory["stages"])
+    assert compiled["stages"] == memory["stages"][:6]
     assert memory["peak_gib"] >= max(m["rss_gib"] for m in memory["stages"]) - 1e-3
     dispatch = next(r for r in rows if r["what"] == "dispatch")
     assert dispatch["steps_per_dispatch"] == 2 and dispatch["s_per_it"] > 0 and dispatch["compiles"] == 0
