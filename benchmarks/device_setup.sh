@@ -6,11 +6,11 @@ device_setup() {
   local install_log=/tmp/idm_install.log c100
   if ls .carry/whl/*.whl >/dev/null 2>&1; then  # packages the device image lacks
     $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/whl/*.whl \
-      >>"$install_log" 2>&1 || log "installing .carry/whl failed: $(tail -1 "$install_log")"
+      >>"$install_log" 2>&1 || log "installing .carry/whl failed: $(grep -v "^[[:space:]]*$" "$install_log" | tail -1)"
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
   if ! $PY -m pip install -q --no-deps --no-build-isolation -e . >>"$install_log" 2>&1; then
-    log "editable install failed ($(tail -1 "$install_log")); running from the tree"
+    log "editable install failed ($(grep -v "^[[:space:]]*$" "$install_log" | tail -1)); running from the tree"
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   fi
   export IDM_CIFAR10=${IDM_CIFAR10:-$PWD/.carry/cifar10-jpeg.tar.gz}

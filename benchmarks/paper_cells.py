@@ -23,6 +23,7 @@ import tarfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from idm_jax import checkpoints  # noqa: E402
 from idm_jax import export  # noqa: E402
 from idm_jax.publish import CELL_NAME, RUN_INFO  # noqa: E402
 
@@ -116,10 +117,10 @@ def _measured(workdir: str) -> str:
     state = cell_state(workdir)
     if state != "done":
         metrics = os.path.join(workdir, "metrics.jsonl")
-        last = 0
+        last = checkpoints.latest_checkpoint(workdir) or 0  # a run cut between log points saved here
         if os.path.exists(metrics):
             with open(metrics) as f:
-                last = max([json.loads(line).get("step", 0) for line in f if line.strip()] or [0])
+                last = max([last] + [json.loads(line).get("step", 0) for line in f if line.strip()])
         total = (_config(workdir).get("idm") or {}).get("iterations")
         return f"(running: {last:,} of {total:,} it.)" if state == "partial" and total else "—"
     r = results["archs"][_arch(workdir, results)]

@@ -233,6 +233,9 @@ def test_table1_puts_paper_and_measured_side_by_side(tmp_path):
     assert "| cifar10_ipc10_idm | 5,000: 50.00, 10,000: 55.00 |" in md
     run = next(line for line in md if line.startswith("| cifar10_ipc10_dm | partial |"))
     assert "| NVIDIA H200 | 500.0 | 1 |" in run
+    # Cut (SIGTERM) after its last metrics row: the progress is the checkpoint's iteration.
+    (tmp_path / "cifar10_ipc10_dm" / "checkpoints" / "19").mkdir(parents=True)
+    assert "(running: 19 of 20,000 it.)" in paper_cells.table_markdown(str(tmp_path))
     png = paper_cells.plot_curves(str(tmp_path), str(tmp_path / "curve.png"))
     assert open(png, "rb").read(4) == b"\x89PNG"
 
