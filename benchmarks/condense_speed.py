@@ -6,7 +6,7 @@
 Each setting runs in its own process (so peak memory is its own): build the
 release's config, compile the step, run --steps iterations after the first
 (compile) one and report the median. Real CIFAR-10 from the config's source
-(../shared/data/cifar10-jpeg.tar.gz beside the checkout when present).
+($IDM_CIFAR10 when set, see docs/RUNNING.md; else tfds:cifar10).
 Prints one markdown table; copy it into docs/RESULTS.md with the machine.
 """
 

@@ -10,8 +10,8 @@ from `benchmarks/parity/release_side.py evaluate`, which times the release's own
   python benchmarks/evaluate_speed.py                       # map/host only (the CPU default)
   python benchmarks/evaluate_speed.py --modes=map/host,vmap/host --epochs=2
 
-Uses the real CIFAR-10 from ../shared/data/cifar10-jpeg.tar.gz when it loads, else random
-images of the same shape (the speed does not depend on the pixels).
+Uses the real CIFAR-10 from --source (default $IDM_CIFAR10, docs/RUNNING.md) when it loads, else
+random images of the same shape (the speed does not depend on the pixels).
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402,F401  (XLA:CPU's memory scheduler, set before JAX starts)
 from idm_jax import augment, data, measure, models, trainer  # noqa: E402
 
-CIFAR10 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
-                       "cifar10-jpeg.tar.gz")
+CIFAR10 = os.environ.get("IDM_CIFAR10", "")  # the CIFAR-10 archive (docs/RUNNING.md)
 
 
 def load_images(ipc: int, source: str, seed: int = 0):

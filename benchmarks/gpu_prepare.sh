@@ -3,12 +3,13 @@
 #   .carry/whl/      wheels the device image lacks (ml-collections, tensorboardX; for the release:
 #                    kornia, torchnet and visdom with their small needs), for Python 3.12 x86_64
 #   .carry/IDM/      a checkout of the authors' release (github uitrbn/IDM), never committed
-#   .carry/cifar10-jpeg.tar.gz  the CIFAR-10 archive from ../shared/data
+#   .carry/cifar10-jpeg.tar.gz  the CIFAR-10 archive named by $IDM_CIFAR10 (docs/RUNNING.md)
 # .carry/ is listed in .git/info/exclude, so it travels only when a device run names it in carry.
-#   bash benchmarks/gpu_prepare.sh /path/to/IDM-checkout
+#   IDM_CIFAR10=/path/to/cifar10-jpeg.tar.gz bash benchmarks/gpu_prepare.sh /path/to/IDM-checkout
 set -euo pipefail
 cd "$(dirname "$0")/.."
 release=${1:?usage: gpu_prepare.sh RELEASE_CHECKOUT}
+archive=${IDM_CIFAR10:?set IDM_CIFAR10 to the CIFAR-10 archive to carry (docs/RUNNING.md)}
 grep -qx '/.carry/' .git/info/exclude 2>/dev/null || echo '/.carry/' >> .git/info/exclude
 mkdir -p .carry/whl
 plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
@@ -26,5 +27,5 @@ python3 -m venv "$builder"
 "$builder/bin/python" -m pip install -q "setuptools>=61,<70" wheel
 "$builder/bin/python" -m pip wheel -q --no-deps --no-build-isolation -w .carry/whl visdom "torchnet==0.0.4"
 rm -rf .carry/IDM && cp -r "$release" .carry/IDM && rm -rf .carry/IDM/.git
-cp ../shared/data/cifar10-jpeg.tar.gz .carry/
+cp "$archive" .carry/cifar10-jpeg.tar.gz
 du -sh .carry

@@ -31,7 +31,7 @@ METHODS = ("idm", "dm", "random")
 PAPER_PARTITION = {"idm": 2, "dm": 1, "random": 1}  # Table 1's l of each method
 ARCHIVE_BYTES = 15 * 2**20  # a device run brings back files of at most 16 MiB
 MAX_SET_ARCHIVES = 3  # 8 files come back: table1.md, curve.png, timings.txt, devices.txt, results.tar.gz, 3 more
-DATA_CAVEAT = ("CIFAR-10 is the bundled archive (../shared/data/cifar10-jpeg.tar.gz), a JPEG re-encode of "
+DATA_CAVEAT = ("CIFAR-10 is the archive $IDM_CIFAR10 names (cifar10-jpeg.tar.gz), a JPEG re-encode of "
                "the original images (about 29 dB PSNR), unless the command's data.source says otherwise.")
 
 

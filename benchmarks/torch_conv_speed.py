@@ -2,7 +2,7 @@
 
 The same network as idm_jax.models.ConvNet (depth 3, width 128, instance norm as
 GroupNorm with one group per channel, ReLU, 2x2 average pooling, linear
-2048 -> 10; the release's network as ../shared/REFERENCE.md describes it) and
+2048 -> 10; the release's network as docs/RELEASE.md#networks describes it) and
 the same measurements: one forward pass (no gradient) and one training step
 (cross-entropy, backward, SGD momentum 0.9) on a random batch, median of
 --repeats runs after --warmup, in milliseconds. It measures what PyTorch's

@@ -3,7 +3,7 @@
 Other configs import `get_config()` from here and override a few fields, so a
 config file reads like a row of the paper's hyperparameter table. Where the
 paper's text and the release differ, the release value is the default and the
-paper's is named in the comment (see ../shared/REFERENCE.md).
+paper's is named in the comment (see docs/RELEASE.md).
 """
 
 import os
@@ -45,8 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
   # host, the same draws gathered there and fed to the step), "auto" = "host" for
   # train sets over 4 GiB (data.MEMMAP_BYTES), else "device".
   c.data.on_device = "auto"
-  # The release's ImageNet-subset loader (data plumbing, off by default; REFERENCE.md,
-  # "ImageNet-subset quirks"). class_sampling: "random" = a fresh random subset per class and
+  # The release's ImageNet-subset loader (data plumbing, off by default;
+  # docs/RELEASE.md#imagenet-subset-quirks). class_sampling: "random" = a fresh random subset per class and
   # iteration (every other release script); "first" = the first batch_real files of the class
   # in file order every iteration (its class_sample(c, n) returns cls_idx[c][:n]; the init's
   # real images then are the first ones too). train_sampling: the queue's training batches,

@@ -3,7 +3,7 @@
 Usage: --config=configs/cifar10.py:<ipc>[,dm], e.g. configs/cifar10.py:10 or
 configs/cifar10.py:1,dm; add ",paper" for the paper's 5 condensations (runs=5).
 Without ":<ipc>" the IPC is 10. The per-IPC rows are
-the release's command table (../shared/REFERENCE.md); every other field is
+the release's command table (docs/RELEASE.md#per-setting-table); every other field is
 configs/base.py's default.
 """
 
@@ -11,12 +11,11 @@ import os
 
 from configs.base import first_existing, make_config
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _source() -> str:
-  archive = os.path.join(_REPO_ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz")
-  return first_existing([os.environ.get("IDM_CIFAR10", ""), archive], "tfds:cifar10")
+  # Data outside the repository comes only through $IDM_CIFAR10 (docs/RUNNING.md) or
+  # --config.data.source; without either, tfds downloads CIFAR-10.
+  return first_existing([os.environ.get("IDM_CIFAR10", "")], "tfds:cifar10")
 
 
 DATASET = {

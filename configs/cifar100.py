@@ -2,7 +2,7 @@
 
 Usage: --config=configs/cifar100.py:<ipc>[,dm], e.g. configs/cifar100.py:10 or
 configs/cifar100.py:1,dm. Without ":<ipc>" the IPC is 10. The per-IPC rows are
-the release's command table (../shared/REFERENCE.md); every other field is
+the release's command table (docs/RELEASE.md#per-setting-table); every other field is
 configs/base.py's default.
 """
 

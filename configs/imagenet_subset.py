@@ -12,14 +12,14 @@ one 80 GB GPU; the cache needs ~20 GB of disk (data.cache_dir).
 
 Usage: --config=configs/imagenet_subset.py:<ipc>[,dm], e.g. configs/imagenet_subset.py:10 or
 configs/imagenet_subset.py:1,dm. Without ":<ipc>" the IPC is 10. The per-IPC rows are
-the release's command table (../shared/REFERENCE.md); every other field is
+the release's command table (docs/RELEASE.md#per-setting-table); every other field is
 configs/base.py's default.
 
 IPC 50 is the release's command without --aug: no partition/expansion (l = 1), each
 synthetic image starts as one whole real image, and the evaluation trains on the
-unexpanded 5,000 images (../shared/REFERENCE.md, per-setting table, "ImageNet subset IPC50").
+unexpanded 5,000 images (docs/RELEASE.md#per-setting-table, "ImageNet subset IPC 50").
 
-Release quirks (REFERENCE.md, "ImageNet-subset quirks"): its accuracy meters are never
+Release quirks (docs/RELEASE.md#imagenet-subset-quirks): its accuracy meters are never
 reset (idm.meter_reset_interval 0, reproduced). Options, off by default (data plumbing
 and a bug, not the method the paper describes): data.class_sampling=first (real batches
 and the init's images are the first of each class in file order), idm.init=real_tiled

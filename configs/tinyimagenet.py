@@ -13,7 +13,7 @@ options for DM's setting instead: `--config.model=ConvNetD4
 
 Usage: --config=configs/tinyimagenet.py:<ipc>[,dm], e.g. configs/tinyimagenet.py:10 or
 configs/tinyimagenet.py:1,dm. Without ":<ipc>" the IPC is 10. The per-IPC rows are
-the release's command table (../shared/REFERENCE.md); every other field is
+the release's command table (docs/RELEASE.md#per-setting-table); every other field is
 configs/base.py's default.
 """
 

@@ -5,13 +5,13 @@ channel, so "zero fill" means 0 in normalized space, as in the release.
 Everything here is pure, jittable (strategy strings, flags and `DSAParams`
 are static Python values) and differentiable with respect to the images.
 
-DSA (REFERENCE.md, "Differentiable Siamese Augmentation"): every call picks
+DSA (docs/RELEASE.md#dsa): every call picks
 ONE family uniformly from the strategy and applies it to the whole batch.
 In Siamese mode (`per_image=False`) the family's random parameters are drawn
 once, as scalars, so two batches of any sizes augmented with the same key get
 the identical transform. In per-image mode every image draws its own.
 
-Partition and expansion (REFERENCE.md, "Partition and expansion"): cut each
+Partition and expansion (docs/RELEASE.md#partition-and-expansion): cut each
 image into factor x factor pieces and resize every piece back to full size
 with bilinear interpolation (half-pixel centres, no antialiasing).
 

@@ -7,7 +7,7 @@ Every network exposes three methods that share one set of parameters:
 * ``embed_and_logits(x, train)`` -> both, from one forward pass
 
 Images are NHWC (``x: f32[N, H, W, C]``). Shapes, paddings and initialization follow the
-PyTorch nets the release uses (REFERENCE.md, "Networks"): weights and biases uniform in
+PyTorch nets the release uses (docs/RELEASE.md#networks): weights and biases uniform in
 +-1/sqrt(fan_in), norm scale 1 and bias 0, "instance norm" = flax InstanceNorm
 (per image and channel, affine, eps 1e-5), batch norm with PyTorch's momentum 0.1 (flax momentum 0.9).
 Paddings are explicit (PyTorch style, symmetric) so strided convs match torch exactly.

@@ -1,6 +1,6 @@
 """Train fresh networks from scratch on a labelled image set: the loop behind every evaluation.
 
-Recipe (REFERENCE.md, "Evaluation protocol" and "Release details"): SGD with lr 0.01,
+Recipe (docs/RELEASE.md#evaluation-protocol and #release-details-that-change-numbers): SGD with lr 0.01,
 momentum 0.9 and weight decay 5e-4 (added to the gradient, as torch's SGD does), batch 256,
 cross-entropy, per-image DSA on every batch, 1000 epochs with lr x 0.1 half way.
 `idm_jax.evaluate` runs this recipe and tests the networks on the real test split.

@@ -37,8 +37,8 @@ def test_every_config_is_valid(name, arg):
     assert c.ipc == (int(arg.split(",")[0]) if arg else (1 if name == "quick" else 10))
 
 
-# The resolved values of every paper cell, pinned against ../shared/REFERENCE.md ("Data",
-# "Networks", the per-setting table), so a future edit cannot drift silently. Columns:
+# The resolved values of every paper cell, pinned against docs/RELEASE.md (#data-and-normalization,
+# #networks, #per-setting-table), so a future edit cannot drift silently. Columns:
 # (model, eval archs, eval batch, image size (0 = native), normalization, init, batch_real,
 #  batch_train, net_num, net_generate_interval, model_train_steps, ce_weight,
 #  meter_reset_interval (the release's eval_interval)).
@@ -71,7 +71,7 @@ def _cell(c):
 
 
 # Partition l per cell: 2 (the release's --aug) except ImageNet subset IPC 50, whose command has
-# no --aug (REFERENCE.md, per-setting table, "ImageNet subset IPC50"): l = 1, one whole real image
+# no --aug (docs/RELEASE.md#per-setting-table, "ImageNet subset IPC 50"): l = 1, one whole real image
 # per synthetic image ("real" at l = 1), evaluation on the unexpanded 5,000 images.
 NO_AUG_CELLS = {("imagenet_subset", 50)}
 # The release's CIFAR-10 IPC-1 branch without --aug (IDM_cifar10.py, `ipc == 1 and not aug`):
@@ -124,7 +124,7 @@ def test_cifar10_ipc1_low_ce_branch_acts_only_without_partition():
 
 
 def test_normalization_statistics_per_dataset():
-    # REFERENCE.md "Data": CIFAR-100 has its own statistics (not CIFAR-10's).
+    # docs/RELEASE.md#data-and-normalization: CIFAR-100 has its own statistics (not CIFAR-10's).
     stats = data_lib.NORMALIZATION
     assert stats["cifar10"] == ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
     assert stats["cifar100"] == ((0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762))

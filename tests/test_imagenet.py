@@ -22,11 +22,11 @@ WNIDS = ("n01000003", "n01000001", "n01000002")  # a list order that is not sort
 
 
 # --------------------------------------------------------------------------- #
-# Config: REFERENCE.md's per-setting table, ImageNet subset rows
+# Config: docs/RELEASE.md#per-setting-table, ImageNet subset rows
 # --------------------------------------------------------------------------- #
 
 
-# IPC 50's command has no --aug: partition l = 1 (REFERENCE.md, "ImageNet subset IPC50").
+# IPC 50's command has no --aug: partition l = 1 (docs/RELEASE.md#per-setting-table, "ImageNet subset IPC 50").
 @pytest.mark.parametrize("ipc, net_num, partition", [(1, 50, 2), (10, 50, 2), (50, 100, 1)])
 def test_imagenet_subset_config_pins_the_release_row(ipc, net_num, partition):
     c = imagenet_subset.get_config(str(ipc))
@@ -44,7 +44,7 @@ def test_imagenet_subset_config_pins_the_release_row(ipc, net_num, partition):
             c.idm.lr_img, c.idm.momentum_img, c.idm.partition_factor, c.idm.iterations,
             c.idm.update_mode, c.idm.init, c.data.on_device) == (
         3, 1, 2, 10, 0.2, 0.5, partition, 20000, "per_class", "real", "auto")
-    # The other release quirks are options, off (REFERENCE.md: plumbing and a bug).
+    # The other release quirks are options, off (docs/RELEASE.md#imagenet-subset-quirks: plumbing and a bug).
     assert (c.data.class_sampling, c.data.train_sampling, c.idm.unnormalized) == ("random", "random", False)
 
 
@@ -330,7 +330,7 @@ def test_condensation_step_runs_with_model_augmentation():
 
 
 # --------------------------------------------------------------------------- #
-# The release's ImageNet-subset quirks, as options (REFERENCE.md, "ImageNet-subset quirks")
+# The release's ImageNet-subset quirks, as options (docs/RELEASE.md#imagenet-subset-quirks)
 # --------------------------------------------------------------------------- #
 
 

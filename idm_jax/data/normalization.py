@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Per-channel mean/std of [0, 1]-scaled images (REFERENCE.md, "Data").
+# Per-channel mean/std of [0, 1]-scaled images (docs/RELEASE.md#data-and-normalization).
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
     "cifar100": ((0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)),
