@@ -7,7 +7,8 @@ gradient) the script times, after compilation, on random 32x32x3 images and labe
 * train:     one training step, value_and_grad of the cross-entropy w.r.t. the parameters plus an
              SGD (momentum 0.9) update, i.e. the step of the model queue and of the evaluation protocol
 * scan5:     (with --scan) 5 such steps inside one lax.scan (a while loop), per step; XLA:CPU runs
-             conv weight gradients inside while loops far slower (notes/CPU_WHILE_LOOP_BUG.md)
+             conv weight gradients inside while loops far slower
+             (docs/RESULTS.md#xlacpu-behaviours-behind-the-cpu-defaults)
 
 and prints one table in milliseconds (median of --repeats runs, and the fastest training step)
 with the compile time of the step and the speed-up of the training step over the first impl.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reruns every figure in docs/RESULTS.md, one benchmark after another.
 #
-#   bash benchmarks/run_all.sh            # 3-5 hours on a quiet 2-core CPU; far less on a GPU
+#   bash benchmarks/run_all.sh            # hours on a 2-core CPU (docs/RESULTS.md#rerunning-everything); far less on a GPU
 #
 # Each table is printed and kept in runs/benchmarks/<date>/<name>.md, each
 # benchmark's progress log beside it in <name>.log. Set PYTHON to choose the

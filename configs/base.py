@@ -103,7 +103,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.idm.fetch_net_num = 2  # nets drawn for training each iteration
   c.idm.model_train_steps = 10  # SGD steps per fetched net (paper: K=100)
   # CPU only: unroll at most this many of those steps, looping over blocks of them (0 = all,
-  # the fastest; 10 halves CIFAR-100 IPC 10's peak memory for 1.6x slower queue training).
+  # the fastest; a cap such as 10 lowers CIFAR-100 IPC 10's peak memory, at the price of slower
+  # queue training: docs/RESULTS.md#where-the-memory-went).
   c.idm.max_unrolled_queue_steps = 0
   # Iterations per jitted call (a lax.scan over the step): the host dispatches and waits once per
   # this many. 1 = one call per iteration. Must divide log_every, checkpoint_every and

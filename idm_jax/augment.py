@@ -106,7 +106,8 @@ def color(
     s = _per_image(saturation, n)[:, None, None, None]
     c = _per_image(contrast, n)[:, None, None, None]
     x = images + b
-    # Summing channel slices: XLA CPU reduces a minor axis of size 3 about 8x slower.
+    # Summing channel slices: XLA:CPU reduces a minor axis of size 3 slowly
+    # (docs/RESULTS.md#xlacpu-behaviours-behind-the-cpu-defaults).
     pixel_mean = sum(x[..., i : i + 1] for i in range(x.shape[3])) / x.shape[3]
     x = (x - pixel_mean) * s + pixel_mean
     image_mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)

@@ -14,25 +14,25 @@ CPU with tiny shapes and compare them); "auto" (every config default) picks by `
 | step loops (`StepSettings.unroll_loops`) | unrolled at trace time (classes: up to 10 chunks) | `lax.scan` / map |
 | classes per chunk (`idm.class_batch=0`) | 1 once a class fills 256 images | ~4096 images' worth |
 
-Why, measured with jax 0.10 on XLA:CPU (numbers in docs/RESULTS.md and benchmarks/):
+Why (XLA:CPU; the figures, with machine and date, are in docs/RESULTS.md#xlacpu-behaviours-behind-the-cpu-defaults
+and the sections named below; benchmarks/ has the scripts that measure them):
 
-* `vmap` of a convolution over different weights lowers to a grouped convolution, 3-4x slower
-  than running the same networks one after another; on GPU/TPU the batched form fills the
+* `vmap` of a convolution over different weights lowers to a grouped convolution, which XLA:CPU
+  runs slower than the same networks one after another; on GPU/TPU the batched form fills the
   device that small per-network batches leave idle.
 * Convolution weight gradients inside a while loop (scan, fori_loop, lax.map) keep
-  non-canonical layouts and miss XLA:CPU's fast path, 2-40x slower than the same step jitted
-  alone or unrolled (ConvNet-2 step: 45 ms alone, 930 ms in a scan). Hence the host loop and
-  the unrolled step on CPU. With conv_impl="matmul" (XLA's own conv weight gradient is ~30x
-  slower on CPU) the gap shrinks but remains: CIFAR-10 IPC 10, 5 ConvNets, 53.9 s per epoch
-  host vs 66.8 s device, and the device loop compiles 3x longer.
+  non-canonical layouts and miss XLA:CPU's fast path, so a step inside a loop runs many times
+  slower than the same step jitted alone or unrolled. Hence the host loop and the unrolled step
+  on CPU. With conv_impl="matmul" (XLA's own conv weight gradient is the slow part) the gap
+  shrinks but remains, and a device loop compiles longer (docs/RESULTS.md#evaluation-speed).
 * Memory: the unrolled step holds independent pieces of work (the classes, the queue members,
   the queue training beside the synthetic update). XLA:CPU's default scheduler runs them side
-  by side for concurrency and keeps all their activations alive (CIFAR-10 IPC 10: 3.9 GiB of
-  temporaries). On CPU, XLA is told to schedule for memory (`use_cpu_memory_scheduler`) and
-  each piece starts after the previous one (`sequenced`): 1.15 GiB (0.97 with the per-tap
-  weight gradient, models.conv_weight_grad_matmul).
-* Stacking classes into larger convolutions measured 1.35x slower per iteration on CPU at
-  CIFAR-10 IPC 10 (1.6x at IPC 1); on GPU/TPU only memory bounds the chunk
+  by side for concurrency and keeps all their activations alive at once. On CPU, XLA is told
+  to schedule for memory (`use_cpu_memory_scheduler`) and each piece starts after the previous
+  one (`sequenced`), so only one piece's activations are alive at a time; the per-tap weight
+  gradient (models.conv_weight_grad_matmul) saves more (docs/RESULTS.md#where-the-memory-went).
+* Stacking classes into larger convolutions is slower per image on CPU than one class at a
+  time (docs/RESULTS.md#condensation-speed); on GPU/TPU only memory bounds the chunk
   (`condense.auto_class_batch`).
 """
 
@@ -91,8 +91,8 @@ def unroll_loops() -> bool:
 
 # XLA:CPU's concurrency-optimized scheduler overlaps independent work to run it on several
 # threads, at the price of keeping its buffers alive together; the convolutions' intra-op
-# threads already use the cores. Per-jit `compiler_options` do not reach the scheduler (tried,
-# jax 0.10): it must be an XLA_FLAGS entry, read once when JAX starts its CPU backend.
+# threads already use the cores. Per-jit `compiler_options` do not reach the scheduler (tried;
+# docs/RESULTS.md#where-the-memory-went): it must be an XLA_FLAGS entry, read once when JAX starts its CPU backend.
 CPU_MEMORY_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 _ACCELERATOR_PLUGINS = ("jax_cuda13_plugin", "jax_cuda12_plugin", "jax_rocm7_plugin",
                         "jax_rocm60_plugin", "libtpu")
@@ -139,9 +139,10 @@ def sequenced(previous, value):
 def release_freed_memory() -> None:
     """Hands memory that was freed but kept by glibc's allocator back to the OS (Linux only).
 
-    XLA's compiler frees its working memory (0.5 GiB for the CIFAR-10 step on CPU) in small
-    pieces that malloc keeps, and the step's buffers are then allocated beside it; trimming
-    in between makes peak memory the larger of the two instead of their sum.
+    XLA's compiler frees its working memory (a sizeable share of the CPU step's peak,
+    docs/RESULTS.md#xlacpu-behaviours-behind-the-cpu-defaults) in small pieces that malloc keeps,
+    and the step's buffers are then allocated beside it; trimming in between makes peak memory
+    the larger of the two instead of their sum.
     """
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

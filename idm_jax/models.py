@@ -14,9 +14,9 @@ Paddings are explicit (PyTorch style, symmetric) so strided convs match torch ex
 
 Every conv is a flax ``nn.Conv`` whose weight gradient comes either from XLA (``conv_impl="xla"``)
 or from one im2col matmul (``"matmul"``, see `conv_general_dilated_matmul_grad`): XLA:CPU computes
-conv weight gradients slowly (about 3x the time of the input gradient for ConvNet-3's middle
-layer), the matmul is 3-4x faster there; inside while loops (lax.scan without unroll) XLA's
-weight gradient is ~30x slower again, the matmul is not. ``"auto"`` (the default) picks "matmul"
+conv weight gradients slowly (several times its input gradient), and slower again inside while
+loops (lax.scan without unroll); the matmul is faster there and keeps its speed inside loops
+(docs/RESULTS.md#xlacpu-behaviours-behind-the-cpu-defaults). ``"auto"`` (the default) picks "matmul"
 on the CPU backend and the plain XLA conv elsewhere. Forward values and parameters are the same
 either way.
 """
@@ -181,8 +181,8 @@ def _norm(x: Array, kind: str, train: bool, name: str | None = None) -> Array:
     """Instance norm (per image, per channel, affine), batch norm, or identity. x: f32[N, H, W, C]."""
     _check_choice("norm", kind, NORMS)
     if kind == "instance":
-        # Same values and parameters as GroupNorm(group_size=1), but 2.5-3x faster on XLA:CPU
-        # (GroupNorm's group reshapes cost ~0.4 s per ConvNet-3 training step of 256 images).
+        # Same values and parameters as GroupNorm(group_size=1), but faster on XLA:CPU, where
+        # GroupNorm's group reshapes are costly (docs/RESULTS.md#condensation-speed: instance norm).
         return nn.InstanceNorm(epsilon=1e-5, use_fast_variance=False, name=name)(x)
     if kind == "batch":
         return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,

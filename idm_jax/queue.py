@@ -184,7 +184,7 @@ def train(queue: ModelQueue, slots: Array, train_fn: TrainFn, key: Array,
     "map" runs them one after another (fast on CPU, where a vmapped
     convolution over different weights becomes a grouped one). "map" is a
     trace-time loop, not lax.map: XLA:CPU runs weight gradients inside a
-    while loop ~40x slower (measured, jax 0.10), and M is small (2).
+    while loop far slower (docs/RESULTS.md#xlacpu-behaviours-behind-the-cpu-defaults), and M is small (2).
     """
     gather = lambda tree: jax.tree.map(lambda t: t[slots], tree)
     inputs = (gather(queue.params), gather(queue.opt_state), jax.random.split(key, slots.shape[0]))

@@ -373,7 +373,7 @@ def compile_ahead(jitted, *args):
     """`jitted` compiled for `args` before it first runs, the compiler's freed memory released.
 
     Compiling inside the first call would allocate the step's buffers while the memory the
-    compiler just freed is still held by malloc (CIFAR-10 IPC 10 on CPU: 0.3 GiB more peak).
+    compiler just freed is still held by malloc, which raises the peak (docs/RESULTS.md#where-the-memory-went).
     """
     if not hasattr(jitted, "lower"):  # a plain (e.g. wrapped) step function: nothing to do ahead
         return jitted

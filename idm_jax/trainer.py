@@ -22,7 +22,7 @@ The `num_seeds` networks' states are stacked on a leading axis. Two switches say
 * ``seed_parallel``: ``"vmap"`` trains all seeds in one batched computation (the intended
   path on GPU/TPU, where small per-network batches leave the device idle); ``"map"`` one after
   another (CPU, where vmapped convolutions over different weights become grouped convolutions,
-  measured far slower).
+  far slower there: docs/RESULTS.md#evaluation-speed).
 * ``loop``: ``"device"`` runs a chunk of epochs in one jitted call (`lax.fori_loop` over epochs
   with a traced count, so one compile serves every chunk; `lax.scan` over batches);
   ``"host"`` jits one step and loops in Python (CPU: a training step inside a device loop is

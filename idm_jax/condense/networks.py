@@ -128,10 +128,10 @@ def member_inputs(s: StepSettings, queue: queue_lib.ModelQueue, slots: Array,
 def queue_steps_unrolled(s: StepSettings) -> int:
     """How many of a queue network's SGD steps are unrolled per trip of their loop.
 
-    On CPU all of them by default: a loop over blocks of 10 unrolled steps trains 1.6x slower on
-    XLA:CPU (50 steps at CIFAR shapes: 62.9 s against 38.2 s, jax 0.10). idm.max_unrolled_queue_steps
-    caps it for memory (CIFAR-100 IPC 10, 50 steps, capped at 10: peak 4.4 -> 2.6 GiB, compile
-    122 -> 22 s); on GPU/TPU the steps stay a loop.
+    On CPU all of them by default: XLA:CPU trains slower in a loop over blocks of unrolled steps
+    than with every step unrolled. idm.max_unrolled_queue_steps caps it for memory and compile
+    time, at that cost in speed (figures for CIFAR-100 IPC 10: docs/RESULTS.md#where-the-memory-went);
+    on GPU/TPU the steps stay a loop.
     """
     if not s.unroll_loops:
         return 1

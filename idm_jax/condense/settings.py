@@ -44,8 +44,8 @@ class StepSettings:
     model_weight_decay: float
     meter_reset_interval: int
     queue_train_impl: str  # "vmap" | "map"
-    # XLA:CPU runs gradients of convs inside a while loop 2-40x slower than
-    # unrolled code (measured, jax 0.10): on CPU, loops over SGD steps and
+    # XLA:CPU runs gradients of convs inside a while loop far slower than
+    # unrolled code (docs/RESULTS.md#xlacpu-behaviours-behind-the-cpu-defaults): on CPU, loops over SGD steps and
     # class chunks are unrolled at trace time; on GPU/TPU they stay loops.
     unroll_loops: bool = False
     max_unrolled_queue_steps: int = 0  # with unroll_loops: unroll at most this many (0 = all)
@@ -129,8 +129,8 @@ def auto_class_batch(images_per_class: int, on_cpu: bool) -> int:
     images_per_class: the expanded synthetic images plus one real chunk. On
     GPU/TPU: as many classes as about 4096 images allow (memory). On XLA:CPU
     one class at a time once a class alone fills a batch of 256: stacking
-    classes into larger convolutions measured 1.35x slower per iteration at
-    CIFAR-10 IPC 10 and 1.6x at IPC 1 (docs/RESULTS.md). Smaller classes
+    classes into larger convolutions is slower per image there than one class
+    at a time (docs/RESULTS.md#condensation-speed). Smaller classes
     (toy data, tests) stay stacked, which keeps the unrolled graph small.
     """
     if on_cpu and images_per_class >= 256:

@@ -77,9 +77,10 @@ def _matching_nets(s: StepSettings, state: CondenseState, key: Array, init_fn):
 
 
 # Unrolling more class chunks than this makes compile time and compile memory grow with the
-# class count (CIFAR-100 IPC 10 on CPU: > 6 GiB and > 10 minutes to compile) for little speed:
-# the class loop only needs conv input gradients, which XLA:CPU runs fast inside a while loop
-# (CIFAR-10 IPC 10: 20.0-20.2 s per iteration as lax.map, 19.4 s unrolled, same values).
+# class count (a fully unrolled CIFAR-100 step did not finish compiling, docs/RESULTS.md#where-the-memory-went)
+# for little speed: the class loop only needs conv input gradients, which XLA:CPU runs fast
+# inside a while loop (about as fast as unrolled, same values:
+# docs/RESULTS.md#xlacpu-behaviours-behind-the-cpu-defaults).
 MAX_UNROLLED_CHUNKS = 10
 
 
