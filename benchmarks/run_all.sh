@@ -6,7 +6,9 @@
 # Each table is printed and kept in runs/benchmarks/<date>/<name>.md, each
 # benchmark's progress log beside it in <name>.log. Set PYTHON to choose the
 # interpreter (default: python) and TORCH_PYTHON to an interpreter that has
-# PyTorch to add the PyTorch comparison (benchmarks/torch_conv_speed.py).
+# PyTorch to add the PyTorch comparison (benchmarks/torch_conv_speed.py). Set IDM_CIFAR10 to the
+# CIFAR-10 archive (docs/RUNNING.md) for the images the figures used; unset, the benchmarks fall
+# back to tfds:cifar10 or random pixels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
