@@ -147,6 +147,18 @@ def get_config() -> ml_collections.ConfigDict:
   # Also score ipc random real images per class with the same evaluation and report both
   # (the quick demo's "IDM vs Random" line); off for the paper configs.
   c.eval.compare_random = False
+  # DD-Ranking's scores (idm_jax/references.py, docs/EVALUATE_ANY_SET.md): beside the set's accuracy,
+  # the accuracy of ipc random real images per class and of the whole training set under this same
+  # evaluation (each measured once, cached under <data cache>/references/), and HLR, IOR, LRS.
+  c.eval.scores = True
+  c.eval.scores_weight = 0.5  # w of LRS = (e^a - e^-1) / (e - e^-1), a = w * IOR - (1 - w) * HLR
+  # The whole-data accuracy (%) to use instead of training on the whole set (0 = not given), and
+  # where it comes from (required with it), e.g. 84.8 and "paper Table 1".
+  c.eval.whole_data_accuracy = 0.0
+  c.eval.whole_data_source = ""
+  # Train on the whole set here only up to this many training images (the digits: yes; CIFAR-10's
+  # 50,000: no, give whole_data_accuracy); a cached measurement is used whatever the size.
+  c.eval.whole_data_max_images = 10000
   # The seeds' networks train together with jax.vmap (GPU/TPU) or lax.map
   # (CPU, where vmapped convs are slow grouped convs). "auto": by backend.
   c.eval.seed_parallel = "auto"

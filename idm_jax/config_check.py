@@ -180,6 +180,13 @@ def _check_eval(ev) -> None:
     _require(ev.loop in backend.EVAL_LOOPS, f"eval.loop must be one of {backend.EVAL_LOOPS}, got {ev.loop!r}")
     _require(ev.schedule in trainer.SCHEDULES,
              f"eval.schedule must be one of {trainer.SCHEDULES}, got {ev.schedule!r}")
+    _require(0.0 <= ev.scores_weight <= 1.0, f"eval.scores_weight must lie in [0, 1], got {ev.scores_weight!r}")
+    _require(0.0 <= ev.whole_data_accuracy <= 100.0,
+             "eval.whole_data_accuracy must be a percentage in [0, 100] (0 = not given), "
+             f"got {ev.whole_data_accuracy!r}")
+    _require(not ev.whole_data_accuracy or ev.whole_data_source.strip(),
+             f"eval.whole_data_accuracy={ev.whole_data_accuracy!r} needs its source: "
+             "--config.eval.whole_data_source='<where the number comes from>'")
 
 
 def _check_cadences(config) -> None:

@@ -277,6 +277,8 @@ def synthetic_from_arrays(arrays: Mapping[str, np.ndarray], path: str, dataset: 
     stored = {k: _to_nhwc(np.asarray(arrays[k]), layout, expected, where)
               for k in ("images", "images_normalized") if k in arrays}
     labels = np.asarray(arrays["labels"])
+    for k, array in stored.items():
+        check_finite(where, k, array)
     first = next(iter(stored.values()))
     if expected is not None and first.shape[1:] != expected:
         raise ValueError(f"{where} has images of shape {first.shape[1:]} (H, W, C) but dataset "
@@ -307,6 +309,17 @@ def synthetic_from_arrays(arrays: Mapping[str, np.ndarray], path: str, dataset: 
         dataset=_scalar(path, arrays, "dataset", str) if "dataset" in arrays else str(dataset.name),
         config_json=_scalar(path, arrays, "config_json", str) if "config_json" in arrays else "{}",
         path=str(path), filled_from_dataset=filled)
+
+
+def check_finite(where: str, name: str, array: np.ndarray) -> None:
+    """Raises ValueError naming `where`, the array and how many of its values are NaN or infinite
+    (such a set would train silently to chance accuracy)."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return
+    nan, inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+    if nan or inf:
+        raise ValueError(f"{where}: {nan + inf} of {array.size} values of {name!r} are not finite "
+                         f"({nan} NaN, {inf} infinite); refusing to train on it")
 
 
 def check_compatible(synset: SyntheticSet, dataset: Any) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 
 from idm_jax import workdir as workdir_lib
+from idm_jax import yardstick
 
 
 def _to_json(value: Any) -> Any:
@@ -149,6 +150,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         lines.append(f"| {arch}, Random real images (reference) | {r.get('num_seeds', len(r.get('accuracies', [])))} | "
                      f"{r.get('epochs', '?')} | {r.get('num_train_images', '?')} | "
                      f"{_fmt(r['mean'], r['std'], 2)} | {paper_text} | {where} |")
+    if results.get("scores"):  # eval.scores: idm_jax/references.py
+        lines += ["", yardstick.scores_markdown(results["scores"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 

@@ -31,7 +31,6 @@ import orbax.checkpoint as ocp  # noqa: F401  (runner.ocp: tests patch its Check
 from absl import logging
 
 from idm_jax import backend
-from idm_jax import baselines
 from idm_jax import condense
 from idm_jax import config_check
 from idm_jax import data as data_lib
@@ -39,6 +38,7 @@ from idm_jax import distributed
 from idm_jax import export
 from idm_jax import models
 from idm_jax import progress
+from idm_jax import references
 from idm_jax import results as results_lib
 from idm_jax import workdir as workdir_lib
 from idm_jax import workdir_lock
@@ -340,9 +340,8 @@ def _finish(run: _Run, state, summary: dict[str, Any], clock: LoopClock) -> dict
             method=config.method, dataset=ds.name, ipc=config.ipc,
             partition_factor=s.loss.partition_factor, num_images=config.ipc * ds.num_classes,
             train_arch=config.model, iterations=total, synthetic=summary["synthetic"], archs=archs)
-        if config.eval.compare_random and not distributed.multi_process():
-            results["random_reference"] = baselines.random_reference(
-                config, ds, jax.random.fold_in(jax.random.PRNGKey(config.seed), total + 1))
+        if (config.eval.scores or config.eval.compare_random) and not distributed.multi_process():
+            references.add_scores(config, ds, results)  # random-real / whole-data accuracy, HLR, IOR, LRS
         if distributed.is_main():
             results_lib.finish_results(run.workdir, results)
         summary["results"] = results
