@@ -8,6 +8,8 @@
       --synthetic_space=normalized --synthetic_partition_factor=2 --workdir=runs/release_eval
   python main.py --config=configs/cifar10.py:10 --mode=baseline \
       --config.baseline.method=herding --workdir=runs/c10_herding
+  python main.py --config=configs/cifar10.py:10 --mode=export \
+      --synthetic=runs/c10_ipc10/synthetic.npz --workdir=runs/c10_export
   python main.py --config=configs/cifar100.py:10 --mode=continual --workdir=runs/continual
   python main.py --config=configs/cifar100.py:10 --mode=consistency --workdir=runs/fig4
   python main.py --config=configs/cifar10.py:10 --mode=sweep --workdir=runs/sweep_table2 \
@@ -38,6 +40,7 @@ from idm_jax import distributed
 from idm_jax import errors
 from idm_jax import evaluate
 from idm_jax import runner
+from idm_jax import set_formats
 from idm_jax import sweeps
 from idm_jax import workdir
 
@@ -45,10 +48,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics, results).")
 _MODE = flags.DEFINE_enum("mode", "condense",
-                          ["condense", "evaluate", "baseline", "continual", "consistency", "sweep"],
+                          ["condense", "evaluate", "baseline", "continual", "consistency", "sweep", "export"],
                           "What to run.")
-_SYNTHETIC = flags.DEFINE_string("synthetic", None, "synthetic.npz to score with --mode=evaluate; "
-                                 "with --mode=consistency, NAME=PATH[,NAME=PATH...] (empty: condense them).")
+_SYNTHETIC = flags.DEFINE_string("synthetic", None, "synthetic.npz to score with --mode=evaluate (or to "
+                                 "write in other layouts with --mode=export); with --mode=consistency, "
+                                 "NAME=PATH[,NAME=PATH...] (empty: condense them).")
 # --mode=evaluate on a set made elsewhere (docs/EVALUATE_ANY_SET.md): an .npz of only images and labels
 # takes the dataset config's mean/std and class names; these say what its arrays hold.
 _SYN_SPACE = flags.DEFINE_enum("synthetic_space", "pixel", ["pixel", "normalized"],
@@ -111,6 +115,12 @@ def main(argv):
             evaluate.run_evaluation(config, _WORKDIR.value, _SYNTHETIC.value, space=_SYN_SPACE.value,
                                     layout=_SYN_LAYOUT.value, partition_factor=_SYN_PARTITION.value,
                                     method=_SYN_METHOD.value)
+        elif _MODE.value == "export":  # the set in other tools' layouts (idm_jax/set_formats.py)
+            if not _SYNTHETIC.value:
+                raise ValueError("--mode=export needs --synthetic=<path to the set's .npz>")
+            set_formats.run_export(config, _WORKDIR.value, _SYNTHETIC.value, space=_SYN_SPACE.value,
+                                   layout=_SYN_LAYOUT.value, partition_factor=_SYN_PARTITION.value,
+                                   method=_SYN_METHOD.value)
         elif _MODE.value == "baseline":
             baselines.run_baseline(config, _WORKDIR.value)
         elif _MODE.value == "continual":

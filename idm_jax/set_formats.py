@@ -1,0 +1,202 @@
+"""A set in the layouts other tools read: `main.py --mode=export` (docs/EVALUATE_ANY_SET.md).
+
+From any set `main.py --mode=evaluate` scores (idm_jax's synthetic.npz, or an images+labels .npz
+with the --synthetic_* flags) it writes, into the workdir, the images the evaluator trains on
+(partitioned sets expanded: an IPC-10 CIFAR-10 set with l = 2 gives 400 images):
+
+* ``imagefolder/<label:03d>_<class name>/<label:03d>_<index:05d>.png``: 8-bit PNGs of the pixels
+  round(255 * clip(x, 0, 1)), x = the denormalized image; folder names sort in label order, so
+  torchvision's ImageFolder (and DD-Ranking's ``image_path``) gives back the labels;
+* ``ddranking/images.npy``: f32[N, C, H, W] normalized with the set's mean and std, exactly the
+  evaluator's input, and ``ddranking/labels.npy``: int64[N] hard labels (DD-Ranking's
+  ``image_tensor`` and ``hard_labels``); ``images.pt`` / ``labels.pt`` too when torch is installed
+  (torch stays optional);
+* ``export.json``: what was written, the normalization, and what 8-bit rounding changes
+  (`rounding_change`: values clipped, largest change in pixel levels and in normalized units).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from idm_jax import augment, data, export
+from idm_jax import workdir as workdir_lib
+
+IMAGEFOLDER, DDRANKING = "imagefolder", "ddranking"
+
+
+def evaluator_inputs(synset: export.SyntheticSet) -> tuple[np.ndarray, np.ndarray]:
+    """What the evaluator trains on: (f32[N * l * l, H, W, C] normalized, int32[N * l * l] labels),
+    the set's images cut into l x l pieces and resized back (partition factor l; l = 1: as stored)."""
+    images, labels = synset.images_normalized, synset.labels
+    if synset.partition_factor > 1:
+        images, labels = augment.partition_expand(jnp.asarray(images, jnp.float32), jnp.asarray(labels),
+                                                  synset.partition_factor)
+    return np.asarray(images, np.float32), np.asarray(labels, np.int32)
+
+
+def to_uint8(images_normalized: np.ndarray, mean: Any, std: Any) -> np.ndarray:
+    """Normalized images -> uint8 pixels round(255 * clip(x, 0, 1)), x the denormalized image."""
+    pixels = data.renormalize(np.asarray(images_normalized, np.float32), mean, std, 0.0, 1.0)
+    return np.round(np.clip(pixels, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def rounding_change(images_normalized: np.ndarray, images_uint8: np.ndarray, mean: Any, std: Any) -> dict[str, Any]:
+    """What storing `images_normalized` as `images_uint8` (to_uint8) changes, measured.
+
+    Returns the fraction of values outside [0, 1] (clipped), the largest and mean change in pixel
+    levels (1/255), and the largest change in normalized units.
+    """
+    pixels = data.renormalize(np.asarray(images_normalized, np.float32), mean, std, 0.0, 1.0)
+    back = images_uint8.astype(np.float32) / 255.0
+    diff = np.abs(back - pixels) * 255.0
+    back_normalized = data.renormalize(back, 0.0, 1.0, mean, std)
+    clipped = (pixels < 0.0) | (pixels > 1.0)
+    return {"values": int(pixels.size), "clipped_fraction": float(clipped.mean()),
+            "max_change_levels": float(diff.max(initial=0.0)), "mean_change_levels": float(diff.mean()),
+            "max_change_levels_unclipped": float(diff[~clipped].max(initial=0.0)),
+            "max_change_normalized": float(np.abs(back_normalized - images_normalized).max(initial=0.0))}
+
+
+def class_folder(label: int, name: str, num_classes: int) -> str:
+    """'<label, zero-padded>_<name>': the names sort in label order (ImageFolder assigns labels by
+    sorted folder name)."""
+    width = max(3, len(str(num_classes - 1)))
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("._") or "class"
+    return f"{label:0{width}d}_{safe}"
+
+
+def _replace_dir(tmp: str, final: str) -> None:
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def write_imagefolder(folder: str, images_uint8: np.ndarray, labels: np.ndarray,
+                      class_names: Any) -> dict[str, int]:
+    """One PNG per image under folder/<class_folder>/ (the folder is replaced whole); {folder: count}.
+
+    images_uint8: uint8[N, H, W, C] (C = 1 or 3); labels: int[N].
+    """
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+
+    class_names = list(class_names)
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}.")
+    counts: dict[str, int] = {}
+    try:
+        for c, name in enumerate(class_names):
+            sub = class_folder(c, name, len(class_names))
+            os.makedirs(os.path.join(tmp, sub))
+            counts[sub] = 0
+        for i, (image, label) in enumerate(zip(images_uint8, np.asarray(labels))):
+            sub = class_folder(int(label), class_names[int(label)], len(class_names))
+            pil = (Image.fromarray(image[..., 0], mode="L") if image.shape[-1] == 1
+                   else Image.fromarray(image, mode="RGB"))
+            pil.save(os.path.join(tmp, sub, f"{int(label):03d}_{i:05d}.png"), format="PNG")
+            counts[sub] += 1
+        _replace_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return counts
+
+
+def read_imagefolder(folder: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """An ImageFolder back as (uint8[N, H, W, C], int32[N] labels, class folder names), labels by
+    sorted folder name as torchvision assigns them, files in sorted order."""
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+
+    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    images, labels = [], []
+    for label, sub in enumerate(classes):
+        for f in sorted(os.listdir(os.path.join(folder, sub))):
+            with Image.open(os.path.join(folder, sub, f)) as im:
+                a = np.asarray(im)
+            images.append(a[..., None] if a.ndim == 2 else a)
+            labels.append(label)
+    if not images:
+        raise ValueError(f"image folder {folder!r} holds no images")
+    return np.stack(images), np.asarray(labels, np.int32), classes
+
+
+def write_ddranking(folder: str, images_normalized: np.ndarray, labels: np.ndarray) -> list[str]:
+    """DD-Ranking's tensors: images f32[N, C, H, W] (normalized, as given) and labels int64[N] as
+    .npy, and as .pt when torch is installed. Returns the file names written."""
+    nchw = np.ascontiguousarray(np.transpose(np.asarray(images_normalized, np.float32), (0, 3, 1, 2)))
+    labels = np.asarray(labels, np.int64)
+    os.makedirs(folder, exist_ok=True)
+    written = []
+    for name, array in (("images", nchw), ("labels", labels)):
+        with workdir_lib.atomic_file(os.path.join(folder, f"{name}.npy"), needed_bytes=array.nbytes) as f:
+            np.save(f, array)
+        written.append(f"{name}.npy")
+    try:
+        import torch  # pylint: disable=g-import-not-at-top
+    except ImportError:
+        return written
+    for name, array in (("images", nchw), ("labels", labels)):
+        with workdir_lib.atomic_file(os.path.join(folder, f"{name}.pt"), needed_bytes=array.nbytes) as f:
+            torch.save(torch.from_numpy(array.copy()), f)
+        written.append(f"{name}.pt")
+    return written
+
+
+def export_set(synset: export.SyntheticSet, out_dir: str) -> dict[str, Any]:
+    """Writes `synset` in every layout (module docstring) under out_dir; returns export.json's record."""
+    images, labels = evaluator_inputs(synset)
+    u8 = to_uint8(images, synset.mean, synset.std)
+    counts = write_imagefolder(os.path.join(out_dir, IMAGEFOLDER), u8, labels, synset.class_names)
+    written = write_ddranking(os.path.join(out_dir, DDRANKING), images, labels)
+    record = {
+        "set": synset.path, "method": synset.method, "dataset": synset.dataset,
+        "partition_factor": synset.partition_factor, "stored_images": int(len(synset.labels)),
+        "ipc": synset.ipc, "exported_images": int(len(labels)),
+        "image_shape_nhwc": list(images.shape[1:]), "mean": np.asarray(synset.mean).tolist(),
+        "std": np.asarray(synset.std).tolist(), "class_names": list(synset.class_names),
+        IMAGEFOLDER: {"folder": IMAGEFOLDER, "images_per_class_folder": counts},
+        DDRANKING: {"folder": DDRANKING, "files": written, "images": "f32[N, C, H, W] normalized with mean/std",
+                    "labels": "int64[N]"},
+        "rounding_change": rounding_change(images, u8, synset.mean, synset.std),
+    }
+    text = json.dumps(record, indent=2).encode() + b"\n"
+    with workdir_lib.atomic_file(os.path.join(out_dir, "export.json"), needed_bytes=len(text)) as f:
+        f.write(text)
+    return record
+
+
+def run_export(config: Any, workdir: str, synthetic_path: str, *, space: str = "pixel",
+               layout: str = "auto", partition_factor: int | None = None,
+               method: str | None = None) -> dict[str, Any]:
+    """main.py --mode=export: reads the set as --mode=evaluate does and writes it with `export_set`.
+
+    The dataset of config.data is loaded only when the file lacks some of export.METADATA_KEYS
+    (a bare images+labels file); it then also checks that the set fits it.
+    """
+    arrays = export.read_npz(synthetic_path)
+    dataset = None
+    if any(k not in arrays for k in export.METADATA_KEYS):
+        dataset = data.load_config_dataset(config)
+    synset = export.synthetic_from_arrays(arrays, synthetic_path, dataset, space=space, layout=layout,
+                                          partition_factor=partition_factor, method=method)
+    if dataset is not None:
+        export.check_compatible(synset, dataset)
+    record = export_set(synset, workdir)
+    r = record["rounding_change"]
+    logging.info("exported %d images (%d stored, partition l=%d) of %s to %s: %s/ (PNGs), %s/ (%s); "
+                 "8-bit PNGs clip %.4f %% of the values and change them by at most %.2f pixel levels "
+                 "(%.2f where not clipped)", record["exported_images"], record["stored_images"],
+                 synset.partition_factor, synthetic_path, workdir, IMAGEFOLDER, DDRANKING,
+                 ", ".join(record[DDRANKING]["files"]), 100 * r["clipped_fraction"], r["max_change_levels"],
+                 r["max_change_levels_unclipped"])
+    return record
