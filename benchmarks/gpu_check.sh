@@ -6,8 +6,18 @@
 #     bash benchmarks/gpu_check.sh "$OUT"
 #   DRY_RUN=1 bash benchmarks/gpu_check.sh /tmp/x  # tiny CPU settings, no installs (the test suite runs this)
 #   CHECK=speed bash benchmarks/gpu_check.sh "$OUT"  # instead: the step's profile and speed (issue 23,
-#                  benchmarks/gpu_speed.py: ~8.5 min; brings back gpu_speed.json, gpu_speed.md, timings.txt,
-#                  devices.txt, results.tar.gz); SPEED_LIMITS="eval=60,..." overrides its parts' limits
+#                  benchmarks/gpu_speed.py; brings back gpu_speed.json, gpu_speed.md, timings.txt,
+#                  devices.txt, results.tar.gz); SPEED_LIMITS="eval=60,..." overrides its parts' limits,
+#                  SPEED_PARTS=cifar10_ipc10,eval picks parts
+#
+# Time (issue 31): the whole command, installs included, ends by DEADLINE seconds (default 560)
+# after its start, 30 s inside the device call's timeout_s of 590: each part's limit is cut to
+# what is left. $OUT holds at every moment at most 8 files, each under 16 MiB and written whole
+# (a copy beside its final name, then a rename), so what comes back is never a matter of chance,
+# even when the outer limit strikes. Logs, the parts' rows, traces, parity runs and data live in
+# $WORK (default a fresh /tmp/gpu_check.*) and are archived into results.tar.gz at the end. With
+# CHECK=speed a valid gpu_speed.json (all null) is in $OUT before anything is installed, and
+# gpu_speed.py rewrites it after each part.
 #
 # Budget: about 9 minutes on a fresh H100/H200 (device time is ~15 min a session, start-up
 # included). Each part has its own time limit and a failed or cut part does not stop the others,
@@ -23,21 +33,76 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-runs/gpu_check}}
-mkdir -p "$out/logs"
+mkdir -p "$out"
+made_work=""
+[ -z "${WORK:-}" ] && made_work=1
+work=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")}
+mkdir -p "$work/logs"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
+deadline=${DEADLINE:-560}  # seconds from the start to the end of everything (the device call allows 590)
+archive_s=10               # of them, kept for the archive and the copies into $out
+cap=$(( 16 * 2**20 - 4096 ))  # bytes: the largest file that comes back, less a margin
 log() { echo "[$(( $(date +%s) - start ))s] $*" | tee -a "$out/timings.txt"; }
+left() { echo $(( deadline - archive_s - ($(date +%s) - start) )); }
+pause_at() {  # test hook (tests/test_gpu_check.py): IDM_PAUSE_AT=<stage> waits here to be killed
+  [ "${IDM_PAUSE_AT:-}" = "$1" ] || return 0
+  echo "$1" >"$IDM_PAUSED"
+  sleep 3600
+}
+move_in() {  # move_in FILE: into $out under its own name, whole (a copy beside it, then a rename)
+  local name size
+  name=$(basename "$1")
+  size=$(stat -c %s "$1" 2>/dev/null) || return 0
+  if [ "$size" -gt "$cap" ]; then log "$name left out: $size bytes, over what comes back"; return 0; fi
+  cp "$1" "$out/$name.tmp" && pause_at "move:$name" && mv -f "$out/$name.tmp" "$out/$name"
+}
 part() {  # part <name> <seconds> <command...>: run with a time limit, keep going on failure
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$2 now rc
+  shift 2
+  now=$(left)
+  [ "$now" -lt "$limit" ] && limit=$now  # nothing runs past the deadline
+  if [ "$limit" -lt 5 ]; then log "skip $name: ${now}s left before the deadline"; return 0; fi
   log "start $name (limit ${limit}s)"
-  timeout "$limit" "$@" >"$out/logs/$name.out" 2>"$out/logs/$name.log"
-  local rc=$?
+  timeout -k 5 "$limit" "$@" >"$work/logs/$name.out" 2>"$work/logs/$name.log"
+  rc=$?
   log "end $name rc=$rc"
-  [ $rc -ne 0 ] && tail -5 "$out/logs/$name.log"
+  [ $rc -ne 0 ] && tail -5 "$work/logs/$name.log"
   return 0
 }
+speed_command() {  # what a user types for this run: gpu_speed.json's "command"
+  local v words="CHECK=speed"
+  for v in DRY_RUN SPEED_LIMITS SPEED_PARTS DEADLINE; do
+    [ -n "${!v:-}" ] && words+=" $v=${!v}"
+  done
+  echo "$words bash benchmarks/gpu_check.sh \"\$OUT\""
+}
+null_record() {  # $out/gpu_speed.json before anything runs: docs/gpu_speed.json's keys, all null
+  $PY - "$out" "$(speed_command)" "${DRY_RUN:-}" <<'PYTHON'
+import datetime, json, os, sys
+out, command, dry_run = sys.argv[1:]
+with open("docs/gpu_speed.json") as f:
+    record = json.load(f)
+record.update(date=datetime.date.today().isoformat(), command=command, dry_run=bool(dry_run), details={},
+              note="written before any part ran; gpu_speed.py rewrites it after each part")
+with open(os.path.join(out, "gpu_speed.json.tmp"), "w") as f:
+    json.dump(record, f, indent=1)
+os.replace(os.path.join(out, "gpu_speed.json.tmp"), os.path.join(out, "gpu_speed.json"))
+PYTHON
+}
+finish() {  # finish PATH...: $work's PATHs (relative) archived into $out, then $work goes if made here
+  (cd "$work" && tar -czf results.tar.gz "$@")
+  if [ "$(stat -c %s "$work/results.tar.gz")" -gt "$cap" ]; then  # the logs outgrew it: the rows alone
+    (cd "$work" && find "$@" -name '*.json*' -o -name '*.md' | tar -czf results.tar.gz -T -)
+  fi
+  move_in "$work/results.tar.gz"
+  [ -n "$made_work" ] && rm -rf "$work"
+  log "done"
+}
 
+[ "${CHECK:-parity}" = speed ] && null_record
+pause_at setup
 if [ -n "${DRY_RUN:-}" ]; then
   # The same commands at toy sizes on whatever JAX sees (CPU in the test suite).
   cfg=quick ipcs=1 steps=1 source=digits budgets=0,1 epochs=1 seeds=1 runs=0,1 release="" IPC=1
@@ -52,11 +117,12 @@ else
 fi
 ipc=${IPC:-10}
 
-$PY -c "import jax, platform; print(jax.__version__, jax.devices(), platform.processor())" >"$out/devices.txt" 2>&1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>"$out/devices.txt" 2>/dev/null
-log "devices: $(head -c 300 "$out/devices.txt")"
+$PY -c "import jax, platform; print(jax.__version__, jax.devices(), platform.processor())" >"$work/devices.txt" 2>&1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>"$work/devices.txt" 2>/dev/null
+move_in "$work/devices.txt"
+log "devices: $(head -c 300 "$work/devices.txt")"
 # Decode the dataset once (the cache serves every later process).
-[ -z "${DRY_RUN:-}" ] && $PY -c "from idm_jax import data; data.load_dataset('$source', normalization='cifar10')"
+[ -z "${DRY_RUN:-}" ] && part decode 120 $PY -c "from idm_jax import data; data.load_dataset('$source', normalization='cifar10')"
 
 if [ "${CHECK:-parity}" = speed ]; then  # each part of gpu_speed.py has its own limit inside
   if [ -n "${DRY_RUN:-}" ]; then
@@ -65,16 +131,16 @@ if [ "${CHECK:-parity}" = speed ]; then  # each part of gpu_speed.py has its own
     speed=(--release-python="$PY")
     [ -d "$release" ] && speed+=(--release="$release")
   fi
-  part gpu_speed 570 $PY benchmarks/gpu_speed.py --out="$out/speed" --limits="${SPEED_LIMITS:-}" --total=555 \
-    "${speed[@]}"
-  cp "$out/speed/gpu_speed.json" "$out/speed/gpu_speed.md" "$out/" 2>/dev/null
-  (cd "$out" && tar -czf results.tar.gz logs speed/parts)
-  rm -rf "$out/logs" "$out/speed"
-  log "done"
+  [ -n "${SPEED_PARTS:-}" ] && speed+=(--parts="$SPEED_PARTS")
+  budget=$(left)  # gpu_speed.py gets 5 s less: on SIGTERM it ends the part in flight and writes the record
+  part gpu_speed "$budget" $PY benchmarks/gpu_speed.py --out="$work/speed" --publish="$out" \
+    --command="$(speed_command)" --limits="${SPEED_LIMITS:-}" --total=$(( budget - 5 )) "${speed[@]}"
+  pause_at archive
+  finish logs speed/parts
   exit 0
 fi
 
-parity=($PY benchmarks/release_parity.py --root="$out/parity_run" --config=$cfg --ipc=$ipc
+parity=($PY benchmarks/release_parity.py --root="$work/parity_run" --config=$cfg --ipc=$ipc
         --budgets=$budgets --epochs=$epochs --seeds=$seeds --seed=$runs)
 part parity_idm_jax "${limits[0]}" "${parity[@]}" --stage=data,idm_jax
 if [ -n "$release" ] && [ "${limits[1]}" != 0 ]; then
@@ -86,19 +152,18 @@ part parity_eval "${limits[3]}" "${parity[@]}" --stage=eval
 [ -n "$release" ] && [ "${limits[4]}" != 0 ] && part parity_cross "${limits[4]}" "${parity[@]}" --stage=cross \
   --release="$release" --release-python=$PY
 part parity_report 20 "${parity[@]}" --stage=report
-cp "$out/parity_run/parity.md" "$out/parity_run/parity.png" "$out/" 2>/dev/null
+move_in "$work/parity_run/parity.md"
+move_in "$work/parity_run/parity.png"
 
 if [ "${limits[5]}" != 0 ]; then
   part condense_speed "${limits[5]}" $PY benchmarks/condense_speed.py --config=$cfg --ipc=$ipcs --steps=$steps
-  cp "$out/logs/condense_speed.out" "$out/condense_speed.md"
+  cp "$work/logs/condense_speed.out" "$work/condense_speed.md" && move_in "$work/condense_speed.md"
 fi
 
 # Everything small in one archive (the files that come back are few): logs, tables, json, and
 # the largest-budget synthetic set of each run. Not the data, checkpoints or the release's work dir.
 top=${budgets##*,}
-(cd "$out" && find logs parity_run \( -name '*.out' -o -name '*.log' -o -name '*.md' -o -name '*.json' \
-   -o -name '*.png' -o -name "snap_$top.npz" -o -name "synthetic_$top.npz" \) \
-   -not -path '*/work/*' -not -path '*/run/checkpoints/*' -print0 | tar -czf results.tar.gz --null -T -)
-rm -rf "$out/logs"
-[ -n "${DRY_RUN:-}" ] || rm -rf "$out/parity_run"  # only $OUT's top files come back
-log "done"
+mapfile -d '' small < <(cd "$work" && find logs parity_run \( -name '*.out' -o -name '*.log' -o -name '*.md' \
+   -o -name '*.json' -o -name '*.png' -o -name "snap_$top.npz" -o -name "synthetic_$top.npz" \) \
+   -not -path '*/work/*' -not -path '*/run/checkpoints/*' -print0)
+finish "${small[@]}"
