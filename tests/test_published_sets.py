@@ -276,8 +276,10 @@ def test_paper_cells_dry_run_makes_publishable_cells(tmp_path):
     for method in ("idm", "dm", "random"):
         assert f"end digits_ipc1_{method} rc=0 (done)" in timings, timings
     assert timings.rstrip().endswith("done")
-    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
+    assert sorted(p.name for p in out.iterdir()) == [  # nothing else in $OUT: the cells live beside it
         "curve.png", "devices.txt", "results.tar.gz", "table1.md", "timings.txt"]
+    ends = [line.split()[2] for line in timings.splitlines() if " end " in line]
+    assert ends == ["digits_ipc1_random", "digits_ipc1_dm", "digits_ipc1_idm"]  # what fits first (issue 32)
     table = (out / "table1.md").read_text()
     row = next(line for line in table.splitlines() if line.startswith("| digits | 1 |"))
     assert re.fullmatch(r"\| digits \| 1 \|( — \| \d+\.\d\d ± \d+\.\d\d \(2\) \|){3}", row), row
@@ -303,5 +305,5 @@ def test_paper_cells_dry_run_makes_publishable_cells(tmp_path):
     assert "--config.eval.interval=2" in rows["digits_ipc1_idm"][2]
     # A second call finds every cell finished and runs nothing.
     again = subprocess.run(["bash", "benchmarks/paper_cells.sh", str(out)], cwd=ROOT, capture_output=True,
-                           text=True, timeout=300, env={**env, "CELLS_ROOT": str(out / "cells")})
+                           text=True, timeout=300, env=env)  # the cells beside $OUT: out.cells
     assert again.returncode == 0 and (out / "timings.txt").read_text().count("done before") == 3
