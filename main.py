@@ -19,7 +19,6 @@ The logic lives in the importable `idm_jax` package; this file only parses
 flags and dispatches, so everything it runs is testable.
 """
 
-import difflib
 import importlib.util
 import os
 import signal
@@ -38,11 +37,14 @@ from idm_jax import consistency
 from idm_jax import continual
 from idm_jax import distributed
 from idm_jax import errors
-from idm_jax import evaluate
+from idm_jax import presets
+from idm_jax import evaluate_set
 from idm_jax import runner
 from idm_jax import set_formats
 from idm_jax import sweeps
 from idm_jax import workdir
+from idm_jax import workdir_lock
+from idm_jax import run_io
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py:10.",
                                           lock_config=True)
@@ -90,7 +92,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
     backend.use_cpu_memory_scheduler()  # before JAX starts its backends (idm_jax/backend.py)
-    runner.quiet_library_logs()
+    run_io.quiet_library_logs()
     try:
         config_check.validate(config)
         workdir.check_writable(_WORKDIR.value)  # before any compute
@@ -99,7 +101,7 @@ def main(argv):
         # One run per workdir (every mode), before anything is written; released at exit, so
         # SIGTERM exits through Python too (the condensation loop still checkpoints first).
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        workdir.lock_until_exit(_WORKDIR.value)
+        workdir_lock.lock_until_exit(_WORKDIR.value)
         logging.info("JAX %s, devices: %s", jax.__version__, jax.devices())
         if several and (_MODE.value != "condense" or config.runs > 1):
             raise ValueError(f"--mode={_MODE.value} (runs={config.runs}) runs on one process; "
@@ -112,7 +114,7 @@ def main(argv):
         elif _MODE.value == "evaluate":
             if not _SYNTHETIC.value:
                 raise ValueError("--mode=evaluate needs --synthetic=<path to synthetic.npz>")
-            evaluate.run_evaluation(config, _WORKDIR.value, _SYNTHETIC.value, space=_SYN_SPACE.value,
+            evaluate_set.run_evaluation(config, _WORKDIR.value, _SYNTHETIC.value, space=_SYN_SPACE.value,
                                     layout=_SYN_LAYOUT.value, partition_factor=_SYN_PARTITION.value,
                                     method=_SYN_METHOD.value)
         elif _MODE.value == "export":  # the set in other tools' layouts (idm_jax/set_formats.py)
@@ -168,14 +170,9 @@ def config_arg_problem(argv) -> str | None:
     except Exception as e:  # pylint: disable=broad-except
         return f"--config={config_value}: {e}"
     for field in overrides:
-        node = config
-        for depth, part in enumerate(field.split(".")):
-            if not hasattr(node, "keys") or part not in node.keys():
-                where = ".".join(field.split(".")[:depth]) or "the config"
-                close = difflib.get_close_matches(part, list(node.keys()) if hasattr(node, "keys") else [])
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                return f"--config.{field}: {where} has no field {part!r}{hint}"
-            node = node[part]
+        problem = presets.field_problem(config, field)
+        if problem:
+            return f"--config.{field}: {problem}"
     return None
 
 
@@ -192,12 +189,11 @@ def flag_error_line(error: Exception) -> str:
 
 def parse_flags(argv):
     """absl flag parsing, with flag and config errors reported in one line, not a traceback."""
-    problem = config_arg_problem(argv)
-    if problem is None:
-        try:
-            return flags.FLAGS(argv)
-        except (flags.Error, ValueError, AttributeError, KeyError) as e:
-            problem = flag_error_line(e)
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, ValueError, AttributeError, KeyError) as e:
+        # Only now is the config file loaded a second time, to name the problem in our words.
+        problem = config_arg_problem(argv) or flag_error_line(e)
     print(f"error: bad flag or config: {problem}", file=sys.stderr)
     sys.exit(2)
 

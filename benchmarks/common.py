@@ -6,7 +6,7 @@ import resource
 import statistics
 import time
 
-from idm_jax import backend
+from idm_jax import backend, presets
 
 backend.use_cpu_memory_scheduler()  # every benchmark imports this module before JAX starts
 
@@ -42,11 +42,10 @@ def apply_sets(config, text: str) -> None:
     """Applies `--set` overrides ("idm.class_batch=1,...") to an ml_collections config in place.
     A key the config does not have stops with its name (a typo must not be added silently)."""
     for key, value in parse_sets(text).items():
-        section, _, field = key.rpartition(".")
-        target = config.get(section) if section else config
-        if target is None or field not in target:
-            raise SystemExit(f"--set: the config has no field {key!r}")
-        target[field] = value
+        try:
+            presets.set_dotted(config, key, value)
+        except ValueError as e:
+            raise SystemExit(f"--set: {e}") from None
 
 
 def first_and_median_seconds(fn, steps: int) -> tuple[float, float]:

@@ -27,7 +27,8 @@ sys.path.insert(0, ROOT)
 from absl import logging  # noqa: E402
 
 from benchmarks.common import peak_memory_gib  # noqa: E402
-from idm_jax import baselines, condense, data, export, runner  # noqa: E402
+from idm_jax import baselines, condense, data, runner  # noqa: E402
+from idm_jax import results as results_lib  # noqa: E402
 
 
 def parse_iterations(text: str) -> dict[str, int]:
@@ -66,7 +67,7 @@ def _row(method, c, ds, workdir, results, seconds):
         rows = [json.loads(line) for line in open(metrics)]
         rates = [r["it_per_s"] for r in rows if r.get("it_per_s")]  # none for the compiling one
     rate = sorted(rates)[len(rates) // 2] if rates else float("nan")
-    paper = export.paper_accuracy(results["dataset"], method, c.ipc, arch,
+    paper = results_lib.paper_accuracy(results["dataset"], method, c.ipc, arch,
                                   partition_factor=results.get("partition_factor", 1))
     images_per_it = (condense.real_images_per_iteration(condense.settings_from_config(c, ds))
                      if method != "random" else 0)

@@ -216,7 +216,7 @@ def synthetic_path(args, impl: str, budget: int) -> str:
 
 def stage_eval(args, runs) -> None:
     """Budget by budget (the curve's two ends first), every seed's run, both implementations."""
-    from idm_jax import evaluate  # pylint: disable=g-import-not-at-top
+    from idm_jax import evaluate_set  # pylint: disable=g-import-not-at-top
 
     for budget in eval_order(parse_budgets(args.budgets)):
         for run in runs:
@@ -226,7 +226,7 @@ def stage_eval(args, runs) -> None:
                 if os.path.exists(os.path.join(workdir, "results.json")) or not os.path.exists(synthetic):
                     continue
                 print(f"[parity] seed {run.seed}: evaluating {impl} after {budget} iterations", flush=True)
-                evaluate.run_evaluation(make_config(run, budget), workdir, synthetic)
+                evaluate_set.run_evaluation(make_config(run, budget), workdir, synthetic)
                 write_reports(args, runs)
 
 

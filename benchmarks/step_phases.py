@@ -77,7 +77,7 @@ def phase_fns(s: condense.StepSettings):
                                s.queue_train_impl).params
 
     def queue_push_sample(state, data, key):
-        queue, nets, accs, _ = condense._matching_nets(s, state, key, condense.make_init_fn(s))  # pylint: disable=protected-access
+        queue, nets, accs, _ = condense.matching_nets(s, state, key, condense.make_init_fn(s))
         return queue, nets, accs
 
     fns = {"real embeddings": real_means, "synthetic gradient": synthetic_grads}

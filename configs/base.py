@@ -10,7 +10,7 @@ import os
 
 import ml_collections
 
-from idm_jax.config_check import METHODS  # values are checked there, before any compute
+from idm_jax.presets import METHODS, apply_method, set_dotted  # JAX-free: a config is data
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -205,26 +205,6 @@ def get_config() -> ml_collections.ConfigDict:
   return c
 
 
-def apply_method(c: ml_collections.ConfigDict, method: str) -> None:
-  """Sets the switches that define `method` ("idm" or "dm") in place."""
-  if method not in METHODS:
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-  c.method = method
-  if method == "dm":
-    # DM (Zhao & Bilen 2023): fresh random net each iteration, no queue,
-    # no partition, no regularizer, synthetic lr 1.0, one step on the summed
-    # class losses.
-    c.idm.use_queue = False
-    c.idm.partition_factor = 1
-    c.idm.use_ce = False
-    c.idm.ce_weight = 0.0
-    c.idm.lr_img = 1.0
-    c.idm.batch_real = 256
-    c.idm.update_mode = "joint"
-    c.idm.keep_lowest_ce_real = 0  # the release's IDM-only l = 1 branch
-    c.idm.ce_only_misclassified = False
-
-
 # The paper's protocol: 5 condensations (the release's --num_exp 5), each evaluated by
 # eval.num_seeds (5) networks; its mean +- std are over those 25 networks.
 PAPER = "paper"
@@ -280,15 +260,6 @@ def make_config(arg, dataset_settings, per_ipc, default_ipc=10):
   # IPCs outside the table (e.g. 20) take the nearest row's settings.
   row = per_ipc[min(per_ipc, key=lambda k: (abs(k - ipc), k))]
   for key, value in {**dataset_settings, **row}.items():
-    _set_dotted(c, key, value)
+    set_dotted(c, key, value)
   apply_method(c, method)
   return c
-
-
-def _set_dotted(c, dotted_key, value):
-  *parents, leaf = dotted_key.split(".")
-  for p in parents:
-    c = c[p]
-  if leaf not in c:
-    raise KeyError(f"config has no field {dotted_key!r}")
-  c[leaf] = value

@@ -13,9 +13,9 @@ no side effects):
 * the model queue: `ModelQueue` (idm_jax.queue).
 * evaluation: `train_and_evaluate` (idm_jax.evaluate): the paper's train-from-scratch protocol.
 * entry points (what main.py runs): `run_condensation` (idm_jax.runner), `run_evaluation`
-  (idm_jax.evaluate), `run_baseline` (idm_jax.baselines), `validate_config`
-  (idm_jax.config_check). Configs are the files in the repository's configs/ folder
-  (`configs.cifar10.get_config("10")`).
+  (idm_jax.evaluate_set), `run_baseline` (idm_jax.baselines), `validate_config`
+  (idm_jax.config_check): call it once on a config before an entry point, as main.py does.
+  Configs are the files in the repository's configs/ folder (`configs.cifar10.get_config("10")`).
 """
 
 import importlib
@@ -25,7 +25,7 @@ _EXPORTS = {
     "get_model": "models", "init_variables": "models", "MODEL_NAMES": "models",
     "dsa": "augment", "partition_expand": "augment", "init_from_real": "augment",
     "ModelQueue": "queue",
-    "train_and_evaluate": "evaluate", "run_evaluation": "evaluate",
+    "train_and_evaluate": "evaluate", "run_evaluation": "evaluate_set",
     "run_condensation": "runner", "run_baseline": "baselines", "validate_config": "config_check",
 }
 _RENAMED = {"validate_config": "validate"}

@@ -134,7 +134,7 @@ def _feature_network(config: Any, dataset: Any, key: jax.Array) -> tuple[Any, tr
         epochs=int(config.baseline.train_epochs), batch_size=int(config.eval.batch_size),
         lr=float(config.eval.lr), momentum=float(config.eval.momentum),
         weight_decay=float(config.eval.weight_decay), dsa_strategy="", mean=dataset.mean,
-        std=dataset.std, seed_parallel="auto", loop=str(config.eval.get("loop", "auto")),
+        std=dataset.std, seed_parallel="auto", loop=str(config.eval.loop),
         schedule="paper", name=f"{config.model} (baseline features)")
     return model, nets
 

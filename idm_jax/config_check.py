@@ -11,9 +11,9 @@ from idm_jax import backend
 from idm_jax import condense
 from idm_jax import data as data_lib
 from idm_jax import models
+from idm_jax import presets
 from idm_jax import trainer
 
-METHODS = ("idm", "dm")
 UPDATE_MODES = ("per_class", "joint")
 INITS = condense.INITS_FROM_REAL + ("noise",)
 # The allowed values of the other choices live with the code that acts on them (backend,
@@ -35,7 +35,7 @@ def _positive_ints(section, prefix: str, names: list[str]) -> None:
 def _check_steps_per_dispatch(config) -> None:
     """idm.steps_per_dispatch: an integer >= 1 dividing every iteration cadence the host acts on
     (a log row, checkpoint or evaluation falls at the end of a call, never inside one)."""
-    k = config.idm.get("steps_per_dispatch", 1)
+    k = config.idm.steps_per_dispatch
     _require(isinstance(k, int) and not isinstance(k, bool) and k >= 1,
              f"idm.steps_per_dispatch must be an integer >= 1, got {k!r}")
     if k == 1:
@@ -44,7 +44,7 @@ def _check_steps_per_dispatch(config) -> None:
                         ("eval.interval", config.eval.interval)):
         _require(not every or every % k == 0,
                  f"idm.steps_per_dispatch={k} must divide {name}={every}; pick a divisor of it")
-    _require(config.data.get("on_device", "auto") != "host",
+    _require(config.data.on_device != "host",
              f"idm.steps_per_dispatch={k} needs the real data on the device; data.on_device='host'")
 
 
@@ -68,7 +68,7 @@ def _check_run(config) -> None:
     """What is condensed: ipc, method, the matching model, how many devices."""
     _require(isinstance(config.ipc, int) and config.ipc >= 1,
              f"ipc must be an integer >= 1, got {config.ipc!r}")
-    _require(config.method in METHODS, f"method must be one of {METHODS}, got {config.method!r}")
+    _require(config.method in presets.METHODS, f"method must be one of {presets.METHODS}, got {config.method!r}")
     _require(config.model in models.MODEL_NAMES,
              f"model {config.model!r} is unknown; valid: {', '.join(models.MODEL_NAMES)}")
     _require("BN" not in config.model,
@@ -91,11 +91,11 @@ def _check_idm_numbers(idm) -> None:
     _require(isinstance(idm.meter_reset_interval, int) and idm.meter_reset_interval >= 0,
              f"idm.meter_reset_interval must be an integer >= 0 (0 = never reset), got "
              f"{idm.meter_reset_interval!r}")
-    _require(0.0 <= idm.get("model_aug_lr_jitter", 0.0) < 1.0,
-             f"idm.model_aug_lr_jitter must be in [0, 1) (0.1 = lr +-10 %), got {idm.get('model_aug_lr_jitter')!r}")
-    _require(0.0 < idm.get("model_aug_class_fraction", 1.0) <= 1.0,
+    _require(0.0 <= idm.model_aug_lr_jitter < 1.0,
+             f"idm.model_aug_lr_jitter must be in [0, 1) (0.1 = lr +-10 %), got {idm.model_aug_lr_jitter!r}")
+    _require(0.0 < idm.model_aug_class_fraction <= 1.0,
              f"idm.model_aug_class_fraction must be in (0, 1] (1 = all classes), got "
-             f"{idm.get('model_aug_class_fraction')!r}")
+             f"{idm.model_aug_class_fraction!r}")
 
 
 def _check_idm_choices(config) -> None:
@@ -104,7 +104,7 @@ def _check_idm_choices(config) -> None:
     _require(idm.update_mode in UPDATE_MODES,
              f"idm.update_mode must be one of {UPDATE_MODES}, got {idm.update_mode!r}")
     _require(idm.init in INITS, f"idm.init must be one of {INITS}, got {idm.init!r}")
-    keep = idm.get("keep_lowest_ce_real", 0)
+    keep = idm.keep_lowest_ce_real
     _require(isinstance(keep, int) and not isinstance(keep, bool) and keep >= 0,
              f"idm.keep_lowest_ce_real must be an integer >= 0 (0 = all), got {keep!r}")
     if keep and idm.partition_factor == 1:  # only the l = 1 path uses it
@@ -133,7 +133,7 @@ def _check_queue_and_pool(idm) -> None:
         for name in ("train_net_num", "fetch_net_num"):
             _require(idm[name] <= held,
                      f"idm.{name} ({idm[name]}) exceeds the {held} nets the queue holds at the start")
-    pool_epochs = idm.get("pool_epochs", 0)
+    pool_epochs = idm.pool_epochs
     _require(isinstance(pool_epochs, int) and pool_epochs >= 0,
              f"idm.pool_epochs must be an integer >= 0 (0 = off), got {pool_epochs!r}")
     if pool_epochs:
@@ -151,21 +151,22 @@ def _check_dsa_and_method(config) -> None:
     except ValueError as e:
         raise ValueError(f"invalid config: idm.dsa_strategy: {e}") from None
     if config.method == "dm":
-        for name, dm_value in (("use_queue", False), ("partition_factor", 1), ("use_ce", False)):
-            _require(idm[name] == dm_value,
-                     f"method 'dm' needs idm.{name}={dm_value!r}, got {idm[name]!r} (load the "
+        for key in presets.DM_DEFINING:
+            dm_value, value = presets.DM_PRESET[key], presets.get_dotted(config, key)
+            _require(value == dm_value,
+                     f"method 'dm' needs {key}={dm_value!r}, got {value!r} (load the "
                      "DM preset with e.g. --config=configs/cifar10.py:10,dm)")
 
 
 def _check_data(data) -> None:
-    _require(data.get("resize", "stretch") in data_lib.RESIZE_MODES,
-             f"data.resize must be one of {data_lib.RESIZE_MODES}, got {data.get('resize')!r}")
-    _require(data.get("on_device", "auto") in condense.PLACEMENTS,
-             f"data.on_device must be one of {condense.PLACEMENTS}, got {data.get('on_device')!r}")
-    _require(data.get("class_sampling", "random") in data_lib.CLASS_SAMPLINGS,
-             f"data.class_sampling must be one of {data_lib.CLASS_SAMPLINGS}, got {data.get('class_sampling')!r}")
-    _require(data.get("train_sampling", "random") in data_lib.TRAIN_SAMPLINGS,
-             f"data.train_sampling must be one of {data_lib.TRAIN_SAMPLINGS}, got {data.get('train_sampling')!r}")
+    _require(data.resize in data_lib.RESIZE_MODES,
+             f"data.resize must be one of {data_lib.RESIZE_MODES}, got {data.resize!r}")
+    _require(data.on_device in condense.PLACEMENTS,
+             f"data.on_device must be one of {condense.PLACEMENTS}, got {data.on_device!r}")
+    _require(data.class_sampling in data_lib.CLASS_SAMPLINGS,
+             f"data.class_sampling must be one of {data_lib.CLASS_SAMPLINGS}, got {data.class_sampling!r}")
+    _require(data.train_sampling in data_lib.TRAIN_SAMPLINGS,
+             f"data.train_sampling must be one of {data_lib.TRAIN_SAMPLINGS}, got {data.train_sampling!r}")
 
 
 def _check_eval(ev) -> None:

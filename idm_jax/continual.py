@@ -37,6 +37,7 @@ from absl import logging
 
 from idm_jax import baselines, condense, evaluate, export, models
 from idm_jax import data as data_lib
+from idm_jax import presets
 from idm_jax import results as results_lib
 
 METHODS = ("idm", "dm", "random")
@@ -92,11 +93,10 @@ def class_subset(ds: data_lib.ArrayDataset, classes: Any) -> data_lib.ArrayDatas
 
 def method_config(config: Any, method: str) -> Any:
     """The condensation config of a continual method: ipc = continual.ipc, IDM with its l, or DM."""
-    from configs.base import apply_method  # pylint: disable=g-import-not-at-top
     c = copy.deepcopy(config)
     c.ipc = int(config.continual.ipc)
     if method == "dm":
-        apply_method(c, "dm")
+        presets.apply_method(c, "dm")
     elif method == "idm":
         c.idm.partition_factor = int(config.continual.partition_factor)
     c.idm.iterations = int(config.continual.iterations or config.idm.iterations)

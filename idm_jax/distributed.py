@@ -3,14 +3,16 @@
 Every process runs the same `main.py` command. `initialize` joins them with
 `jax.distributed.initialize` (coordinator address, process count and id from flags, the
 environment, or JAX's own cluster detection on SLURM / Cloud TPU); after it, `jax.devices()`
-lists every process's devices and one global mesh (`class_mesh`) shards the synthetic set's
-class axis across hosts. Everything else in the state (step, key, model queue) is replicated:
+lists every process's devices and one global mesh (`condense.class_mesh`) shards the
+synthetic set's class axis across hosts. Everything else in the state (step, key, model queue) is replicated:
 every process computes it from the same keys and the same real batches, and `check_replicated`
 compares a checksum of it across processes at checkpoints and at the end.
 
 Outputs: only process 0 writes (`is_main`); the synthetic set is gathered first
 (`condense.synthetic_arrays` does). Evaluation networks (architectures x seeds) are spread
-over the processes (`evaluate_archs`) and their results gathered.
+over the processes by `evaluate.evaluate_archs`, which gathers their results here.
+
+This module is the bottom of the library: it imports nothing else of idm_jax.
 
 With one process (the default, no flags, no cluster) nothing here changes a thing.
 """
@@ -22,13 +24,12 @@ import os
 import sys
 import threading
 import zlib
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
 
 MODES = ("auto", "on", "off")
 
@@ -149,38 +150,6 @@ def multi_process() -> bool:
     return jax.process_count() > 1
 
 
-def class_mesh(num_devices: int, num_classes: int) -> Mesh | None:
-    """The class-axis mesh: condense.class_mesh on one process, else one over all processes.
-
-    Several processes: num_devices counts devices of all processes together and must be a
-    multiple of the process count (each process gives as many); 0 picks the most devices
-    per process such that all of them divide num_classes evenly.
-    """
-    from idm_jax import condense  # pylint: disable=g-import-not-at-top
-    if not multi_process():
-        return condense.class_mesh(num_devices, num_classes)
-    procs, local = jax.process_count(), jax.local_device_count()
-    if num_devices == 0:
-        fits = [d for d in range(1, local + 1) if num_classes % (d * procs) == 0]
-        if not fits:
-            raise ValueError(f"{num_classes} classes cannot be split evenly over {procs} processes; "
-                             "run on a process count that divides the class count")
-        per = max(fits)
-    else:
-        if num_devices % procs or num_devices // procs > local or num_devices < 0:
-            raise ValueError(f"mesh_devices={num_devices} must be a multiple of the {procs} processes "
-                             f"with at most {local} device(s) each; use 0 (automatic)")
-        if num_classes % num_devices:
-            raise ValueError(f"mesh_devices={num_devices} does not divide the {num_classes} classes; "
-                             "pick a divisor or 0 (automatic)")
-        per = num_devices // procs
-    by_process: dict[int, list] = {}
-    for d in sorted(jax.devices(), key=lambda d: (d.process_index, d.id)):
-        by_process.setdefault(d.process_index, []).append(d)
-    devices = [d for p in sorted(by_process) for d in by_process[p][:per]]
-    return Mesh(np.asarray(devices), (condense.CLASS_AXIS,))
-
-
 # ----------------------------------------------------------------------------
 # Replicated values agree across processes
 
@@ -230,7 +199,7 @@ def any_process(flag: bool) -> bool:
 
 
 class NullWriter:
-    """Stands in for runner.MetricsWriter on processes other than 0."""
+    """Stands in for run_io.MetricsWriter on processes other than 0."""
 
     def write(self, step, row) -> None:
         del step, row
@@ -249,59 +218,3 @@ def gather_objects(obj: Any) -> list[Any]:
     padded[:raw.size] = raw
     every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
     return [json.loads(bytes(row[:n]).decode()) for row, n in zip(every, sizes)]
-
-
-def evaluation_tasks(archs: Sequence[str], num_seeds: int, process: int,
-                     processes: int) -> dict[str, list[int]]:
-    """{arch: seed indices} this process trains: the archs x seeds networks dealt round-robin."""
-    tasks = [(a, s) for a in archs for s in range(num_seeds)]
-    mine: dict[str, list[int]] = {a: [] for a in archs}
-    for i, (a, s) in enumerate(tasks):
-        if i % processes == process:
-            mine[a].append(s)
-    return mine
-
-
-def merge_evaluations(parts: Sequence[dict[str, dict[str, Any]]], seeds_of: Sequence[dict[str, list[int]]],
-                      archs: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """One evaluate_archs result from the processes' partial ones (each holding some seeds)."""
-    per_seed = ("accuracies", "train_loss", "train_accuracy")
-    out = {}
-    for a in archs:
-        rows = [(seeds[a], part[a]) for part, seeds in zip(parts, seeds_of) if seeds.get(a)]
-        order = np.argsort([s for seeds, _ in rows for s in seeds], kind="stable")
-        merged = dict(rows[0][1])
-        for k in per_seed:
-            values = [v for _, r in rows for v in r[k]]
-            merged[k] = [values[i] for i in order]
-        accs = np.asarray(merged["accuracies"], np.float64)
-        merged.update(mean=float(accs.mean()), std=float(accs.std()), num_seeds=len(accs),
-                      train_seconds=float(sum(r["train_seconds"] for _, r in rows)),
-                      test_seconds=float(sum(r["test_seconds"] for _, r in rows)),
-                      processes=len(rows))
-        out[a] = merged
-    return out
-
-
-def evaluate_archs(images, labels, dataset, eval_cfg, *, archs, key, partition_factor,
-                   epochs=None) -> dict[str, dict[str, Any]]:
-    """evaluate.evaluate_archs, its networks spread over the processes; same result everywhere.
-
-    One process: exactly evaluate.evaluate_archs. Several: process p trains every
-    processes-th network of the archs x seeds list (each with the key it has in a
-    one-process run), and the per-seed results are gathered and merged.
-    """
-    from idm_jax import evaluate, models  # pylint: disable=g-import-not-at-top
-    if not multi_process():
-        return evaluate.evaluate_archs(images, labels, dataset, eval_cfg, archs=archs, key=key,
-                                       partition_factor=partition_factor, epochs=epochs)
-    archs = models.parse_archs(archs)
-    num_seeds = int(eval_cfg.get("num_seeds", 5))
-    seeds_of = [evaluation_tasks(archs, num_seeds, p, jax.process_count())
-                for p in range(jax.process_count())]
-    mine = seeds_of[jax.process_index()]
-    logging.info("evaluating %s of the %d x %d networks on this process",
-                 {a: s for a, s in mine.items() if s}, len(archs), num_seeds)
-    part = evaluate.evaluate_archs(images, labels, dataset, eval_cfg, archs=archs, key=key,
-                                   partition_factor=partition_factor, epochs=epochs, seeds_of=mine)
-    return merge_evaluations(gather_objects(part), seeds_of, archs)

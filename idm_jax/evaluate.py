@@ -2,14 +2,14 @@
 
 Train `num_seeds` freshly initialised networks per architecture on a (synthetic) image set with
 `idm_jax.trainer` (SGD, DSA, the release's schedule), test each on the whole real test split,
-and report accuracy mean and std (ddof 0) over the seeds (REFERENCE.md, "Evaluation protocol").
+and report accuracy mean and std (ddof 0) over the seeds (docs/RELEASE.md, evaluation protocol).
 `evaluate_archs` runs it for every architecture of `config.eval` (cross-architecture
-generalization); `run_evaluation` is `main.py --mode=evaluate`.
+generalization), its networks spread over the processes of a multi-process run;
+`idm_jax.evaluate_set` is `main.py --mode=evaluate`.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from idm_jax import augment, backend, data, export, measure, models, trainer
-from idm_jax import results as results_lib
+from idm_jax import augment, backend, distributed, measure, models, trainer
+
 
 def train_and_evaluate(images: Any, labels: Any, test_images: Any, test_labels: Any, *, mean: Any,
                        std: Any, arch: str, num_classes: int, key: jax.Array, num_seeds: int = 5,
@@ -74,11 +74,7 @@ def train_and_evaluate(images: Any, labels: Any, test_images: Any, test_labels: 
     }
 
 
-def _cfg(eval_cfg: Mapping[str, Any], name: str, default: Any) -> Any:
-    return eval_cfg.get(name, default) if hasattr(eval_cfg, "get") else getattr(eval_cfg, name, default)
-
-
-def evaluate_archs(images: Any, labels: Any, dataset: Any, eval_cfg: Mapping[str, Any], *,
+def evaluate_archs(images: Any, labels: Any, dataset: Any, eval_cfg: Any, *,
                    archs: Sequence[str], key: jax.Array, partition_factor: int,
                    epochs: int | None = None,
                    seeds_of: Mapping[str, Sequence[int]] | None = None) -> dict[str, dict[str, Any]]:
@@ -89,9 +85,22 @@ def evaluate_archs(images: Any, labels: Any, dataset: Any, eval_cfg: Mapping[str
     partition_factor: each image is cut into l x l pieces first (l = 1: as is), so an IPC-10
     CIFAR-10 set with l = 2 trains on 400 images. epochs overrides eval_cfg.epochs (periodic
     evaluation during condensation uses fewer). seeds_of: {arch: seed indices} trains only
-    those networks (archs without any are left out; see distributed.evaluate_archs).
+    those networks (archs without any are left out).
+
+    With several processes (and no seeds_of), the archs x seeds networks are dealt round-robin
+    over them (`evaluation_tasks`), each trained with the key it has in a one-process run, and
+    the gathered parts merged: every process returns the same, one-process result.
     """
     archs = models.parse_archs(archs)
+    if seeds_of is None and distributed.multi_process():
+        seeds_per_process = [evaluation_tasks(archs, int(eval_cfg.num_seeds), p, jax.process_count())
+                             for p in range(jax.process_count())]
+        mine = seeds_per_process[jax.process_index()]
+        logging.info("evaluating %s of the %d x %d networks on this process",
+                     {a: s for a, s in mine.items() if s}, len(archs), eval_cfg.num_seeds)
+        part = evaluate_archs(images, labels, dataset, eval_cfg, archs=archs, key=key,
+                              partition_factor=partition_factor, epochs=epochs, seeds_of=mine)
+        return merge_evaluations(distributed.gather_objects(part), seeds_per_process, archs)
     if partition_factor > 1 and np.asarray(images).dtype == np.uint8:
         raise ValueError("partition needs normalized float images, got uint8 (pass "
                          "normalize(images, mean, std))")
@@ -100,7 +109,7 @@ def evaluate_archs(images: Any, labels: Any, dataset: Any, eval_cfg: Mapping[str
                                                   jnp.asarray(labels), partition_factor)
     elif partition_factor < 1:
         raise ValueError(f"partition_factor must be >= 1, got {partition_factor}")
-    strategy = augment.DEFAULT_STRATEGY if _cfg(eval_cfg, "dsa", True) else ""
+    strategy = augment.DEFAULT_STRATEGY if eval_cfg.dsa else ""
     results = {}
     for i, arch in enumerate(archs):
         seeds = None if seeds_of is None else list(seeds_of.get(arch, []))
@@ -109,16 +118,13 @@ def evaluate_archs(images: Any, labels: Any, dataset: Any, eval_cfg: Mapping[str
         results[arch] = train_and_evaluate(
             images, labels, dataset.test_images, dataset.test_labels, mean=dataset.mean,
             std=dataset.std, arch=arch, num_classes=dataset.num_classes,
-            key=jax.random.fold_in(key, i),
-            num_seeds=int(_cfg(eval_cfg, "num_seeds", 5)),
-            epochs=int(epochs if epochs is not None else _cfg(eval_cfg, "epochs", 1000)),
-            batch_size=int(_cfg(eval_cfg, "batch_size", 256)), lr=float(_cfg(eval_cfg, "lr", 0.01)),
-            momentum=float(_cfg(eval_cfg, "momentum", 0.9)),
-            weight_decay=float(_cfg(eval_cfg, "weight_decay", 5e-4)), dsa_strategy=strategy,
-            test_batch_size=int(_cfg(eval_cfg, "test_batch_size", 1000)),
-            seed_parallel=str(_cfg(eval_cfg, "seed_parallel", "auto")),
-            loop=str(_cfg(eval_cfg, "loop", "auto")),
-            schedule=str(_cfg(eval_cfg, "schedule", "release")), seed_indices=seeds)
+            key=jax.random.fold_in(key, i), num_seeds=int(eval_cfg.num_seeds),
+            epochs=int(epochs if epochs is not None else eval_cfg.epochs),
+            batch_size=int(eval_cfg.batch_size), lr=float(eval_cfg.lr),
+            momentum=float(eval_cfg.momentum), weight_decay=float(eval_cfg.weight_decay),
+            dsa_strategy=strategy, test_batch_size=int(eval_cfg.test_batch_size),
+            seed_parallel=str(eval_cfg.seed_parallel), loop=str(eval_cfg.loop),
+            schedule=str(eval_cfg.schedule), seed_indices=seeds)
         r = results[arch]
         logging.info("%s: test accuracy %.2f ± %.2f %% over %d seeds (%s) in %.0f s", arch,
                      r["mean"], r["std"], r["num_seeds"],
@@ -126,39 +132,33 @@ def evaluate_archs(images: Any, labels: Any, dataset: Any, eval_cfg: Mapping[str
     return results
 
 
+def evaluation_tasks(archs: Sequence[str], num_seeds: int, process: int,
+                     processes: int) -> dict[str, list[int]]:
+    """{arch: seed indices} this process trains: the archs x seeds networks dealt round-robin."""
+    tasks = [(a, s) for a in archs for s in range(num_seeds)]
+    mine: dict[str, list[int]] = {a: [] for a in archs}
+    for i, (a, s) in enumerate(tasks):
+        if i % processes == process:
+            mine[a].append(s)
+    return mine
 
-def run_evaluation(config: Any, workdir: str, synthetic_path: str, *, space: str = "pixel",
-                   layout: str = "auto", partition_factor: int | None = None,
-                   method: str | None = None) -> dict[str, Any]:
-    """main.py --mode=evaluate: scores a synthetic set with every arch in config.eval.archs.
 
-    synthetic_path: a synthetic.npz of idm_jax, or any .npz holding `images` and `labels` (a set
-    made by the authors' release or by DM); what such a file lacks comes from config.data's
-    dataset (see export.synthetic_from_arrays for space, layout, partition_factor and method).
-    Checks that the set fits the dataset, trains and tests, writes workdir/results.json and
-    results.md, and returns the results dict.
-    """
-    archs = models.parse_archs(config.eval.archs)
-    arrays = export.read_npz(synthetic_path)  # a missing or broken file fails before the data loads
-    dataset = data.load_config_dataset(config)
-    synset = export.synthetic_from_arrays(arrays, synthetic_path, dataset, space=space, layout=layout,
-                                          partition_factor=partition_factor, method=method)
-    export.check_compatible(synset, dataset)
-    if synset.filled_from_dataset:
-        logging.info("%s has no %s: taken from dataset %s (mean %s, std %s, partition factor %d, "
-                     "method %r)", synthetic_path, ", ".join(synset.filled_from_dataset), dataset.name,
-                     np.round(synset.mean, 4).tolist(), np.round(synset.std, 4).tolist(),
-                     synset.partition_factor, synset.method)
-    elif tuple(synset.class_names) != tuple(dataset.class_names):
-        logging.warning("class names of %s %s differ from dataset %s's %s", synthetic_path,
-                        synset.class_names, dataset.name, dataset.class_names)
-    images = data.renormalize(synset.images_normalized, synset.mean, synset.std, dataset.mean, dataset.std)
-    key = jax.random.PRNGKey(int(config.seed))
-    archs_results = evaluate_archs(images, synset.labels, dataset, config.eval, archs=archs,
-                                   key=key, partition_factor=synset.partition_factor)
-    extra = {"filled_from_dataset": list(synset.filled_from_dataset)} if synset.filled_from_dataset else {}
-    results = results_lib.results_record(
-        method=synset.method, dataset=dataset.name, ipc=synset.ipc,
-        partition_factor=synset.partition_factor, num_images=synset.labels.shape[0],
-        train_arch=config.model, synthetic=os.path.abspath(synthetic_path), **extra, archs=archs_results)
-    return results_lib.finish_results(workdir, results)
+def merge_evaluations(parts: Sequence[dict[str, dict[str, Any]]], seeds_of: Sequence[dict[str, list[int]]],
+                      archs: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """One evaluate_archs result from the processes' partial ones (each holding some seeds)."""
+    per_seed = ("accuracies", "train_loss", "train_accuracy")
+    out = {}
+    for a in archs:
+        rows = [(seeds[a], part[a]) for part, seeds in zip(parts, seeds_of) if seeds.get(a)]
+        order = np.argsort([s for seeds, _ in rows for s in seeds], kind="stable")
+        merged = dict(rows[0][1])
+        for k in per_seed:
+            values = [v for _, r in rows for v in r[k]]
+            merged[k] = [values[i] for i in order]
+        accs = np.asarray(merged["accuracies"], np.float64)
+        merged.update(mean=float(accs.mean()), std=float(accs.std()), num_seeds=len(accs),
+                      train_seconds=float(sum(r["train_seconds"] for _, r in rows)),
+                      test_seconds=float(sum(r["test_seconds"] for _, r in rows)),
+                      processes=len(rows))
+        out[a] = merged
+    return out

@@ -21,7 +21,7 @@ the rest (docs/EVALUATE_ANY_SET.md). A published set (synthetic_sets/) may lack 
 
 Files are written atomically (workdir.atomic_file: a temporary file in the same folder, then
 `os.replace`), so a reader never sees a half-written file. results.json / results.md and the
-paper's numbers live in idm_jax/results.py; their names stay reachable here as export.X.
+paper's numbers live in idm_jax/results.py.
 """
 
 from __future__ import annotations
@@ -37,9 +37,6 @@ import numpy as np
 
 from idm_jax import data
 from idm_jax import workdir as workdir_lib
-from idm_jax.results import (  # noqa: F401  (re-exported: export.X names predate idm_jax/results.py)
-    finish_results, paper_accuracy, paper_dataset_key, paper_results, results_markdown, results_record,
-    write_report, write_results)
 
 REQUIRED_KEYS = ("images", "labels", "mean", "std", "class_names", "partition_factor",
                  "method", "dataset")

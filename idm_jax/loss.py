@@ -183,7 +183,7 @@ def idm_loss(params, apply_fn: ApplyFn, syn_images: Array, syn_labels: Array,
 
     For each class c: Siamese DSA with key_c = split(key, G)[c] on the real batch and on the
     partitioned/expanded synthetic images, then `class_loss` = squared distance of the mean
-    embeddings + ce_weight * accuracy * CE. The jitted step (`condense._update_synset`)
+    embeddings + ce_weight * accuracy * CE. The jitted step (`condense.update_synset`)
     computes the same per-class terms from the same two functions (`mean_embedding` for the
     real side, `synthetic_class_loss` for the synthetic side, which is `class_loss` split so
     the real mean is computed once outside the gradient); tests/test_loss_queue.py checks

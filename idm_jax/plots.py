@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from idm_jax.errors import MissingDependency  # noqa: F401  (raised here; plots.MissingDependency stays)
+from idm_jax.errors import MissingDependency
 
 
 def pyplot():

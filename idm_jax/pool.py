@@ -25,6 +25,7 @@ import numpy as np
 from absl import logging
 
 from idm_jax import data as data_lib
+from idm_jax.data import cache as data_cache
 from idm_jax import trainer
 from idm_jax import models
 
@@ -46,7 +47,7 @@ def pool_path(cache_dir: str, ds: data_lib.ArrayDataset, model_name: str, epochs
     """Where the pool of these settings is cached."""
     tag = pool_fingerprint(ds, model_name, epochs, size, seed, hparams)
     name = "".join(ch if ch.isalnum() else "_" for ch in ds.name)
-    return os.path.join(data_lib._cache_dir(cache_dir or None),  # pylint: disable=protected-access
+    return os.path.join(data_cache.resolve_cache_dir(cache_dir or None),
                         "pools", f"{name}_{model_name}_{epochs}ep_{size}nets_seed{seed}_{tag}.msgpack")
 
 

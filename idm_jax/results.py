@@ -126,7 +126,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
 
     results: {'method', 'dataset', 'ipc', 'partition_factor', 'train_arch', 'archs': {arch:
     {'mean', 'std', 'accuracies', 'epochs', 'train_seconds', ...}}} as written by
-    `idm_jax.evaluate.run_evaluation` and `idm_jax.baselines.run_baseline`.
+    `idm_jax.evaluate_set.run_evaluation` and `idm_jax.baselines.run_baseline`.
     """
     method = str(results.get("method", "?"))
     dataset = str(results.get("dataset", "?"))

@@ -10,8 +10,7 @@ config that would change the condensed state refused) before any compute
 (idm_jax/workdir.py).
 
 The checkpoints (manager, save, restore) live in idm_jax/checkpoints.py, the metrics rows,
-progress line and stop signals in idm_jax/run_io.py; their names a caller reaches as runner.X
-are imported here.
+progress line and stop signals in idm_jax/run_io.py.
 """
 
 from __future__ import annotations
@@ -27,14 +26,14 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp  # noqa: F401  (runner.ocp: tests patch its CheckpointManager)
 from absl import logging
 
 from idm_jax import backend
+from idm_jax import checkpoints
 from idm_jax import condense
-from idm_jax import config_check
 from idm_jax import data as data_lib
 from idm_jax import distributed
+from idm_jax import evaluate
 from idm_jax import export
 from idm_jax import models
 from idm_jax import progress
@@ -42,10 +41,7 @@ from idm_jax import references
 from idm_jax import results as results_lib
 from idm_jax import workdir as workdir_lib
 from idm_jax import workdir_lock
-from idm_jax.checkpoints import checkpoint_manager, latest_checkpoint, restore_or_init, save_state
-from idm_jax.checkpoints import restore_problem, state_nbytes  # noqa: F401  (reached as runner.X)
 from idm_jax.run_io import LoopClock, MetricsWriter, StopFlag
-from idm_jax.run_io import progress_line, quiet_library_logs  # noqa: F401  (reached as runner.X)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -71,7 +67,7 @@ def export_synthetic(workdir: str, state, ds, s: condense.StepSettings, config) 
 
 def _evaluate(state, ds, s, config, *, epochs, step) -> dict:
     images, labels = condense.synthetic_arrays(state)
-    return distributed.evaluate_archs(  # one process: evaluate.evaluate_archs
+    return evaluate.evaluate_archs(  # spread over the processes of a multi-process run
         images, labels, ds, config.eval, archs=models.parse_archs(config.eval.archs),
         key=jax.random.fold_in(jax.random.PRNGKey(config.seed), step),
         partition_factor=s.loss.partition_factor, epochs=epochs)
@@ -100,6 +96,7 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None,
                      restart: bool = False, reevaluate: bool = False) -> dict[str, Any]:
     """Condenses config.data into config.ipc images per class in workdir.
 
+    config: checked once by its caller (main.py; from Python, `idm_jax.validate_config(config)`).
     Resumes from the newest checkpoint in workdir that restores. A workdir whose run is
     complete is only reported (no training, no evaluation) unless `reevaluate`.
     `restart` deletes the workdir's run outputs first (workdir.RUN_OUTPUTS).
@@ -107,7 +104,6 @@ def run_condensation(config, workdir: str, *, max_steps: int | None = None,
     resumable); used by tests and benchmarks. Returns a summary dict.
     Holds workdir.lock throughout: another process in the workdir raises WorkdirBusyError.
     """
-    config_check.validate(config)
     workdir = workdir_lib.check_writable(workdir)
     with workdir_lock.locked(workdir):
         return _condense(config, workdir, max_steps=max_steps, restart=restart, reevaluate=reevaluate)
@@ -126,7 +122,7 @@ def _condense(config, workdir: str, *, max_steps: int | None, restart: bool,
         removed = workdir_lib.start_over(workdir)
         logging.info("--restart: removed %s from %s", ", ".join(removed) or "nothing", workdir)
     config_json = config.to_json_best_effort(indent=2)
-    latest = latest_checkpoint(workdir)
+    latest = checkpoints.latest_checkpoint(workdir)
     diff = workdir_lib.check_resume(workdir, workdir_lib.flat(json.loads(config_json)), latest)
     total = config.idm.iterations
     if latest is not None and latest > total:
@@ -192,7 +188,7 @@ def _prepare(config, workdir: str, latest: int | None, max_steps: int | None):
                  "one SGD step per class, shared momentum (release)" if s.per_class_update
                  else "one joint step on the summed class losses", s.lr_img, s.momentum_img,
                  s.batch_real)
-    mesh = distributed.class_mesh(config.mesh_devices, ds.num_classes)  # all processes' devices
+    mesh = condense.class_mesh(config.mesh_devices, ds.num_classes)  # all processes' devices
     logging.info("%d iterations on %s %s%s%s", total, _plural(mesh.size if mesh else 1, "device"),
                  f"({devices[0].device_kind})",
                  ", the classes sharded over them" if mesh is not None else "",
@@ -201,12 +197,12 @@ def _prepare(config, workdir: str, latest: int | None, max_steps: int | None):
     if config.checkpoint_every_minutes:
         cadence.append(f"every {config.checkpoint_every_minutes:g} minutes")
     logging.info("outputs in %s (checkpoints %s and at the end)", workdir, " or ".join(cadence) or "only")
-    mngr = checkpoint_manager(workdir, config.keep_checkpoints, config.checkpoint_every,
+    mngr = checkpoints.checkpoint_manager(workdir, config.keep_checkpoints, config.checkpoint_every,
                               config.checkpoint_every_minutes)
     logging.info("%s, then compiling the step (on a CPU, a minute or more before the first line)",
                  f"restoring the checkpoint at iteration {latest} of {total}" if latest is not None
                  else "initialising the synthetic set and the model queue")
-    state = restore_or_init(mngr, s, ds, config, mesh)
+    state = checkpoints.restore_or_init(mngr, s, ds, config, mesh)
     start = int(state.step)
     stop_at = total if max_steps is None else min(total, start + max_steps)
     return _Run(config, workdir, ds, s, mesh, mngr, start, stop_at), state
@@ -245,7 +241,7 @@ def _build_feed(run: _Run, state) -> _Feed:
         batches = host_batches = sampler.batches(run.start, run.stop_at)
     logging.info("real batches drawn on the %s (data.on_device=%s, train images %.2f GB)", placement,
                  config.data.on_device, ds.train_images.nbytes / 1e9)
-    per_dispatch = config.idm.get("steps_per_dispatch", 1)
+    per_dispatch = config.idm.steps_per_dispatch
     if per_dispatch > 1 and placement != "device":
         raise ValueError(f"invalid config: idm.steps_per_dispatch={per_dispatch} needs the real data on the "
                          f"device, but data.on_device={config.data.on_device!r} puts it on the host "
@@ -302,7 +298,7 @@ def _loop(run: _Run, state, feed: _Feed, writer, clock: LoopClock):
             if ckpt_now:
                 if distributed.multi_process():
                     distributed.check_replicated(state.replace(syn=None), "the replicated state")
-                save_state(run.mngr, state)
+                checkpoints.save_state(run.mngr, state)
             if stop_now:
                 logging.warning("stopped by signal %d at iteration %d; checkpoint saved, "
                                 "rerun the same command to resume", stop.signal or signal.SIGTERM, done)
@@ -454,7 +450,6 @@ def run_repeated(config, workdir: str) -> dict[str, Any]:
     the command skips finished runs and resumes an interrupted one. workdir/results.json holds
     the accuracies of all runs' evaluation networks together (see combine_runs).
     """
-    config_check.validate(config)
     if not config.eval.at_end:
         raise ValueError(f"runs={config.runs} combines the runs' final evaluations; set eval.at_end=True")
     results = []

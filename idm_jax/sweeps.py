@@ -10,7 +10,7 @@ budget is skipped on a rerun; an interrupted cell resumes from its checkpoint.
       --config.sweep.name=table2 --config.sweep.iterations=1000
 
 The key "method" selects a preset ("dm" loads the DM baseline's switches, as
-`configs.base.apply_method`); every other key is a config field. Cells start from the config
+`idm_jax.presets.apply_method`); every other key is a config field. Cells start from the config
 given (it must be the IDM preset), so the non-DM cells keep IDM's synthetic-update settings
 (lr_img, per-class steps) and only toggle the named switches.
 """
@@ -26,6 +26,7 @@ from typing import Any
 
 from absl import logging
 
+from idm_jax import presets
 from idm_jax import results as results_lib
 
 _T2 = "CIFAR-100, 10 images per class (paper Table 2)"
@@ -121,29 +122,15 @@ def cell_slug(cell: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", cell).strip("_")
 
 
-def set_dotted(config, key: str, value: Any) -> None:
-    """config[a][b] = value for key 'a.b'; a key the config lacks is a ValueError naming it."""
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-        if p not in node or not hasattr(node[p], "items"):
-            raise ValueError(f"config has no field {key!r}")
-        node = node[p]
-    if leaf not in node:
-        raise ValueError(f"config has no field {key!r}")
-    node[leaf] = value
-
-
 def cell_config(config, overrides: dict[str, Any], *, iterations: int | None = None):
     """A copy of `config` with a cell's overrides (and the sweep's iteration budget) applied."""
-    from configs.base import apply_method  # pylint: disable=g-import-not-at-top
     c = copy.deepcopy(config)
     overrides = dict(overrides)
     method = overrides.pop("method", None)
     if method is not None:
-        apply_method(c, method)
+        presets.apply_method(c, method)
     for key, value in overrides.items():
-        set_dotted(c, key, value)
+        presets.set_dotted(c, key, value)
     if iterations:
         c.idm.iterations = int(iterations)
     return c

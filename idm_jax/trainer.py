@@ -438,15 +438,3 @@ def _trained_nets(states: Any, n: int, num_passes: int, **timings: float) -> Tra
                        train_loss=np.asarray(states.loss_sum) / n,
                        train_accuracy=np.asarray(states.correct_sum) / n * 100.0,
                        num_passes=num_passes, **timings)
-
-
-# Measuring trained networks lives in idm_jax/measure.py (which imports this module, so the names
-# are looked up on first use); trainer.measure_accuracy and trainer.embed_images still work.
-_MEASURE_NAMES = ("measure_accuracy", "embed_images")
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _MEASURE_NAMES:
-        raise AttributeError(f"module 'idm_jax.trainer' has no attribute {name!r}")
-    from idm_jax import measure  # pylint: disable=g-import-not-at-top
-    return getattr(measure, name)

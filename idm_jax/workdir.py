@@ -12,8 +12,7 @@ checkpoint cadence, how the step is chunked or placed on devices, the
 iteration budget) may change between starts and are recorded.
 
 One process works in a workdir at a time: idm_jax/workdir_lock.py holds
-workdir.lock; its names (LOCK, locked, acquire_lock, release_lock,
-lock_until_exit, WorkdirBusyError, ...) stay reachable here as workdir.X.
+workdir.lock.
 Writes that run out of space raise NoSpaceError, one line saying what could
 not be written and how much it needed; files are replaced atomically, so the
 previous version stays intact.
@@ -309,16 +308,3 @@ def no_space(what: str, path: str, needed_bytes: float | None, *, kept: str | No
     return NoSpaceError(f"no space left on the device to write {what} in {where} ({needs}"
                         f"{'' if free is None else f', {megabytes(free)} free'}); {kept}. Free some "
                         "space (or raise the quota) and rerun the same command to go on")
-
-
-# The lock lives in idm_jax/workdir_lock.py (which imports this module, so these are looked up on
-# first use, not imported here); callers and tests may keep writing workdir.locked etc.
-_LOCK_NAMES = ("LOCK", "WorkdirBusyError", "acquire_lock", "release_lock", "locked", "lock_until_exit",
-               "describe", "read_holder")
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _LOCK_NAMES:
-        raise AttributeError(f"module 'idm_jax.workdir' has no attribute {name!r}")
-    from idm_jax import workdir_lock  # pylint: disable=g-import-not-at-top
-    return getattr(workdir_lock, name)

@@ -7,6 +7,8 @@ of the archive where that exists; otherwise the tests that need real CIFAR-10 sk
 
 import os
 
+import pytest
+
 from idm_jax import backend
 
 DEV_CIFAR10 = "/work/shared/data/cifar10-jpeg.tar.gz"  # the development machine's copy
@@ -14,3 +16,10 @@ if not os.environ.get("IDM_CIFAR10") and os.path.isfile(DEV_CIFAR10):
     os.environ["IDM_CIFAR10"] = DEV_CIFAR10
 
 backend.use_cpu_memory_scheduler()
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The embedded digits dataset (16x16, 10 classes), loaded once per test process."""
+    from idm_jax import data  # pylint: disable=g-import-not-at-top  (after the scheduler flag)
+    return data.load_dataset("digits")

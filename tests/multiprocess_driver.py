@@ -3,7 +3,7 @@
   python tests/multiprocess_driver.py PROCESS_ID NUM_PROCESSES PORT WORKDIR STEPS [AT_END]
 
 Joins the others on localhost:PORT (CPU devices, gloo collectives), then condenses
-test_condense.tiny_config(iterations=4) in WORKDIR with run_condensation(max_steps=k) for each
+helpers.tiny_config(iterations=4) in WORKDIR with run_condensation(max_steps=k) for each
 k of STEPS (e.g. "1,3": one iteration, then resume for three more); after each call process 0
 copies synthetic.npz to synthetic_<step>.npz. AT_END=1 evaluates at the end.
 """
@@ -22,7 +22,7 @@ def main(argv):
     from idm_jax import distributed  # pylint: disable=g-import-not-at-top
     distributed.initialize("on", f"localhost:{port}", count, pid, timeout_s=60)
     import jax  # pylint: disable=g-import-not-at-top
-    from test_condense import tiny_config  # pylint: disable=g-import-not-at-top
+    from helpers import tiny_config  # pylint: disable=g-import-not-at-top
     from idm_jax import runner  # pylint: disable=g-import-not-at-top
     c = tiny_config(iterations=4)
     c.eval.at_end = at_end

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from idm_jax import baselines, data, evaluate, export
+from idm_jax import baselines, data, evaluate, evaluate_set, export
 
 LABELS = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 2])
 
@@ -107,7 +107,7 @@ def test_run_baseline_random_then_run_evaluation(tmp_path):
     assert r["mean"] == pytest.approx(np.mean(r["accuracies"])) == pytest.approx(res["archs"]["ConvNetD2"]["mean"])
     assert "| ConvNetD2 | 2 | 2 | 20 |" in open(tmp_path / "random" / "results.md").read()
     # The same file scored through the evaluate entry point.
-    out = evaluate.run_evaluation(c, str(tmp_path / "eval"), str(tmp_path / "random" / "synthetic.npz"))
+    out = evaluate_set.run_evaluation(c, str(tmp_path / "eval"), str(tmp_path / "random" / "synthetic.npz"))
     assert out["method"] == "random" and out["partition_factor"] == 1
     # Pinned: the same seed reproduces the accuracies exactly (an independent evaluate_archs call).
     again = evaluate.evaluate_archs(syn.images_normalized, syn.labels, data.load_config_dataset(c), c.eval,
@@ -122,7 +122,7 @@ def test_run_evaluation_rejects_a_set_of_another_shape(tmp_path):
                                  mean=[0.5] * 3, std=[0.5] * 3, class_names=[str(i) for i in range(10)],
                                  partition_factor=2, method="idm", dataset="cifar10")
     with pytest.raises(ValueError, match=r"\(32, 32, 3\).*'digits' has \(16, 16, 1\)"):
-        evaluate.run_evaluation(_digits_config(), str(tmp_path / "w"), path)
+        evaluate_set.run_evaluation(_digits_config(), str(tmp_path / "w"), path)
     with pytest.raises(ValueError, match="unknown baseline 'kcenter'"):
         baselines.run_baseline(_digits_config("kcenter"), str(tmp_path / "w"))
 

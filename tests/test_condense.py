@@ -15,34 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import quick
+from helpers import tiny_config
 from idm_jax import condense
 from idm_jax import data as data_lib
 from idm_jax import export
 from idm_jax import runner
-
-
-def tiny_config(iterations=4, arg="1"):
-    c = quick.get_config(arg)
-    c.idm.iterations = iterations
-    c.idm.batch_real = 8
-    c.idm.batch_train = 16
-    c.idm.model_train_steps = 2
-    c.idm.net_num = 4
-    c.idm.net_generate_interval = 2
-    c.idm.meter_reset_interval = 3
-    c.log_every = 1
-    c.checkpoint_every = 2
-    c.eval.epochs = 2
-    c.eval.num_seeds = 2
-    c.eval.test_batch_size = 364
-    c.eval.compare_random = False  # the quick demo's Random line is tested in test_integration.py
-    return c
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return data_lib.load_dataset("digits")
+from idm_jax import checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -158,11 +136,11 @@ def test_two_matching_nets_step_is_one_pass_per_net(digits, setup):
     state = condense.init_state(s2, digits, 0, "real")
     # By hand: the nets and keys the step draws, then one per-class pass per net, in order.
     k_net, k_syn, _ = jax.random.split(jax.random.fold_in(state.key, state.step), 3)
-    _, nets, accs, _ = condense._matching_nets(s2, state, k_net, condense.make_init_fn(s2))
+    _, nets, accs, _ = condense.matching_nets(s2, state, k_net, condense.make_init_fn(s2))
     assert len(nets) == 2 and accs.shape == (2,)
     assert not np.allclose(nets[0]["classifier"]["kernel"], nets[1]["classifier"]["kernel"])  # distinct nets
     apply_fn = condense.make_apply_fn(s2.model)
-    update = jax.jit(lambda syn, p, a, k: condense._update_synset(s2, syn, p, a, k, data, apply_fn))
+    update = jax.jit(lambda syn, p, a, k: condense.update_synset(s2, syn, p, a, k, data, apply_fn))
     one, m1 = update(state.syn, nets[0], accs[0], k_syn)
     two, m2 = update(one, nets[1], accs[1], jax.random.fold_in(k_syn, 1))
     new, m = condense.make_step(s2)(jax.tree.map(jnp.copy, state), data)
@@ -297,7 +275,7 @@ def test_run_end_to_end_outputs_and_resume_equals_uninterrupted(tmp_path):
         stopped = runner.run_condensation(tiny_config(), signal_dir)
     assert stopped["interrupted"] and stopped["step"] == 2
     assert not os.path.exists(os.path.join(signal_dir, "synthetic.npz"))
-    mngr = runner.checkpoint_manager(signal_dir, 2)
+    mngr = checkpoints.checkpoint_manager(signal_dir, 2)
     assert mngr.latest_step() == 2
     mngr.close()
     resumed = runner.run_condensation(tiny_config(), signal_dir)
@@ -325,16 +303,16 @@ def test_nonfinite_run_stops_with_clear_error_and_keeps_checkpoint(tmp_path, mon
     c = tiny_config()
     workdir = str(tmp_path / "nan")
     runner.run_condensation(c, workdir, max_steps=2)  # checkpoint at 2
-    real_restore = runner.restore_or_init
+    real_restore = checkpoints.restore_or_init
 
     def restore_then_poison(*args, **kwargs):
         state = real_restore(*args, **kwargs)
         return state.replace(syn=state.syn.replace(images=state.syn.images * jnp.inf))  # after restore
 
-    monkeypatch.setattr(runner, "restore_or_init", restore_then_poison)
+    monkeypatch.setattr(checkpoints, "restore_or_init", restore_then_poison)
     with pytest.raises(runner.NonFiniteLossError, match="non-finite .* at iteration 2"):
         runner.run_condensation(c, workdir)
-    mngr = runner.checkpoint_manager(workdir, 2)
+    mngr = checkpoints.checkpoint_manager(workdir, 2)
     assert mngr.latest_step() == 2  # nothing newer was written
     mngr.close()
 
@@ -502,7 +480,7 @@ def test_runner_with_two_steps_per_dispatch_writes_what_one_step_does(tmp_path, 
         workdir = tmp_path / f"k{k}"
         runner.run_condensation(c, str(workdir))
         rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-        mngr = runner.checkpoint_manager(str(workdir), 2)
+        mngr = checkpoints.checkpoint_manager(str(workdir), 2)
         outputs[k] = rows, mngr.all_steps(), _npz(workdir / "synthetic.npz")["images_normalized"]
         mngr.close()
     (rows1, ckpts1, images1), (rows2, ckpts2, images2) = outputs[1], outputs[2]

@@ -77,7 +77,7 @@ def test_consistency_mode_end_to_end_on_digits(tmp_path):
 
 def test_plot_without_matplotlib_fails_with_a_clear_message(monkeypatch):
     import builtins
-    from idm_jax import plots
+    from idm_jax import errors, plots
     real_import = builtins.__import__
 
     def no_matplotlib(name, *args, **kwargs):
@@ -86,5 +86,5 @@ def test_plot_without_matplotlib_fails_with_a_clear_message(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    with pytest.raises(plots.MissingDependency, match="pip install \"idm_jax\\[plots\\]\""):
+    with pytest.raises(errors.MissingDependency, match="pip install \"idm_jax\\[plots\\]\""):
         plots.bars("x.png", ["a"], [1.0], [0.0])

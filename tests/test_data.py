@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from idm_jax import data
+from idm_jax.data import cache as data_cache
 from idm_jax import errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,11 +71,6 @@ def toy_tree(tmp_path) -> Path:
 # --------------------------------------------------------------------------- #
 # digits
 # --------------------------------------------------------------------------- #
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return data.load_dataset("digits")
 
 
 def test_digits_shapes_split_and_range(digits):
@@ -208,7 +204,7 @@ def test_second_load_uses_cache(toy_tree, tmp_path, monkeypatch):
     files = sorted(p.name for p in cache.iterdir())
     assert len(files) == 1 and files[0].startswith("decoded-") and files[0].endswith(".npz")  # no tmp left
 
-    monkeypatch.setattr(data.decode, "_decode_image", no_decoding)
+    monkeypatch.setattr(data.decode, "decode_image", no_decoding)
     assert_is_toy(data.load_dataset(str(archive), cache_dir=str(cache)), "toy")
     # The key is the content, not the path or the time: a copy elsewhere (another
     # name, a newer mtime) reuses the entry, and no second file is written.
@@ -231,19 +227,19 @@ def test_second_load_uses_cache(toy_tree, tmp_path, monkeypatch):
 def test_archive_key_reads_only_its_ends(tmp_path):
     """The key hashes the size and the first and last MiB: a change at the end is seen."""
     big = tmp_path / "big.tar"
-    payload = bytearray(os.urandom(3 * data._HASHED_BYTES))  # pylint: disable=protected-access
+    payload = bytearray(os.urandom(3 * data_cache.HASHED_BYTES))
     big.write_bytes(payload)
-    key = data._fingerprint(str(big), None)  # pylint: disable=protected-access
+    key = data_cache.fingerprint(str(big), None)
     payload[-1] ^= 1  # last MiB
     big.write_bytes(payload)
-    assert data._fingerprint(str(big), None) != key  # pylint: disable=protected-access
-    assert data._fingerprint(str(big), 8) != data._fingerprint(str(big), None)  # pylint: disable=protected-access
+    assert data_cache.fingerprint(str(big), None) != key
+    assert data_cache.fingerprint(str(big), 8) != data_cache.fingerprint(str(big), None)
 
 
 def test_folder_cache_notices_changed_files(toy_tree, tmp_path, monkeypatch):
     cache = str(tmp_path / "cache")
     data.load_dataset(str(toy_tree), cache_dir=cache)
-    monkeypatch.setattr(data.decode, "_decode_image", no_decoding)
+    monkeypatch.setattr(data.decode, "decode_image", no_decoding)
     data.load_dataset(str(toy_tree), cache_dir=cache)  # unchanged: cache hit
     Image.new("RGB", (8, 8), (1, 2, 3)).save(toy_tree / "train" / "ant" / "999.png")
     with pytest.raises(AssertionError, match="decoded although"):

@@ -2,12 +2,12 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from idm_jax import augment, data, evaluate, measure, models, trainer
+from configs import base
+from idm_jax import augment, data, evaluate, evaluate_set, measure, models, trainer
 
 H = 16
 MEAN, STD = np.array([0.5], np.float32), np.array([0.25], np.float32)
@@ -184,8 +184,9 @@ def test_forgetting_events_are_correct_to_incorrect_transitions():
 
 
 def test_evaluate_archs_partitions_first():
-    cfg = ml_collections.ConfigDict(dict(num_seeds=3, epochs=1, batch_size=16, lr=0.01, momentum=0.9,
-                                         weight_decay=5e-4, dsa=True, test_batch_size=64))
+    cfg = base.get_config().eval  # every eval field, with its default
+    cfg.update(dict(num_seeds=3, epochs=1, batch_size=16, lr=0.01, momentum=0.9, weight_decay=5e-4,
+                    dsa=True, test_batch_size=64))
     dataset = type("D", (), dict(test_images=TEST_U8, test_labels=TEST_Y, mean=MEAN, std=STD,
                                  num_classes=4))()
     out = evaluate.evaluate_archs(TRAIN_X[:10], TRAIN_Y[:10], dataset, cfg, archs="ConvNetD2",
@@ -253,24 +254,17 @@ def test_run_evaluation_scores_a_bare_torch_layout_set_like_its_own_format(tmp_p
                                  class_names=ds.class_names, partition_factor=1, method="dm", dataset=ds.name)
     bare = tmp_path / "release.npz"
     np.savez(bare, images=np.transpose(normalized, (0, 3, 1, 2)), labels=labels.astype(np.int64))
-    ours = evaluate.run_evaluation(c, str(tmp_path / "ours"), full)
-    theirs = evaluate.run_evaluation(c, str(tmp_path / "theirs"), str(bare), space="normalized", method="dm")
+    ours = evaluate_set.run_evaluation(c, str(tmp_path / "ours"), full)
+    theirs = evaluate_set.run_evaluation(c, str(tmp_path / "theirs"), str(bare), space="normalized", method="dm")
     assert theirs["archs"]["ConvNetD2"]["accuracies"] == ours["archs"]["ConvNetD2"]["accuracies"]
     assert (theirs["method"], theirs["partition_factor"], theirs["ipc"], theirs["num_images"]) == ("dm", 1, 2, 20)
     assert theirs["filled_from_dataset"] == ["mean", "std", "class_names", "partition_factor", "method", "dataset"]
     assert "filled_from_dataset" not in ours
     # Pixel space by default: the same normalized file is refused with one line naming its values.
     with pytest.raises(ValueError, match=r"release.npz': images span \[-.*--synthetic_space=normalized"):
-        evaluate.run_evaluation(c, str(tmp_path / "bad"), str(bare))
+        evaluate_set.run_evaluation(c, str(tmp_path / "bad"), str(bare))
     with pytest.raises(FileNotFoundError, match="nope.npz"):
-        evaluate.run_evaluation(c, str(tmp_path / "bad"), str(tmp_path / "nope.npz"))
-
-
-def test_measuring_lives_in_measure_and_stays_reachable_as_trainer_names():
-    assert trainer.measure_accuracy is measure.measure_accuracy and trainer.embed_images is measure.embed_images
-    assert measure.measure_accuracy.__module__ == "idm_jax.measure"
-    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
-        trainer.no_such_name  # noqa: B018
+        evaluate_set.run_evaluation(c, str(tmp_path / "bad"), str(tmp_path / "nope.npz"))
 
 
 def test_picked_seeds_get_the_keys_they_have_among_all_seeds():

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from idm_jax import export
+from idm_jax import results as results_lib
 
 MEAN = np.array([0.5, 0.25, 0.125], np.float32)
 STD = np.array([0.25, 0.5, 0.5], np.float32)
@@ -189,31 +190,31 @@ def test_write_results_round_trip(tmp_path):
     results = {"method": "random", "archs": {"ConvNet": {"accuracies": np.array([50.0, 52.0]),
                                                         "mean": np.float32(51.0),
                                                         "seconds_per_epoch": float("nan")}}}
-    path = export.write_results(str(tmp_path), results)
+    path = results_lib.write_results(str(tmp_path), results)
     assert json.load(open(path)) == {"method": "random", "archs": {"ConvNet": {
         "accuracies": [50.0, 52.0], "mean": 51.0, "seconds_per_epoch": None}}}
     assert os.listdir(tmp_path) == ["results.json"]
 
 
 def test_paper_numbers_match_reference():
-    assert export.paper_accuracy("cifar10", "idm", 10, "ConvNet", partition_factor=2)[:2] == (58.6, 0.1)
-    assert export.paper_accuracy("cifar100", "idm", 50, "ConvNet")[0] == 50.0
-    assert export.paper_accuracy("tinyimagenet", "dm", 1, "ConvNetD4", partition_factor=1,
+    assert results_lib.paper_accuracy("cifar10", "idm", 10, "ConvNet", partition_factor=2)[:2] == (58.6, 0.1)
+    assert results_lib.paper_accuracy("cifar100", "idm", 50, "ConvNet")[0] == 50.0
+    assert results_lib.paper_accuracy("tinyimagenet", "dm", 1, "ConvNetD4", partition_factor=1,
                                   train_arch="ConvNetD4")[0] == 3.9
-    assert export.paper_accuracy("imagenet_subset", "idm", 1, "ConvNetD6", train_arch="ConvNetD6")[0] == 11.2
-    assert export.paper_accuracy("cifar10", "whole", None, "ConvNet")[0] == 84.8
-    assert export.paper_accuracy("cifar10", "random", 1, "ConvNet", partition_factor=1)[:2] == (14.4, 2.0)
+    assert results_lib.paper_accuracy("imagenet_subset", "idm", 1, "ConvNetD6", train_arch="ConvNetD6")[0] == 11.2
+    assert results_lib.paper_accuracy("cifar10", "whole", None, "ConvNet")[0] == 84.8
+    assert results_lib.paper_accuracy("cifar10", "random", 1, "ConvNet", partition_factor=1)[:2] == (14.4, 2.0)
     # Table 5: CIFAR-10 IPC 10 condensed with ConvNet, no partition.
-    table5 = [export.paper_accuracy("cifar10", "idm", 10, a, partition_factor=1)[0]
+    table5 = [results_lib.paper_accuracy("cifar10", "idm", 10, a, partition_factor=1)[0]
               for a in ("ConvNet", "AlexNet", "VGG11", "ResNet18")]
     assert table5 == [53.0, 44.6, 47.8, 44.6]
-    assert export.paper_accuracy("cifar10", "dm", 10, "AlexNet", partition_factor=1)[0] == 38.8
+    assert results_lib.paper_accuracy("cifar10", "dm", 10, "AlexNet", partition_factor=1)[0] == 38.8
     # No number for settings the paper did not run.
-    assert export.paper_accuracy("cifar10", "idm", 10, "AlexNet", partition_factor=2) is None
-    assert export.paper_accuracy("cifar10", "idm", 20, "ConvNet") is None
-    assert export.paper_accuracy("tinyimagenet", "idm", 1, "ConvNetD4", train_arch="AlexNet") is None
-    assert export.paper_accuracy("digits", "idm", 1, "ConvNet") is None
-    assert export.paper_results()["continual"]["idm"] == [39.3, 39.3]
+    assert results_lib.paper_accuracy("cifar10", "idm", 10, "AlexNet", partition_factor=2) is None
+    assert results_lib.paper_accuracy("cifar10", "idm", 20, "ConvNet") is None
+    assert results_lib.paper_accuracy("tinyimagenet", "idm", 1, "ConvNetD4", train_arch="AlexNet") is None
+    assert results_lib.paper_accuracy("digits", "idm", 1, "ConvNet") is None
+    assert results_lib.paper_results()["continual"]["idm"] == [39.3, 39.3]
 
 
 @pytest.mark.parametrize("name,key", [("cifar10", "cifar10"), ("tfds:cifar100", "cifar100"),
@@ -221,7 +222,7 @@ def test_paper_numbers_match_reference():
                                       ("/data/cifar10-jpeg.tar.gz", "cifar10"),
                                       ("tiny-imagenet-200", "tinyimagenet"), ("digits", None)])
 def test_paper_dataset_key(name, key):
-    assert export.paper_dataset_key(name) == key
+    assert results_lib.paper_dataset_key(name) == key
 
 
 def test_results_markdown_puts_paper_beside_measured():
@@ -231,7 +232,7 @@ def test_results_markdown_puts_paper_beside_measured():
                                      "num_seeds": 5, "epochs": 1000, "num_train_images": 400},
                          "AlexNet": {"mean": 40.0, "std": 1.0, "num_seeds": 5, "epochs": 1000,
                                      "num_train_images": 400}}}
-    md = export.results_markdown(results)
+    md = results_lib.results_markdown(results)
     lines = md.splitlines()
     convnet = next(l for l in lines if l.startswith("| ConvNet"))
     assert "57.12 ± 0.46" in convnet and "58.6 ± 0.1" in convnet and "Table 1" in convnet
@@ -246,7 +247,7 @@ def test_results_markdown_adds_the_random_reference_rows():
                                      "num_train_images": 400}},
                "random_reference": {"ConvNet": {"mean": 25.125, "std": 1.0, "num_seeds": 2, "epochs": 150,
                                                 "num_train_images": 100}}}
-    ref = [l for l in export.results_markdown(results).splitlines() if "Random real images" in l]
+    ref = [l for l in results_lib.results_markdown(results).splitlines() if "Random real images" in l]
     assert ref == ["| ConvNet, Random real images (reference) | 2 | 150 | 100 | 25.12 ± 1.00 | 26.0 ± 1.2 | "
                    "Table 1, CIFAR-10 IPC 10 |"]
 
@@ -381,15 +382,6 @@ def test_file_without_pixel_copy_loads(tmp_path):
     s = export.load_synthetic(path)
     np.testing.assert_array_equal(s.images_normalized, images)
     np.testing.assert_allclose(s.images, np.clip(images * STD + MEAN, 0, 1), atol=1e-6)
-
-
-def test_results_names_live_in_results_and_stay_reachable_as_export_names():
-    from idm_jax import results
-    for name in ("finish_results", "paper_accuracy", "paper_dataset_key", "paper_results", "results_markdown",
-                 "results_record", "write_report", "write_results"):
-        assert getattr(export, name) is getattr(results, name)
-        assert getattr(results, name).__module__ == "idm_jax.results"
-    assert export.save_synthetic.__module__ == "idm_jax.export"
 
 
 def test_atomic_file_makes_the_folder_and_keeps_the_old_file_on_failure(tmp_path):

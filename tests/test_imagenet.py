@@ -14,9 +14,10 @@ from configs import imagenet_subset
 from idm_jax import condense
 from idm_jax import config_check
 from idm_jax import data as data_lib
+from idm_jax.data import decode
 from idm_jax import queue as queue_lib
 from idm_jax import runner
-from tests.test_condense import tiny_config
+from helpers import tiny_config
 
 WNIDS = ("n01000003", "n01000001", "n01000002")  # a list order that is not sorted
 
@@ -80,23 +81,23 @@ def _bands(h, w, edges):
 
 def test_center_crop_keeps_the_middle_of_a_non_square_image():
     # 224 x 448 (H x W): no resize needed; the crop is columns 112..335 = the green band.
-    out = data_lib._resize_one(_bands(224, 448, (112, 336)), 224, "center_crop")
+    out = decode.resize_one(_bands(224, 448, (112, 336)), 224, "center_crop")
     assert out.shape == (224, 224, 3)
     assert (out[..., 1] == 255).all() and (out[..., 0] == 0).all() and (out[..., 2] == 0).all()
     # 300 x 600: shorter side 300 -> 224, longer 600 -> 448, then the same crop. Only the
     # bilinear filter's reach blends the outermost columns.
-    out = data_lib._resize_one(_bands(300, 600, (150, 450)), 224, "center_crop")
+    out = decode.resize_one(_bands(300, 600, (150, 450)), 224, "center_crop")
     assert out.shape == (224, 224, 3)
     assert (out[:, 2:-2, 1] == 255).all() and out[:, 2:-2, [0, 2]].max() == 0
     # Portrait 500 x 250 -> 448 x 224 and the central rows: rows 112..335 of the resized image.
     tall = np.swapaxes(_bands(250, 500, (125, 375)), 0, 1)
-    out = data_lib._resize_one(tall, 224, "center_crop")
+    out = decode.resize_one(tall, 224, "center_crop")
     assert (out[2:-2, :, 1] == 255).all() and out[2:-2, :, [0, 2]].max() == 0
     # Odd margin: 224 x 301 -> offset round(77 / 2) = 38 (as torchvision's CenterCrop).
     ramp = np.broadcast_to(np.arange(301, dtype=np.uint8)[None, :, None], (224, 301, 3)).copy()
-    np.testing.assert_array_equal(data_lib._resize_one(ramp, 224, "center_crop")[0, :, 0], np.arange(38, 262) % 256)
+    np.testing.assert_array_equal(decode.resize_one(ramp, 224, "center_crop")[0, :, 0], np.arange(38, 262) % 256)
     # "stretch" squashes the whole width in: all three bands survive.
-    squashed = data_lib._resize_one(_bands(224, 448, (112, 336)), 224, "stretch")
+    squashed = decode.resize_one(_bands(224, 448, (112, 336)), 224, "stretch")
     assert squashed[:, :50, 0].min() == 255 and squashed[:, -50:, 2].min() == 255
 
 
@@ -163,7 +164,7 @@ def test_memmap_cache_matches_in_memory_arrays(tmp_path, monkeypatch):
         np.testing.assert_array_equal(getattr(mapped, k), getattr(in_memory, k))
     (folder,) = [p for p in (tmp_path / "c2").iterdir()]
     assert folder.is_dir() and json.loads((folder / "class_names.json").read_text()) == list(WNIDS)
-    monkeypatch.setattr(data_lib.decode, "_decode_splits", lambda *a, **k: pytest.fail("decoded again"))
+    monkeypatch.setattr(data_lib.decode, "decode_splits", lambda *a, **k: pytest.fail("decoded again"))
     again = data_lib.load_dataset(str(root), cache_dir=str(tmp_path / "c2"), **kw)
     assert isinstance(again.train_images, np.memmap) and again.class_names == WNIDS
 
@@ -391,7 +392,7 @@ def test_queue_batches_walk_shuffled_passes():
     ds, _, s = _quirk_settings()
     base = jax.random.PRNGKey(5)
     got = np.asarray(condense.queue_pass_indices(s, base, len(ds.train_labels), 3))
-    walk_key = jax.random.fold_in(base, condense._PASS_SALT)
+    walk_key = jax.random.fold_in(base, condense.PASS_SALT)
     for m in range(2):
         for k in range(2):
             np.testing.assert_array_equal(

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from configs import quick
-from idm_jax import export
+from idm_jax import results as results_lib
 from idm_jax import runner
 
 
@@ -22,4 +22,4 @@ def test_quick_demo_beats_random_real_images(tmp_path):
     # A clear margin: 10 points over the seeds' means (measured: 86.95 vs 63.05 at 50 iterations).
     assert idm_acc["mean"] >= rnd_acc["mean"] + 10.0
     table = (tmp_path / "quick" / "results.md").read_text()
-    assert "Random real images (reference)" in table and export.results_markdown(results) in table
+    assert "Random real images (reference)" in table and results_lib.results_markdown(results) in table

@@ -7,8 +7,6 @@ timeout, so a broken rendezvous fails the test instead of hanging it.
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import jax
@@ -16,44 +14,12 @@ import numpy as np
 import pytest
 
 from idm_jax import data as data_lib
-from idm_jax import distributed
+from idm_jax import condense, distributed
 from idm_jax import evaluate
-from test_condense import tiny_config
+from helpers import free_port, launch, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(ROOT, "tests", "multiprocess_driver.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _env():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # one CPU device per process
-    for k in [k for k in env if k.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR", "JAX_NUM_PROC",
-                                              "JAX_PROCESS_ID", "TPU_WORKER"))]:
-        env.pop(k)
-    return env
-
-
-def launch(commands, timeout):
-    """Starts every command at once; returns [(returncode, stdout, stderr)], killing all on timeout."""
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=_env(), cwd=ROOT) for cmd in commands]
-    out = []
-    try:
-        for p in procs:
-            stdout, stderr = p.communicate(timeout=timeout)
-            out.append((p.returncode, stdout, stderr))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    return out
 
 
 def main_py(*args):
@@ -108,7 +74,7 @@ def test_one_process_is_left_alone(monkeypatch):
     assert distributed.initialize("off", "localhost:1", 2, 0) is False
     assert distributed.initialize("auto", "localhost:1", 1, 0) is False  # one process: nothing to join
     assert distributed.is_main() and not distributed.multi_process()
-    assert distributed.class_mesh(1, 10) is None
+    assert condense.class_mesh(1, 10) is None
     assert distributed.any_process(True) and not distributed.any_process(False)
     distributed.check_replicated({"a": np.ones(3)}, "anything")  # no-op
     assert distributed.gather_objects({"x": 1}) == [{"x": 1}]
@@ -137,9 +103,9 @@ def test_checksums_see_any_difference():
 
 def test_evaluation_networks_are_dealt_round_robin_and_merged_in_seed_order():
     archs = ["ConvNet", "AlexNet"]
-    shares = [distributed.evaluation_tasks(archs, 3, p, 2) for p in range(2)]
+    shares = [evaluate.evaluation_tasks(archs, 3, p, 2) for p in range(2)]
     assert shares == [{"ConvNet": [0, 2], "AlexNet": [1]}, {"ConvNet": [1], "AlexNet": [0, 2]}]
-    alone = distributed.evaluation_tasks(archs, 3, 0, 1)
+    alone = evaluate.evaluation_tasks(archs, 3, 0, 1)
     assert alone == {"ConvNet": [0, 1, 2], "AlexNet": [0, 1, 2]}
 
     def part(arch, seeds):
@@ -149,7 +115,7 @@ def test_evaluation_networks_are_dealt_round_robin_and_merged_in_seed_order():
                 "test_seconds": 0.5}
 
     parts = [{a: part(a, s) for a, s in share.items()} for share in shares]
-    merged = distributed.merge_evaluations(parts, shares, archs)
+    merged = evaluate.merge_evaluations(parts, shares, archs)
     assert merged["ConvNet"]["accuracies"] == [0.0, 10.0, 20.0]
     assert merged["AlexNet"]["accuracies"] == [1.0, 11.0, 21.0]
     assert merged["ConvNet"]["mean"] == pytest.approx(10.0)

@@ -76,7 +76,7 @@ def test_idm_loss_is_what_the_step_differentiates():
     params = condense.make_init_fn(s)(jax.random.PRNGKey(3))[0]
     apply_fn = condense.make_apply_fn(s.model)
     key, acc = jax.random.PRNGKey(7), jnp.float32(40.0)
-    new, metrics = jax.jit(lambda syn: condense._update_synset(s, syn, params, acc, key, data, apply_fn))(syn)
+    new, metrics = jax.jit(lambda syn: condense.update_synset(s, syn, params, acc, key, data, apply_fn))(syn)
 
     # The same draws by hand: the step splits its key into real-sampling and DSA keys.
     k_real, k_dsa = jax.random.split(key)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from idm_jax import export, publish
+from idm_jax import results as results_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETS = os.path.join(ROOT, "synthetic_sets")
@@ -86,7 +87,7 @@ def _workdir(tmp_path, name="run", *, iterations=20000, ipc=2, n_classes=3, hw=4
     export.save_synthetic(str(wd / "synthetic.npz"), images, labels, mean=MEAN, std=STD,
                           class_names=[f"c{k}" for k in range(n_classes)], partition_factor=2, method=method,
                           dataset="digits", config_json=json.dumps({"idm.iterations": iterations, "ipc": ipc}))
-    export.write_results(str(wd), {"method": method, "iterations": iterations, "train_arch": "ConvNetD2",
+    results_lib.write_results(str(wd), {"method": method, "iterations": iterations, "train_arch": "ConvNetD2",
                                    "archs": {"ConvNetD2": {"mean": mean, "std": 1.0, "num_seeds": 3,
                                                            "accuracies": [mean - 1, mean, mean + 1]}}})
     if info:
@@ -200,7 +201,7 @@ def _cell(root, name, *, iterations=20000, done=True, acc=58.0, npz_bytes=0, eva
     rows = [{"step": s, "eval/ConvNet/mean": a} for s, a in eval_rows] + [{"step": 10, "loss": 1.0}]
     (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if done:
-        export.write_results(str(wd), {"iterations": iterations if "random" not in name else None,
+        results_lib.write_results(str(wd), {"iterations": iterations if "random" not in name else None,
                                        "train_arch": "ConvNet", "archs": {"ConvNet": {
                                            "mean": acc, "std": 0.5, "num_seeds": 5, "accuracies": [acc] * 5}}})
         if "random" in name:  # a baseline's results have no iterations

@@ -17,13 +17,16 @@ import sys
 import time
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from idm_jax import export
+from idm_jax import checkpoints
+from idm_jax import results as results_lib
 from idm_jax import runner
 from idm_jax import workdir as workdir_lib
 from idm_jax import workdir_lock
-from test_workdir import TINY_FLAGS, _env, fast_config, images, metric_steps, run_main, snapshot
+from helpers import TINY_FLAGS, compile_cache_env, fast_config, metric_steps, run_main, snapshot, synthetic_images
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,8 +34,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOLDER = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from idm_jax import workdir
-holder = workdir.acquire_lock({workdir!r})
+from idm_jax import workdir_lock
+holder = workdir_lock.acquire_lock({workdir!r})
 print("held", holder["pid"], flush=True)
 time.sleep(120)
 """
@@ -48,8 +51,8 @@ def start_holder(workdir) -> subprocess.Popen:
 
 def try_lock_elsewhere(workdir) -> tuple[int, str]:
     """(returncode, last stderr line) of another process trying the lock once."""
-    code = (f"import sys; sys.path.insert(0, {REPO!r}); from idm_jax import workdir; "
-            f"workdir.acquire_lock({str(workdir)!r}); workdir.release_lock({str(workdir)!r})")
+    code = (f"import sys; sys.path.insert(0, {REPO!r}); from idm_jax import workdir_lock; "
+            f"workdir_lock.acquire_lock({str(workdir)!r}); workdir_lock.release_lock({str(workdir)!r})")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     return out.returncode, (out.stderr.strip().splitlines() or [""])[-1]
 
@@ -74,8 +77,8 @@ def warnings(monkeypatch):
 
 
 def test_a_held_workdir_stops_another_process_and_is_released(tmp_path):
-    holder = workdir_lib.acquire_lock(str(tmp_path))
-    lock = tmp_path / workdir_lib.LOCK
+    holder = workdir_lock.acquire_lock(str(tmp_path))
+    lock = tmp_path / workdir_lock.LOCK
     written = json.loads(lock.read_text())
     assert written == holder and written["pid"] == os.getpid() and written["host"] == socket.gethostname()
     assert set(written) >= {"started", "boot_id", "command"}
@@ -85,10 +88,10 @@ def test_a_held_workdir_stops_another_process_and_is_released(tmp_path):
         f"{socket.gethostname()}, started {holder['started']}" in line, line
 
     # Nested holds (main.py, then run_condensation) in one process: the last release frees it.
-    assert workdir_lib.acquire_lock(str(tmp_path)) == holder
-    workdir_lib.release_lock(str(tmp_path))
+    assert workdir_lock.acquire_lock(str(tmp_path)) == holder
+    workdir_lock.release_lock(str(tmp_path))
     assert lock.exists() and try_lock_elsewhere(tmp_path)[0] == 1
-    workdir_lib.release_lock(str(tmp_path))
+    workdir_lock.release_lock(str(tmp_path))
     assert not lock.exists()
     assert try_lock_elsewhere(tmp_path)[0] == 0
     assert sorted(os.listdir(tmp_path)) == []  # nothing left behind
@@ -97,26 +100,26 @@ def test_a_held_workdir_stops_another_process_and_is_released(tmp_path):
 def test_a_lock_left_by_a_killed_process_is_taken_over_with_a_warning(tmp_path, warnings):
     proc = start_holder(tmp_path)
     try:
-        with pytest.raises(workdir_lib.WorkdirBusyError, match=f"in use by process {proc.pid} on host"):
-            workdir_lib.acquire_lock(str(tmp_path))
+        with pytest.raises(workdir_lock.WorkdirBusyError, match=f"in use by process {proc.pid} on host"):
+            workdir_lock.acquire_lock(str(tmp_path))
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
-    assert (tmp_path / workdir_lib.LOCK).exists()  # kill -9: no cleanup, but the OS dropped the flock
-    holder = workdir_lib.acquire_lock(str(tmp_path))
+    assert (tmp_path / workdir_lock.LOCK).exists()  # kill -9: no cleanup, but the OS dropped the flock
+    holder = workdir_lock.acquire_lock(str(tmp_path))
     try:
         assert holder["pid"] == os.getpid()
         assert len(warnings) == 1 and f"took over the lock left by process {proc.pid} on host" in warnings[0]
         assert "\n" not in warnings[0]
     finally:
-        workdir_lib.release_lock(str(tmp_path))
+        workdir_lock.release_lock(str(tmp_path))
 
 
 def test_without_flock_the_lock_file_and_its_pid_decide(tmp_path, monkeypatch, warnings):
     def no_flock(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
     monkeypatch.setattr(workdir_lock.fcntl, "flock", no_flock)
-    lock = tmp_path / workdir_lib.LOCK
+    lock = tmp_path / workdir_lock.LOCK
 
     def left_by(pid, host=None):
         lock.write_text(json.dumps({"host": host or socket.gethostname(), "pid": pid,
@@ -125,20 +128,20 @@ def test_without_flock_the_lock_file_and_its_pid_decide(tmp_path, monkeypatch, w
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         left_by(alive.pid)
-        with pytest.raises(workdir_lib.WorkdirBusyError, match=f"process {alive.pid} .*if that process is "
+        with pytest.raises(workdir_lock.WorkdirBusyError, match=f"process {alive.pid} .*if that process is "
                            f"gone, delete {lock}"):
-            workdir_lib.acquire_lock(str(tmp_path))
+            workdir_lock.acquire_lock(str(tmp_path))
     finally:
         alive.kill()
         alive.wait()
     left_by(alive.pid, host="elsewhere")  # another machine's pid cannot be checked: still busy
-    with pytest.raises(workdir_lib.WorkdirBusyError, match="on host elsewhere"):
-        workdir_lib.acquire_lock(str(tmp_path))
+    with pytest.raises(workdir_lock.WorkdirBusyError, match="on host elsewhere"):
+        workdir_lock.acquire_lock(str(tmp_path))
     left_by(alive.pid)  # gone, on this machine: stale
-    assert workdir_lib.acquire_lock(str(tmp_path))["pid"] == os.getpid()
+    assert workdir_lock.acquire_lock(str(tmp_path))["pid"] == os.getpid()
     assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert [w for w in warnings if f"left by process {alive.pid}" in w]
-    workdir_lib.release_lock(str(tmp_path))
+    workdir_lock.release_lock(str(tmp_path))
     assert not lock.exists()
 
 
@@ -155,10 +158,10 @@ EXITS = {
 def test_main_releases_the_lock_however_it_ends(tmp_path, ending):
     # main.py's own two lines (SIGTERM handler, lock_until_exit), then the ending.
     code = (f"import os, signal, sys, time; sys.path.insert(0, {REPO!r}); os.environ['JAX_PLATFORMS'] = 'cpu'\n"
-            "import main\nfrom idm_jax import workdir\n"
+            "import main\nfrom idm_jax import workdir_lock\n"
             "signal.signal(signal.SIGTERM, main._exit_on_sigterm)\n"
-            f"workdir.lock_until_exit({str(tmp_path)!r})\n"
-            f"assert os.path.exists({str(tmp_path / workdir_lib.LOCK)!r})\n" + EXITS[ending])
+            f"workdir_lock.lock_until_exit({str(tmp_path)!r})\n"
+            f"assert os.path.exists({str(tmp_path / workdir_lock.LOCK)!r})\n" + EXITS[ending])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == {"exception": 1, "sigterm": 128 + signal.SIGTERM,
                               "ctrl_c": -signal.SIGINT}[ending], out.stderr
@@ -170,7 +173,7 @@ def test_main_refuses_a_workdir_in_use_in_one_line_and_writes_nothing(tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "config.json").write_text("{}")
-    holder = workdir_lib.acquire_lock(str(workdir))
+    holder = workdir_lock.acquire_lock(str(workdir))
     try:
         before = snapshot(workdir)
         out = run_main("--config=configs/quick.py", f"--workdir={workdir}")
@@ -181,7 +184,7 @@ def test_main_refuses_a_workdir_in_use_in_one_line_and_writes_nothing(tmp_path):
                          "that run to end (or stop it), or use another --workdir"], out.stderr
         assert snapshot(workdir) == before
     finally:
-        workdir_lib.release_lock(str(workdir))
+        workdir_lock.release_lock(str(workdir))
 
 
 # --------------------------------------------------------------------------- #
@@ -205,13 +208,13 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_an_ol
     workdir = str(tmp_path / "run")
     config = fast_config(checkpoint_every=1, checkpoint_every_minutes=0.0, keep_checkpoints=2)
     runner.run_condensation(config, workdir, max_steps=2)
-    straight = images(workdir)  # the set at iteration 2
+    straight = synthetic_images(workdir)  # the set at iteration 2
     truncate_arrays(os.path.join(workdir, "checkpoints", "2"))
     damaged_files = snapshot(os.path.join(workdir, "checkpoints", "2"))
 
     summary = runner.run_condensation(config, workdir, max_steps=1)
     assert summary["start_step"] == 1 and summary["step"] == 2
-    np.testing.assert_array_equal(images(workdir), straight)  # redone from iteration 1: the same set
+    np.testing.assert_array_equal(synthetic_images(workdir), straight)  # redone from iteration 1: the same set
     (aside,) = os.listdir(os.path.join(workdir, workdir_lib.DAMAGED))
     assert aside.startswith("2-")
     assert snapshot(os.path.join(workdir, workdir_lib.DAMAGED, aside)) == damaged_files  # kept as it was
@@ -247,10 +250,10 @@ def test_restore_problem_is_one_short_line():
                             "TensorStore details: <bound method spec of TensorStore({\n 'driver': 'zarr'})>") \
                 from inner
     except Exception as e:  # pylint: disable=broad-except
-        assert runner.restore_problem(e) == ('OUT_OF_RANGE: Error reading "syn.images/0": Requested byte '
+        assert checkpoints.restore_problem(e) == ('OUT_OF_RANGE: Error reading "syn.images/0": Requested byte '
                                              'range [1, 9) is not valid')
-    assert runner.restore_problem(KeyError()) == "KeyError"
-    assert len(runner.restore_problem(ValueError("x" * 500))) == 160
+    assert checkpoints.restore_problem(KeyError()) == "KeyError"
+    assert len(checkpoints.restore_problem(ValueError("x" * 500))) == 160
 
 
 # --------------------------------------------------------------------------- #
@@ -267,17 +270,17 @@ def test_a_full_disk_during_a_checkpoint_stops_in_one_line_and_the_next_run_resu
     its save thread after leaving <step>.orbax-checkpoint-tmp; the real tmpfs is a slow test."""
     workdir = str(tmp_path / "run")
     config = fast_config(checkpoint_every=1, checkpoint_every_minutes=0.0)
-    real_save, sizes = runner.ocp.CheckpointManager.save, []
+    real_save, sizes = ocp.CheckpointManager.save, []
 
     def save(self, step, *args, **kwargs):
         if step == 2:
             partial = os.path.join(str(self.directory), "2.orbax-checkpoint-tmp", "default")
             os.makedirs(partial)
             open(os.path.join(partial, "half"), "wb").write(b"\0" * 1000)
-            sizes.append(runner.state_nbytes(kwargs["args"].item))
+            sizes.append(checkpoints.state_nbytes(kwargs["args"].item))
             raise ValueError(DISK_FULL.format(path=partial))
         return real_save(self, step, *args, **kwargs)
-    monkeypatch.setattr(runner.ocp.CheckpointManager, "save", save)
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
     with pytest.raises(workdir_lib.NoSpaceError) as e:
         runner.run_condensation(config, workdir, max_steps=3)
     message = str(e.value)
@@ -286,7 +289,7 @@ def test_a_full_disk_during_a_checkpoint_stops_in_one_line_and_the_next_run_resu
     assert sizes[0] > 1e5  # the state's arrays: images, momentum, queue nets
     assert "the checkpoint at iteration 1 and every earlier output are intact" in message and "\n" not in message
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"]  # partial folder removed
-    assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK))
+    assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK))
 
     monkeypatch.undo()  # space freed
     summary = runner.run_condensation(config, workdir, max_steps=1)
@@ -325,7 +328,7 @@ def test_a_full_disk_while_writing_outputs_keeps_the_previous_files(tmp_path, mo
                     method="idm", dataset="digits")
     npz = str(tmp_path / "synthetic.npz")
     export.save_synthetic(npz, rng.normal(size=(20, 8, 8, 1)), np.repeat(np.arange(10), 2), **set_args)
-    export.finish_results(str(tmp_path), {"method": "idm", "dataset": "digits", "ipc": 2, "archs": {}})
+    results_lib.finish_results(str(tmp_path), {"method": "idm", "dataset": "digits", "ipc": 2, "archs": {}})
     workdir_lib.atomic_write(str(tmp_path / "config.json"), '{"ipc": 2}')
     before = snapshot(tmp_path)
 
@@ -339,7 +342,7 @@ def test_a_full_disk_while_writing_outputs_keeps_the_previous_files(tmp_path, mo
     assert "the previous synthetic.npz is intact" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(workdir_lib.NoSpaceError, match="to write results.json in .* the previous results.json "
                        "is intact"):
-        export.finish_results(str(tmp_path), {"method": "idm", "dataset": "digits", "ipc": 4, "archs": {}})
+        results_lib.finish_results(str(tmp_path), {"method": "idm", "dataset": "digits", "ipc": 4, "archs": {}})
     with pytest.raises(workdir_lib.NoSpaceError, match=r"to write config.json in .*\(needs about 10 bytes, "):
         workdir_lib.atomic_write(str(tmp_path / "config.json"), '{"ipc": 4}')
     assert snapshot(tmp_path) == before  # no half-written file, no temporary file
@@ -413,7 +416,7 @@ def _wait_for_rows(workdir, proc, rows=1):
 
 @pytest.mark.slow
 def test_two_processes_racing_on_one_workdir_leave_a_resumable_run(tmp_path):
-    env = _env(tmp_path / "compile_cache")
+    env = compile_cache_env(tmp_path / "compile_cache")
     reference = str(tmp_path / "reference")
     out = run_main(*TINY_FLAGS, f"--workdir={reference}", env=env)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -446,7 +449,7 @@ def test_two_processes_racing_on_one_workdir_leave_a_resumable_run(tmp_path):
     first.communicate()
     results = _wait_all([_start(workdir, env) for _ in range(2)])
     (winner,) = [err for rc, err in results if rc == 0 and "took over the lock left by process" in err]
-    np.testing.assert_array_equal(images(workdir), images(reference))
+    np.testing.assert_array_equal(synthetic_images(workdir), synthetic_images(reference))
     assert metric_steps(workdir) == list(range(1, 9))
     for rc, err in results:
         if err is not winner:
@@ -478,8 +481,8 @@ def _assert_one_condensed(workdir, results, reference, env):
     # The next run finds a finished, consistent run.
     again = run_main(*TINY_FLAGS, f"--workdir={workdir}", env=env)
     assert again.returncode == 0 and "is complete" in again.stderr, again.stderr[-2000:]
-    np.testing.assert_array_equal(images(workdir), images(reference))
-    assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK))
+    np.testing.assert_array_equal(synthetic_images(workdir), synthetic_images(reference))
+    assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK))
 
 
 # --------------------------------------------------------------------------- #
@@ -502,7 +505,7 @@ def tmpfs(tmp_path):
 
 @pytest.mark.slow
 def test_a_real_full_disk_stops_in_one_line_and_a_rerun_with_space_finishes(tmp_path, tmpfs):
-    env = _env(tmp_path / "compile_cache")
+    env = compile_cache_env(tmp_path / "compile_cache")
     reference = str(tmp_path / "reference")
     assert run_main(*TINY_FLAGS, f"--workdir={reference}", env=env).returncode == 0
     workdir = str(tmpfs / "run")
@@ -517,7 +520,7 @@ def test_a_real_full_disk_stops_in_one_line_and_a_rerun_with_space_finishes(tmp_
     subprocess.run(["mount", "-o", "remount,size=64m", str(tmpfs)], check=True)
     again = run_main(*TINY_FLAGS, f"--workdir={workdir}", env=env)
     assert again.returncode == 0, again.stderr[-2000:]
-    np.testing.assert_array_equal(images(workdir), images(reference))
+    np.testing.assert_array_equal(synthetic_images(workdir), synthetic_images(reference))
     assert metric_steps(workdir) == list(range(1, 9))
 
 
@@ -528,10 +531,12 @@ def test_a_real_full_disk_stops_in_one_line_and_a_rerun_with_space_finishes(tmp_
 SHARED_LOCK = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
-from idm_jax import distributed, workdir
+from idm_jax import distributed, workdir, workdir_lock
+from idm_jax import results as results_lib
+from idm_jax import checkpoints
 distributed.initialize("on", "localhost:{port}", 2, int(sys.argv[1]), timeout_s=60)
 try:
-    with workdir.locked({workdir!r}) as holder:
+    with workdir_lock.locked({workdir!r}) as holder:
         print("HOLDER", json.dumps(holder), flush=True)
         distributed.any_process(False)  # both inside the block at once
 except workdir.WorkdirError as e:
@@ -540,7 +545,7 @@ except workdir.WorkdirError as e:
 
 
 def test_processes_of_one_run_share_the_lock_of_process_0(tmp_path):
-    from test_multiprocess import free_port, launch  # pylint: disable=import-outside-toplevel
+    from helpers import free_port, launch  # pylint: disable=import-outside-toplevel
 
     def run_both():
         code = SHARED_LOCK.format(repo=REPO, port=free_port(), workdir=str(tmp_path))
@@ -552,13 +557,13 @@ def test_processes_of_one_run_share_the_lock_of_process_0(tmp_path):
     held = run_both()
     holders = [json.loads(line.split(" ", 1)[1]) for line in held if line.startswith("HOLDER")]
     assert len(holders) == 2 and holders[0] == holders[1] and holders[0]["pid"] != os.getpid()
-    assert not (tmp_path / workdir_lib.LOCK).exists()  # released by process 0
+    assert not (tmp_path / workdir_lock.LOCK).exists()  # released by process 0
 
-    ours = workdir_lib.acquire_lock(str(tmp_path))  # another run holds it: both stop, same line
+    ours = workdir_lock.acquire_lock(str(tmp_path))  # another run holds it: both stop, same line
     try:
         refused = run_both()
     finally:
-        workdir_lib.release_lock(str(tmp_path))
+        workdir_lock.release_lock(str(tmp_path))
     assert refused[0] == refused[1] and refused[0].startswith(
         f"REFUSED workdir {tmp_path} is in use by process {ours['pid']} on host"), refused
 

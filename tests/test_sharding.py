@@ -22,7 +22,7 @@ TWO_DEVICE_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import jax, numpy as np
     sys.path[:0] = [{root!r}, os.path.join({root!r}, "tests")]
-    from test_condense import tiny_config
+    from helpers import tiny_config
     from idm_jax import condense, runner
     from idm_jax import data as data_lib
 

@@ -10,7 +10,7 @@ import pytest
 
 from configs import cifar10, cifar100, quick
 from idm_jax import condense, config_check, data as data_lib, pool, sweeps
-from test_condense import tiny_config as condense_tiny_config
+from helpers import tiny_config as condense_tiny_config
 
 
 def test_every_cell_of_every_sweep_is_a_valid_config():
@@ -139,7 +139,7 @@ def test_pre_trained_pool_is_built_once_cached_and_sampled(tmp_path, monkeypatch
     # The matching net of a step is one of the pool's members, drawn at random.
     picks = set()
     for k in range(6):
-        _, nets, accs, _ = condense._matching_nets(s, state, jax.random.PRNGKey(k), condense.make_init_fn(s))
+        _, nets, accs, _ = condense.matching_nets(s, state, jax.random.PRNGKey(k), condense.make_init_fn(s))
         first = np.asarray(jax.tree.leaves(nets[0])[0])
         picks |= {i for i in range(2) if np.array_equal(first, np.asarray(leaves[0][i]))}
         assert len(nets) == 1 and float(accs[0]) == 0.0

@@ -6,7 +6,6 @@ step); the kill tests run main.py in subprocesses with a persistent
 compilation cache, so only the first one compiles.
 """
 
-import hashlib
 import json
 import os
 import random
@@ -23,60 +22,14 @@ from idm_jax import data as data_lib
 from idm_jax import evaluate
 from idm_jax import runner
 from idm_jax import workdir as workdir_lib
-from test_condense import tiny_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def fast_config(iterations=4, **fields):
-    """tiny_config without the final evaluation (not what these tests are about)."""
-    c = tiny_config(iterations)
-    c.eval.at_end = False
-    for key, value in fields.items():
-        section, _, leaf = key.rpartition("__")
-        (c[section] if section else c)[leaf] = value
-    return c
-
-
-def snapshot(folder) -> dict[str, str]:
-    """{relative path: sha256} of every file under folder (directories included as entries)."""
-    out = {}
-    for root, dirs, files in os.walk(folder):
-        for d in dirs:
-            out[os.path.relpath(os.path.join(root, d), folder) + "/"] = "dir"
-        for f in files:
-            with open(os.path.join(root, f), "rb") as fh:
-                out[os.path.relpath(os.path.join(root, f), folder)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
-
-
-def metric_steps(workdir) -> list[int]:
-    return [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
-
-
-def images(workdir) -> np.ndarray:
-    with np.load(os.path.join(workdir, "synthetic.npz")) as f:
-        return f["images_normalized"]
+from helpers import (REPO, TINY_FLAGS, compile_cache_env, fast_config, metric_steps, run_main, snapshot,
+                     synthetic_images, tiny_config)
 
 
 # --------------------------------------------------------------------------- #
 # 1. Bad workdirs: one line naming the path, before any compute
 # --------------------------------------------------------------------------- #
 
-
-
-def test_lock_names_live_in_workdir_lock_and_stay_reachable_as_workdir_names():
-    code = ("from idm_jax import workdir_lock\n"  # imported first: no import cycle with workdir.py
-            "from idm_jax import workdir\n"
-            "names = ('LOCK', 'WorkdirBusyError', 'acquire_lock', 'release_lock', 'locked', 'lock_until_exit',\n"
-            "         'describe', 'read_holder')\n"
-            "assert all(getattr(workdir, n) is getattr(workdir_lock, n) for n in names)\n"
-            "assert workdir.locked.__module__ == 'idm_jax.workdir_lock' and workdir.LOCK == 'workdir.lock'\n"
-            "assert issubclass(workdir.WorkdirBusyError, workdir.WorkdirError)\n"
-            "try:\n    workdir.no_such_name\nexcept AttributeError as e:\n    print(e)\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "module 'idm_jax.workdir' has no attribute 'no_such_name'"
 
 def test_bad_workdirs_are_named_before_any_compute(tmp_path, monkeypatch):
     def no_data(*args, **kwargs):
@@ -129,11 +82,6 @@ def test_read_only_folder_for_real(tmp_path):
             workdir_lib.check_writable(str(locked))
     finally:
         locked.chmod(0o755)
-
-
-def run_main(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "main.py", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env=env)
 
 
 def test_cli_prints_one_line_per_error(tmp_path):
@@ -233,7 +181,7 @@ def test_checkpoint_cadence_by_time_and_by_iteration(tmp_path):
     runner.run_condensation(fast_config(checkpoint_every=3, checkpoint_every_minutes=60.0,
                                         keep_checkpoints=10), both)
     assert checkpoint_steps(both) == [1, 3, 4]
-    np.testing.assert_array_equal(images(timed), images(counted))
+    np.testing.assert_array_equal(synthetic_images(timed), synthetic_images(counted))
 
 
 # --------------------------------------------------------------------------- #
@@ -331,19 +279,6 @@ def test_completed_rerun_does_no_training_and_no_evaluation(tmp_path, monkeypatc
 # 3 + 4 end to end: kill -9 at random moments, including during a save
 # --------------------------------------------------------------------------- #
 
-TINY_FLAGS = ["--config=configs/quick.py:1", "--config.idm.iterations=8", "--config.log_every=1",
-              "--config.checkpoint_every=1", "--config.eval.at_end=False",
-              "--config.idm.batch_real=8", "--config.idm.batch_train=16",
-              "--config.idm.model_train_steps=2", "--config.idm.net_num=4",
-              "--config.idm.net_generate_interval=2", "--config.idm.meter_reset_interval=3"]
-
-
-def _env(cache_dir):
-    env = dict(os.environ)
-    env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_PLATFORMS="cpu")
-    return env
-
 
 def _rows(workdir) -> int:
     path = os.path.join(workdir, "metrics.jsonl")
@@ -379,7 +314,7 @@ def _kill_at_random(proc, workdir, rng) -> bool:
 
 @pytest.mark.slow
 def test_kill_9_at_random_moments_gives_the_uninterrupted_result(tmp_path):
-    env = _env(tmp_path / "compile_cache")
+    env = compile_cache_env(tmp_path / "compile_cache")
     reference = str(tmp_path / "reference")
     out = run_main(*TINY_FLAGS, f"--workdir={reference}", env=env)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -407,6 +342,6 @@ def test_kill_9_at_random_moments_gives_the_uninterrupted_result(tmp_path):
         raise AssertionError(f"not finished after 12 starts ({kills})")
     print(f"kills: {kills}")
     assert kills["save"] >= 1 and kills["random"] >= 1, kills
-    np.testing.assert_array_equal(images(workdir), images(reference))
+    np.testing.assert_array_equal(synthetic_images(workdir), synthetic_images(reference))
     assert metric_steps(workdir) == list(range(1, 9))
     assert not [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in d]

@@ -38,7 +38,7 @@ from idm_jax.condense.networks import (
     queue_steps_unrolled,
 )
 from idm_jax.condense.real_data import (
-    _PASS_SALT,
+    PASS_SALT,
     PLACEMENTS,
     DeviceData,
     HostBatch,
@@ -62,8 +62,8 @@ from idm_jax.condense.state import (
 )
 from idm_jax.condense.step import (
     MAX_UNROLLED_CHUNKS,
-    _matching_nets,
-    _update_synset,
+    matching_nets,
+    update_synset,
     chunks_unrolled,
     iteration_keys,
     make_multi_step,
@@ -75,14 +75,12 @@ from idm_jax.condense.step import (
 
 __all__ = [
     "StepSettings", "settings_from_config", "auto_class_batch", "real_images_per_iteration",
-    "PLACEMENTS", "DeviceData", "HostBatch", "resolve_data_placement", "device_data", "pixel_stats",
+    "PLACEMENTS", "PASS_SALT", "DeviceData", "HostBatch", "resolve_data_placement", "device_data", "pixel_stats",
     "normalize_real", "class_batch_indices", "queue_pass_indices",
     "make_apply_fn", "make_init_fn", "make_member_train_fn", "member_inputs", "queue_steps_unrolled",
     "SynSet", "CondenseState", "INITS_FROM_REAL", "init_synset", "init_state", "synthetic_arrays", "host_array",
     "CLASS_AXIS", "class_mesh", "state_shardings", "shard_state", "replicate",
-    "momentum_sgd_update", "MAX_UNROLLED_CHUNKS", "chunks_unrolled", "map_in_chunks", "real_class_mean",
+    "matching_nets", "update_synset", "momentum_sgd_update", "MAX_UNROLLED_CHUNKS", "chunks_unrolled",
+    "map_in_chunks", "real_class_mean",
     "iteration_keys", "make_step", "make_multi_step", "plan_indices", "HostSampler",
 ]
-# Private names tests and benchmarks reach as condense._X (the matching nets, the synthetic update,
-# the passes' key salt).
-_REACHED_PRIVATELY = (_matching_nets, _update_synset, _PASS_SALT)

@@ -31,7 +31,7 @@ def plan_indices(s: StepSettings, class_table: Array, class_counts: Array, num_e
     HostBatch of these images reproduces the device path.
     """
     _, k_syn, k_train = iteration_keys(base_key, step)
-    k_real = jax.random.split(k_syn)[0]  # as _update_synset splits k_syn
+    k_real = jax.random.split(k_syn)[0]  # as update_synset splits k_syn
     draw = lambda k, c: class_batch_indices(s, k, class_table, class_counts, c)
     real = jax.vmap(draw)(jax.random.split(k_real, s.num_classes), jnp.arange(s.num_classes))
     if not s.use_queue:

@@ -85,7 +85,7 @@ def class_batch_indices(s: StepSettings, key: Array, table: Array, counts: Array
     return data_lib.sample_class_batch(key, table, counts, cls, s.batch_real)
 
 
-_PASS_SALT = 0x9A55  # the shuffled passes' key, apart from the per-iteration keys
+PASS_SALT = 0x9A55  # the shuffled passes' key, apart from the per-iteration keys
 
 
 def queue_pass_indices(s: StepSettings, base_key: Array, num_examples: int, step) -> Array:
@@ -98,6 +98,6 @@ def queue_pass_indices(s: StepSettings, base_key: Array, num_examples: int, step
     """
     per_step = s.fetch_net_num * s.model_train_steps
     numbers = step * per_step + jnp.arange(per_step).reshape(s.fetch_net_num, s.model_train_steps)
-    key = jax.random.fold_in(base_key, _PASS_SALT)
+    key = jax.random.fold_in(base_key, PASS_SALT)
     draw = lambda b: data_lib.pass_batch(key, num_examples, s.batch_train, b)
     return jax.vmap(jax.vmap(draw))(numbers)

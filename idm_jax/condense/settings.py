@@ -86,7 +86,7 @@ def settings_from_config(config, ds: data_lib.ArrayDataset) -> StepSettings:
     batch_real = min(idm.batch_real, min_count)
     # The low-CE real subset and the CE mask belong to the release's l = 1 branch only.
     without_partition = idm.partition_factor == 1
-    keep_lowest = min(int(idm.get("keep_lowest_ce_real", 0)), batch_real) if without_partition else 0
+    keep_lowest = min(int(idm.keep_lowest_ce_real), batch_real) if without_partition else 0
     expanded = config.ipc * idm.partition_factor ** 2
     chunk = min(idm.batch_real, min_count, idm.real_chunk_size)
     class_batch = idm.class_batch or auto_class_batch(expanded + chunk, backend.on_cpu())
@@ -98,7 +98,7 @@ def settings_from_config(config, ds: data_lib.ArrayDataset) -> StepSettings:
             partition_factor=idm.partition_factor, dsa_strategy=idm.dsa_strategy,
             ce_weight=idm.ce_weight, use_ce=idm.use_ce, real_chunk_size=idm.real_chunk_size,
             keep_lowest_ce_real=keep_lowest,
-            ce_only_misclassified=without_partition and bool(idm.get("ce_only_misclassified", False))),
+            ce_only_misclassified=without_partition and bool(idm.ce_only_misclassified)),
         # The release takes a random subset of min(batch_real, class size).
         batch_real=batch_real,
         class_batch=min(class_batch, ds.num_classes),
@@ -118,9 +118,9 @@ def settings_from_config(config, ds: data_lib.ArrayDataset) -> StepSettings:
         pool_cache_dir=str(config.data.cache_dir),
         model_aug_lr_jitter=float(idm.model_aug_lr_jitter),
         model_aug_class_fraction=float(idm.model_aug_class_fraction),
-        class_sampling=str(config.data.get("class_sampling", "random")),
-        train_sampling=str(config.data.get("train_sampling", "random")),
-        unnormalized=bool(idm.get("unnormalized", False)))
+        class_sampling=str(config.data.class_sampling),
+        train_sampling=str(config.data.train_sampling),
+        unnormalized=bool(idm.unnormalized))
 
 
 def auto_class_batch(images_per_class: int, on_cpu: bool) -> int:

@@ -46,7 +46,7 @@ def momentum_sgd_update(x: Array, buf: Array, grad_fn, lr: float, mu: float,
     return x, buf, aux
 
 
-def _matching_nets(s: StepSettings, state: CondenseState, key: Array, init_fn):
+def matching_nets(s: StepSettings, state: CondenseState, key: Array, init_fn):
     """(queue, params, accs, seen): the train_net_num networks the loss is matched in, this step.
 
     params is a list of parameter trees; accs f32[train_net_num] their training accuracies in
@@ -123,7 +123,7 @@ def real_class_mean(s: StepSettings, params, apply_fn, data: DeviceData | HostBa
     return loss_lib.mean_embedding(params, apply_fn, real, dsa_key, s.loss, cls)
 
 
-def _update_synset(s: StepSettings, syn: SynSet, params, acc, key: Array,
+def update_synset(s: StepSettings, syn: SynSet, params, acc, key: Array,
                    data: DeviceData, apply_fn, mesh: Mesh | None = None):
     """Per-class loss, gradient and momentum-SGD update, mapped over classes."""
     k_real, k_dsa = jax.random.split(key)
@@ -187,14 +187,14 @@ def make_step(s: StepSettings, mesh: Mesh | None = None):
 
     def step(state: CondenseState, data: DeviceData | HostBatch):
         k_net, k_syn, k_train = iteration_keys(state.key, state.step)
-        queue, nets, accs, seens = _matching_nets(s, state, k_net, init_fn)
+        queue, nets, accs, seens = matching_nets(s, state, k_net, init_fn)
         # Several matching nets (train_net_num > 1): as the release, one pass of per-class
         # steps per net, net after net, on the same momentum buffer; the loss metric is the
         # sum over nets of the class-mean loss (the release's printed loss).
         syn, metrics = state.syn, None
         for t, params in enumerate(nets):
             k_t = k_syn if t == 0 else jax.random.fold_in(k_syn, t)
-            syn, m = _update_synset(s, syn, params, accs[t], k_t, data, apply_fn, mesh)
+            syn, m = update_synset(s, syn, params, accs[t], k_t, data, apply_fn, mesh)
             metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
         acc, seen = accs.mean(), seens.min()
         if s.use_queue:

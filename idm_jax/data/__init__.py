@@ -33,9 +33,9 @@ One concept per module; this package re-exports their names, so `data.X` is the 
 * normalization.py: channel statistics and normalize / denormalize / renormalize.
 """
 
-from idm_jax.data.cache import _HASHED_BYTES, MEMMAP_BYTES, _cache_dir, _fingerprint
+from idm_jax.data.cache import MEMMAP_BYTES
 from idm_jax.data.dataset import ArrayDataset, load_config_dataset, load_dataset
-from idm_jax.data.decode import RESIZE_MODES, _resize_one
+from idm_jax.data.decode import RESIZE_MODES
 from idm_jax.data.listing import CLASS_LISTS, load_class_list
 from idm_jax.data.normalization import (
     COMPUTED,
@@ -64,6 +64,3 @@ __all__ = [
     "normalize", "denormalize", "renormalize", "class_index_table", "check_batch_size", "sample_class_batch",
     "first_class_batch", "pass_batch", "sample_batch", "CLASS_SAMPLINGS", "TRAIN_SAMPLINGS",
 ]
-# Private names other modules and tests reach as data._X (pool.py: the cache folder; tests: the
-# cache key and the resize of one image).
-_REACHED_PRIVATELY = (_HASHED_BYTES, _cache_dir, _fingerprint, _resize_one)

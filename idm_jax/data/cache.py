@@ -15,22 +15,22 @@ from typing import Any
 
 import numpy as np
 
-from idm_jax.data.listing import _keep_dirs
+from idm_jax.data.listing import keep_dirs
 
 _log = logging.getLogger(__name__)
 
 _CACHE_VERSION = 2  # bump when the cached arrays' meaning changes
-_HASHED_BYTES = 1 << 20  # an archive's cache key hashes its first and last MiB (and its size)
+HASHED_BYTES = 1 << 20  # an archive's cache key hashes its first and last MiB (and its size)
 # Decoded folder datasets larger than this are cached as memory-mapped .npy files (and served
 # to the condensation step from the host, see condense.resolve_data_placement).
 MEMMAP_BYTES = 4 << 30
 
 
-def _cache_dir(cache_dir: str | None) -> str:
+def resolve_cache_dir(cache_dir: str | None) -> str:
     return cache_dir or os.environ.get("IDM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "idm_jax")
 
 
-def _fingerprint(path: str, image_size: int | None, resize: str = "stretch",
+def fingerprint(path: str, image_size: int | None, resize: str = "stretch",
                  classes: tuple[str, ...] | None = None) -> str:
     """Hash of what determines the decoded arrays, independent of where the source lies.
 
@@ -43,15 +43,15 @@ def _fingerprint(path: str, image_size: int | None, resize: str = "stretch",
         size = os.path.getsize(path)
         digest = hashlib.sha256()
         with open(path, "rb") as f:
-            digest.update(f.read(_HASHED_BYTES))
-            if size > _HASHED_BYTES:
-                f.seek(max(size - _HASHED_BYTES, _HASHED_BYTES))
+            digest.update(f.read(HASHED_BYTES))
+            if size > HASHED_BYTES:
+                f.seek(max(size - HASHED_BYTES, HASHED_BYTES))
                 digest.update(f.read())
         stamp: Any = [size, digest.hexdigest()]
     else:  # a folder's own mtime misses edits inside it: stamp every file (of the listed classes)
         stamp = []
         for root, dirs, files in os.walk(path):
-            dirs[:] = sorted(_keep_dirs(path, root, dirs, classes))
+            dirs[:] = sorted(keep_dirs(path, root, dirs, classes))
             for f in sorted(files):
                 st = os.stat(os.path.join(root, f))
                 stamp.append([os.path.relpath(os.path.join(root, f), path), st.st_size, st.st_mtime_ns])
@@ -65,7 +65,7 @@ def _fingerprint(path: str, image_size: int | None, resize: str = "stretch",
 _ARRAY_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
-def _read_cache(cache_base: str) -> dict[str, Any] | None:
+def read_cache(cache_base: str) -> dict[str, Any] | None:
     """Arrays cached under cache_base: a folder of .npy files (memory-mapped) or cache_base.npz."""
     try:
         if os.path.isdir(cache_base):
@@ -84,7 +84,7 @@ def _read_cache(cache_base: str) -> dict[str, Any] | None:
         return None
 
 
-def _write_cache(cache_file: str, arrays: Mapping[str, Any]) -> None:
+def write_cache(cache_file: str, arrays: Mapping[str, Any]) -> None:
     """Writes the arrays as one .npz atomically: a killed run leaves no partial cache file."""
     tmp = None
     try:
@@ -103,7 +103,7 @@ def _write_cache(cache_file: str, arrays: Mapping[str, Any]) -> None:
             os.unlink(tmp)
 
 
-class _MemmapCache:
+class MemmapCache:
     """Decodes straight into .npy files in a temporary folder, renamed to cache_base when complete
     (a killed run leaves no partial cache); the arrays then come back as read-only memmaps."""
 
@@ -129,7 +129,7 @@ class _MemmapCache:
         os.chmod(self.tmp, 0o755)
         os.replace(self.tmp, self.base)
         _log.info("cached decoded images (memory-mapped .npy) in %s", self.base)
-        return _read_cache(self.base)
+        return read_cache(self.base)
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -10,15 +10,15 @@ from typing import Any
 
 import numpy as np
 
-from idm_jax.data.cache import _cache_dir
-from idm_jax.data.decode import RESIZE_MODES, _resize
-from idm_jax.data.listing import _ARCHIVE_SUFFIXES, _LAYOUT, _looks_like_path, load_class_list
-from idm_jax.data.normalization import COMPUTED, NORMALIZATION, _resolve_normalization
-from idm_jax.data.sources import DIGITS_SIZE, _load_digits, _load_image_tree, _load_tfds
+from idm_jax.data.cache import resolve_cache_dir
+from idm_jax.data.decode import RESIZE_MODES, resize_images
+from idm_jax.data.listing import ARCHIVE_SUFFIXES, LAYOUT, looks_like_path, load_class_list
+from idm_jax.data.normalization import COMPUTED, NORMALIZATION, resolve_normalization
+from idm_jax.data.sources import DIGITS_SIZE, load_digits_splits, load_image_tree, load_tfds
 
 _ACCEPTED_SOURCES = (
     '"digits" (embedded scikit-learn digits), "tfds:<name>" (e.g. "tfds:cifar10"), '
-    f"or a path to a folder or .tar.gz/.tgz/.tar archive laid out as {_LAYOUT}"
+    f"or a path to a folder or .tar.gz/.tgz/.tar archive laid out as {LAYOUT}"
 )
 
 
@@ -132,30 +132,30 @@ def load_dataset(
                          f"not {source!r}")
 
     if source == "digits":
-        name, arrays = "digits", _load_digits(image_size or DIGITS_SIZE)
+        name, arrays = "digits", load_digits_splits(image_size or DIGITS_SIZE)
     elif source.startswith("tfds:"):
         name = source[len("tfds:"):]
-        arrays = _load_tfds(name, data_dir=cache_dir or os.environ.get("TFDS_DATA_DIR"))
+        arrays = load_tfds(name, data_dir=cache_dir or os.environ.get("TFDS_DATA_DIR"))
         if image_size is not None:
-            arrays = {**arrays, **{k: _resize(arrays[k], image_size, resize)
+            arrays = {**arrays, **{k: resize_images(arrays[k], image_size, resize)
                                    for k in ("train_images", "test_images")}}
     else:
         path = os.path.abspath(os.path.expanduser(source))
         if not os.path.exists(path):
-            if _looks_like_path(source):
+            if looks_like_path(source):
                 raise FileNotFoundError(f"dataset path {source!r} does not exist (resolved to {path})")
             raise ValueError(
                 f"unknown dataset source {source!r} (did you mean 'tfds:{source}'?): expected {_ACCEPTED_SOURCES}"
             )
-        if os.path.isfile(path) and not path.lower().endswith(_ARCHIVE_SUFFIXES):
+        if os.path.isfile(path) and not path.lower().endswith(ARCHIVE_SUFFIXES):
             raise ValueError(
                 f"dataset file {source!r} is not a .tar.gz/.tgz/.tar archive: expected {_ACCEPTED_SOURCES}"
             )
         name = _source_stem(path)
-        arrays = _load_image_tree(path, image_size, _cache_dir(cache_dir), resize=resize,
+        arrays = load_image_tree(path, image_size, resolve_cache_dir(cache_dir), resize=resize,
                                   classes=class_list, memmap=memmap)
 
-    mean, std = _resolve_normalization(normalization, name, arrays["train_images"])
+    mean, std = resolve_normalization(normalization, name, arrays["train_images"])
     return ArrayDataset(name=name, mean=mean, std=std, **arrays)
 
 
@@ -168,13 +168,13 @@ def load_config_dataset(config: Any):
     d = config.data
     return load_dataset(d.source, normalization=d.normalization or None,
                              image_size=d.image_size or None, cache_dir=d.cache_dir or None,
-                             resize=d.get("resize", "stretch"), classes=d.get("classes", "") or None,
-                             memmap=True if d.get("on_device", "auto") == "host" else None)
+                             resize=d.resize, classes=d.classes or None,
+                             memmap=True if d.on_device == "host" else None)
 
 
 def _source_stem(path: str) -> str:
     base = os.path.basename(path.rstrip(os.sep))
-    for suffix in _ARCHIVE_SUFFIXES:
+    for suffix in ARCHIVE_SUFFIXES:
         if base.lower().endswith(suffix):
             return base[: -len(suffix)]
     return base

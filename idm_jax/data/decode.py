@@ -25,14 +25,14 @@ RESIZE_MODES = ("stretch", "center_crop")
 _DECODE_THREADS = min(16, os.cpu_count() or 1)
 
 
-def _resize(images: np.ndarray, size: int, mode: str = "stretch") -> np.ndarray:
+def resize_images(images: np.ndarray, size: int, mode: str = "stretch") -> np.ndarray:
     """Bilinear resize of uint8[N, H, W, C] to uint8[N, size, size, C] (PIL, per image)."""
     if images.shape[1:3] == (size, size):
         return images
-    return np.stack([_resize_one(img, size, mode) for img in images]) if len(images) else images[:, :size, :size]
+    return np.stack([resize_one(img, size, mode) for img in images]) if len(images) else images[:, :size, :size]
 
 
-def _resize_one(image: np.ndarray, size: int, mode: str = "stretch") -> np.ndarray:
+def resize_one(image: np.ndarray, size: int, mode: str = "stretch") -> np.ndarray:
     """uint8[H, W, C] -> uint8[size, size, C], by `mode` (see RESIZE_MODES)."""
     pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
     if mode == "center_crop":
@@ -49,7 +49,7 @@ def _resize_one(image: np.ndarray, size: int, mode: str = "stretch") -> np.ndarr
     return out[..., None] if out.ndim == 2 else out
 
 
-def _decode_image(data: bytes | str, name: str, mode: str | None) -> np.ndarray:
+def decode_image(data: bytes | str, name: str, mode: str | None) -> np.ndarray:
     """Decodes one PNG/JPEG (bytes or a path) to uint8[H, W, C]; mode None keeps its own."""
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
@@ -61,7 +61,7 @@ def _decode_image(data: bytes | str, name: str, mode: str | None) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else array
 
 
-def _decode_splits(train, test, image_size: int | None, resize: str = "stretch",
+def decode_splits(train, test, image_size: int | None, resize: str = "stretch",
                    cache_base: str | None = None, memmap: bool | None = None) -> dict[str, Any]:
     """Decodes both splits (threads) into preallocated uint8 arrays; labels = class index in order.
 
@@ -69,9 +69,9 @@ def _decode_splits(train, test, image_size: int | None, resize: str = "stretch",
     `memmap` is True (None: when the arrays exceed MEMMAP_BYTES), returned as memmaps.
     """
     first_name, first_data = train[0][1][0]
-    first = _decode_image(first_data, first_name, None)
+    first = decode_image(first_data, first_name, None)
     if image_size is not None:
-        first = _resize_one(first, image_size, resize)
+        first = resize_one(first, image_size, resize)
     mode = "L" if first.shape[-1] == 1 else "RGB"  # the first image decides the channels
     total = sum(len(e) for split in (train, test) for _, e in split)
     if memmap is None:
@@ -80,13 +80,13 @@ def _decode_splits(train, test, image_size: int | None, resize: str = "stretch",
         raise ValueError("memory-mapped decoding needs a cache folder")
     _log.info("decoding %d images (%s)%s", total, "x".join(map(str, first.shape)),
               " into memory-mapped files" if memmap else "")
-    sink = cache._MemmapCache(cache_base) if memmap else None
+    sink = cache.MemmapCache(cache_base) if memmap else None
     allocate = sink.allocate if sink else (lambda key, shape, dtype: np.empty(shape, dtype))
 
     def decode_into(images, i, name, data):
-        img = _decode_image(data, name, mode)
+        img = decode_image(data, name, mode)
         if image_size is not None:
-            img = _resize_one(img, image_size, resize)
+            img = resize_one(img, image_size, resize)
         elif img.shape != first.shape:
             raise ValueError(
                 f"image {name!r} is {img.shape[0]}x{img.shape[1]} (HxW) but {first_name!r} is "
@@ -117,5 +117,5 @@ def _decode_splits(train, test, image_size: int | None, resize: str = "stretch",
     if sink:
         return sink.finish(arrays)
     if cache_base is not None:
-        cache._write_cache(cache_base + ".npz", arrays)
+        cache.write_cache(cache_base + ".npz", arrays)
     return arrays

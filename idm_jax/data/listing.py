@@ -9,23 +9,23 @@ from collections.abc import Iterable, Sequence
 from importlib import resources
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _TEST_SPLITS = ("test", "val", "valid")  # first one present is the test split
 # Named class lists shipped with the package (files of one class folder name per line).
 CLASS_LISTS = {"imagenet_subset": "imagenet_subset_classes.txt"}
-_LAYOUT = "[<top>/]<split>/<class>/<image>.(png|jpg|jpeg) with splits train and test (or val/valid)"
+LAYOUT = "[<top>/]<split>/<class>/<image>.(png|jpg|jpeg) with splits train and test (or val/valid)"
 
 # A listing: every directory (as a tuple of path parts) and every image file
 # (parts -> bytes for archive members, or a filesystem path for folders).
 _Listing = tuple[set[tuple[str, ...]], dict[tuple[str, ...], "bytes | str"]]
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
     return (
         os.sep in source
         or "/" in source
         or source.startswith((".", "~"))
-        or source.lower().endswith(_ARCHIVE_SUFFIXES)
+        or source.lower().endswith(ARCHIVE_SUFFIXES)
     )
 
 
@@ -44,7 +44,7 @@ def load_class_list(classes: str | Sequence[str] | None) -> tuple[str, ...] | No
         elif os.path.isfile(os.path.expanduser(spec)):
             with open(os.path.expanduser(spec)) as f:
                 names = _class_lines(f.read())
-        elif _looks_like_path(spec) and "," not in spec:
+        elif looks_like_path(spec) and "," not in spec:
             raise FileNotFoundError(f"class list file {spec!r} does not exist; data.classes takes "
                                     f"{', '.join(map(repr, CLASS_LISTS))}, a file or comma-separated names")
         else:
@@ -64,7 +64,7 @@ def _class_lines(text: str) -> list[str]:
     return [line for line in lines if line]
 
 
-def _keep_dirs(top: str, root: str, dirs: list[str], classes: tuple[str, ...] | None) -> list[str]:
+def keep_dirs(top: str, root: str, dirs: list[str], classes: tuple[str, ...] | None) -> list[str]:
     """Subfolders of `root` (under `top`) worth walking: with a class list, a split's class
     folders not in it are skipped (ImageNet: 100 of 1000 classes are read)."""
     if classes is None or root == top or os.path.basename(root) not in ("train",) + _TEST_SPLITS:
@@ -82,11 +82,11 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(_IMAGE_SUFFIXES)
 
 
-def _list_folder(path: str, classes: tuple[str, ...] | None = None) -> _Listing:
+def list_folder(path: str, classes: tuple[str, ...] | None = None) -> _Listing:
     dirs: set[tuple[str, ...]] = set()
     files: dict[tuple[str, ...], bytes | str] = {}
     for root, subdirs, names in os.walk(path):
-        subdirs[:] = _keep_dirs(path, root, subdirs, classes)  # ImageNet: skip the 900 classes not listed
+        subdirs[:] = keep_dirs(path, root, subdirs, classes)  # ImageNet: skip the 900 classes not listed
         rel = os.path.relpath(root, path)
         parts = () if rel == "." else tuple(rel.split(os.sep))
         if _is_hidden(parts):
@@ -96,7 +96,7 @@ def _list_folder(path: str, classes: tuple[str, ...] | None = None) -> _Listing:
     return dirs, files
 
 
-def _list_archive(path: str) -> _Listing:
+def list_archive(path: str) -> _Listing:
     """Reads a tar archive in one streaming pass (no extraction, no seeking in gzip)."""
     dirs: set[tuple[str, ...]] = set()
     files: dict[tuple[str, ...], bytes | str] = {}
@@ -117,7 +117,7 @@ def _list_archive(path: str) -> _Listing:
     return dirs, files
 
 
-def _select_splits(listing: _Listing, source: str, classes: tuple[str, ...] | None = None):
+def select_splits(listing: _Listing, source: str, classes: tuple[str, ...] | None = None):
     """Finds the train and test split of a listing and checks its classes.
 
     classes: keep only these class folders, in this order (each must exist in both splits;
@@ -129,10 +129,10 @@ def _select_splits(listing: _Listing, source: str, classes: tuple[str, ...] | No
     """
     dirs, files = listing
     if not files:
-        raise ValueError(f"no images (.png/.jpg/.jpeg) found in {source!r}; expected layout {_LAYOUT}")
+        raise ValueError(f"no images (.png/.jpg/.jpeg) found in {source!r}; expected layout {LAYOUT}")
     tops = sorted({d[:-1] for d in dirs if len(d) <= 2 and d[-1] == "train"})
     if not tops:
-        raise ValueError(f"{source!r}: split folder 'train' is missing; expected layout {_LAYOUT}")
+        raise ValueError(f"{source!r}: split folder 'train' is missing; expected layout {LAYOUT}")
     if len(tops) > 1 and () not in tops:
         raise ValueError(f"{source!r}: several 'train' folders {['/'.join(t + ('train',)) for t in tops]}")
     top = tops[0]  # sorted: the top level () wins over a nested <top>/train
@@ -141,7 +141,7 @@ def _select_splits(listing: _Listing, source: str, classes: tuple[str, ...] | No
         where = "/".join(top) or "the top level"
         raise ValueError(
             f"{source!r}: split folder 'test' is missing next to 'train' in {where} "
-            f"(also accepted: {', '.join(repr(s) for s in _TEST_SPLITS[1:])}); expected layout {_LAYOUT}"
+            f"(also accepted: {', '.join(repr(s) for s in _TEST_SPLITS[1:])}); expected layout {LAYOUT}"
         )
 
     def split_classes(split: str):
@@ -155,10 +155,10 @@ def _select_splits(listing: _Listing, source: str, classes: tuple[str, ...] | No
             if absent:
                 shown = ", ".join(absent[:5]) + (f", ... ({len(absent)} of {len(classes)})" if len(absent) > 5 else "")
                 raise ValueError(f"{source!r}: split {split!r} lacks class folder(s) {shown} of the class "
-                                 f"list{hint}; expected layout {_LAYOUT}")
+                                 f"list{hint}; expected layout {LAYOUT}")
             names = list(classes)
         if not names:
-            raise ValueError(f"{source!r}: split {split!r} has no class folders{hint}; expected layout {_LAYOUT}")
+            raise ValueError(f"{source!r}: split {split!r} has no class folders{hint}; expected layout {LAYOUT}")
         by_class = {c: [] for c in names}
         for parts, data in files.items():
             if len(parts) == len(prefix) + 2 and parts[: len(prefix)] == prefix and parts[-2] in by_class:

@@ -61,7 +61,7 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
 
 
-def _resolve_normalization(
+def resolve_normalization(
     normalization: str | None, name: str, train_images: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     key = infer_normalization(name) if normalization is None else normalization

@@ -23,13 +23,13 @@ _DIGITS_TRAIN_FRACTION = (4, 5)  # first 80% of every class (in dataset order) i
 # --------------------------------------------------------------------------- #
 
 
-def _load_digits(size: int) -> dict[str, Any]:
+def load_digits_splits(size: int) -> dict[str, Any]:
     from sklearn.datasets import load_digits  # lazy: scikit-learn imports are slow
 
     digits = load_digits()
     # Pixel values are 0..16; map 16 -> 255.
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    images = decode._resize(images, size)
+    images = decode.resize_images(images, size)
     labels = digits.target.astype(np.int32)
     is_train = np.zeros(len(labels), bool)
     num, den = _DIGITS_TRAIN_FRACTION
@@ -50,7 +50,7 @@ def _load_digits(size: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- #
 
 
-def _load_tfds(name: str, data_dir: str | None) -> dict[str, Any]:
+def load_tfds(name: str, data_dir: str | None) -> dict[str, Any]:
     try:
         import tensorflow_datasets as tfds  # lazy: heavy, and only this source needs it
     except ImportError as e:
@@ -122,14 +122,14 @@ def _as_nhwc_uint8(images: np.ndarray, what: str) -> np.ndarray:
 # --------------------------------------------------------------------------- #
 
 
-def _load_image_tree(path: str, image_size: int | None, cache_dir: str, *, resize: str = "stretch",
+def load_image_tree(path: str, image_size: int | None, cache_dir: str, *, resize: str = "stretch",
                      classes: tuple[str, ...] | None = None, memmap: bool | None = None) -> dict[str, Any]:
     """Decodes a folder/archive (or reads its cache) into split arrays and class names."""
-    cache_base = os.path.join(cache_dir, f"decoded-{cache._fingerprint(path, image_size, resize, classes)}")
-    cached = cache._read_cache(cache_base)
+    cache_base = os.path.join(cache_dir, f"decoded-{cache.fingerprint(path, image_size, resize, classes)}")
+    cached = cache.read_cache(cache_base)
     if cached is not None:
         _log.info("loaded %s from cache %s", path, cache_base)
         return cached
-    files = listing._list_archive(path) if os.path.isfile(path) else listing._list_folder(path, classes)
-    train, test = listing._select_splits(files, path, classes)
-    return decode._decode_splits(train, test, image_size, resize, cache_base, memmap)
+    files = listing.list_archive(path) if os.path.isfile(path) else listing.list_folder(path, classes)
+    train, test = listing.select_splits(files, path, classes)
+    return decode.decode_splits(train, test, image_size, resize, cache_base, memmap)
