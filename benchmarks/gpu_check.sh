@@ -106,7 +106,7 @@ pause_at setup
 if [ -n "${DRY_RUN:-}" ]; then
   # The same commands at toy sizes on whatever JAX sees (CPU in the test suite).
   cfg=quick ipcs=1 steps=1 source=digits budgets=0,1 epochs=1 seeds=1 runs=0,1 release="" IPC=1
-  limits=(100 0 0 200 0 200)  # idm_jax, release, convert, eval, cross, condense_speed
+  read -r -a limits <<<"${LIMITS:-100 0 0 200 0 200}"  # idm_jax, release, convert, eval, cross, condense_speed
 else
   source benchmarks/device_setup.sh && device_setup  # wheels, the project, IDM_CIFAR10, the compile cache
   cfg=cifar10 ipcs=${SPEED_IPCS:-10,50,1} steps=5 source=$IDM_CIFAR10 budgets=${BUDGETS:-0,50,100,200} epochs=300
