@@ -7,6 +7,7 @@ tests/multiprocess_driver.py).
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -126,3 +127,21 @@ def launch(commands, timeout):
                 p.kill()
                 p.communicate()
     return out
+
+
+# --------------------------------------------------------------------------- #
+# Device commands (benchmarks/gpu_check.sh, paper_cells.sh)
+# --------------------------------------------------------------------------- #
+
+OUT_NAME = re.compile(r"[A-Za-z0-9._-]+")  # what the device tool brings back by name
+
+
+def assert_out_comes_back_whole(out):
+    """$OUT as the device brings it back: <= 8 files of <= 16 MiB, <= 2 folders down, plain names."""
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8, files
+    for p in out.rglob("*"):
+        rel = p.relative_to(out)
+        assert all(OUT_NAME.fullmatch(part) for part in rel.parts), rel
+        if p.is_file():
+            assert len(rel.parts) <= 3 and p.stat().st_size <= 16 * 2**20, (rel, p.stat().st_size)

@@ -5,13 +5,14 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import subprocess
 import sys
 import tarfile
 
 import numpy as np
 import pytest
+
+from helpers import assert_out_comes_back_whole
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -265,20 +266,6 @@ def test_a_part_cut_by_its_limit_ends_its_whole_process_group(tmp_path, monkeypa
         rc = gpu_speed.run_limited(["bash", "-c", script], 1.0, log)
     assert rc == "timeout"
     assert _gone(int(pid_file.read_text()))
-
-
-NAME = re.compile(r"[A-Za-z0-9._-]+")
-
-
-def assert_out_comes_back_whole(out):
-    """$OUT as the device brings it back: <= 8 files of <= 16 MiB, <= 2 folders down, plain names."""
-    files = [p for p in out.rglob("*") if p.is_file()]
-    assert len(files) <= 8, files
-    for p in out.rglob("*"):
-        rel = p.relative_to(out)
-        assert all(NAME.fullmatch(part) for part in rel.parts), rel
-        if p.is_file():
-            assert len(rel.parts) <= 3 and p.stat().st_size <= 16 * 2**20, (rel, p.stat().st_size)
 
 
 def _session_pids(sid: int) -> list[int]:

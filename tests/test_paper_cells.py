@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from helpers import assert_out_comes_back_whole
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # main.py as a cell sees it: config.json, a metrics row with it_per_s per iteration, a checkpoint
@@ -42,20 +44,6 @@ with open(os.path.join(wd, "results.json"), "w") as f:
 with open(os.path.join(wd, "synthetic.npz"), "wb") as f:
     f.write(b"set" * 100)
 '''
-
-NAME = re.compile(r"[A-Za-z0-9._-]+")
-
-
-def assert_out_comes_back_whole(out):
-    """$OUT as the device brings it back: <= 8 files of <= 16 MiB, <= 2 folders down, plain names."""
-    files = [p for p in out.rglob("*") if p.is_file()]
-    assert len(files) <= 8, files
-    for p in out.rglob("*"):
-        rel = p.relative_to(out)
-        assert all(NAME.fullmatch(part) for part in rel.parts), rel
-        if p.is_file():
-            assert len(rel.parts) <= 3 and p.stat().st_size <= 16 * 2**20, (rel, p.stat().st_size)
-
 
 def _run(tmp_path, cells, methods, *, seconds=1000.0, fixed=1.0, prefix=3, paces=None, iterations=6,
          pace_of_main="0.01", monkeypatch=None):
