@@ -110,21 +110,6 @@ def select_forgetting(forget_counts: Any, labels: Any, num_classes: int, ipc: in
     return np.concatenate(picks).astype(np.int64)
 
 
-def random_reference(config: Any, dataset: Any, key: jax.Array) -> dict[str, Any]:
-    """Accuracy of `config.ipc` random real images per class under config.eval, per arch.
-
-    The reference line a condensed set should beat: the same evaluation (archs, seeds, epochs)
-    on the Random coreset, unexpanded (partition l = 1). Returns evaluate.evaluate_archs's dict.
-    """
-    select_key, eval_key = jax.random.split(key)
-    idx = select_random(select_key, dataset.train_labels, dataset.num_classes, int(config.ipc))
-    images = np.asarray(data.normalize(dataset.train_images[idx], dataset.mean, dataset.std))
-    labels = dataset.train_labels[idx].astype(np.int32)
-    return evaluate.evaluate_archs(images, labels, dataset, config.eval,
-                                   archs=models.parse_archs(config.eval.archs), key=eval_key,
-                                   partition_factor=1)
-
-
 def _feature_network(config: Any, dataset: Any, key: jax.Array) -> tuple[Any, trainer.TrainedNets]:
     """One config.model network trained on the whole real training set, no augmentation,
     for config.baseline.train_epochs epochs (lr x 0.1 half way)."""

@@ -33,6 +33,7 @@ from absl import logging
 
 from idm_jax import baselines, data, evaluate, yardstick
 from idm_jax import workdir as workdir_lib
+from idm_jax.data import cache as data_cache
 
 CACHE_VERSION = 1  # bump when a cached reference's meaning changes
 PROTOCOL_FIELDS = ("num_seeds", "epochs", "batch_size", "lr", "momentum", "weight_decay", "dsa", "schedule")
@@ -41,9 +42,8 @@ _RANDOM_STREAM, _WHOLE_STREAM = 0x5241, 0x5748
 
 
 def cache_folder(cache_dir: str = "") -> str:
-    """<data cache>/references: data.cache_dir, else $IDM_CACHE_DIR, else ~/.cache/idm_jax (the data cache's rule)."""
-    base = cache_dir or os.environ.get("IDM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "idm_jax")
-    return os.path.join(base, "references")
+    """<data cache>/references: data.cache_dir, else $IDM_CACHE_DIR, else ~/.cache/idm_jax."""
+    return os.path.join(data_cache.resolve_cache_dir(cache_dir or None), "references")
 
 
 def dataset_fingerprint(dataset: Any) -> str:

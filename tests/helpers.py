@@ -38,6 +38,7 @@ def tiny_config(iterations=4, arg="1"):
     c.eval.num_seeds = 2
     c.eval.test_batch_size = 364
     c.eval.compare_random = False  # the quick demo's Random line is tested in test_integration.py
+    c.eval.scores = False  # DD-Ranking's references and scores are tested in test_yardstick.py
     return c
 
 def fast_config(iterations=4, **fields):

@@ -89,6 +89,7 @@ def _digits_config(tmp_method="random", ipc=2):
     c.eval.epochs = 2
     c.eval.num_seeds = 2
     c.eval.dsa = False  # plumbing test: skip DSA's compile time
+    c.eval.scores = False  # no reference evaluations (test_yardstick.py)
     return c
 
 

@@ -237,6 +237,7 @@ def _digits_eval_config():
     c.eval.epochs = 2
     c.eval.num_seeds = 2
     c.eval.dsa = False  # plumbing test: skip DSA's compile time
+    c.eval.scores = False  # no reference evaluations (test_yardstick.py)
     return c
 
 

@@ -28,7 +28,11 @@ def _run(cmd, cwd, timeout=600, env=None):
 def installed(tmp_path_factory):
     """(python of a fresh venv holding the idm_jax wheel, a folder outside the checkout)."""
     tmp = tmp_path_factory.mktemp("wheel")
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp / "dist"), REPO], cwd=tmp)
+    # Built from a copy: setuptools writes build/ and *.egg-info beside the sources it builds.
+    source = tmp / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "build", "*.egg-info", "runs", "__pycache__", ".carry", ".whl", ".gl"))
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp / "dist"), str(source)], cwd=tmp)
     (wheel,) = [f for f in os.listdir(tmp / "dist") if f.endswith(".whl")]
     _run([sys.executable, "-m", "venv", str(tmp / "venv")], cwd=tmp)
     python = str(tmp / "venv" / "bin" / "python")
