@@ -37,14 +37,14 @@ from idm_jax import consistency
 from idm_jax import continual
 from idm_jax import distributed
 from idm_jax import errors
-from idm_jax import presets
 from idm_jax import evaluate_set
+from idm_jax import presets
+from idm_jax import run_io
 from idm_jax import runner
 from idm_jax import set_formats
 from idm_jax import sweeps
 from idm_jax import workdir
 from idm_jax import workdir_lock
-from idm_jax import run_io
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py:10.",
                                           lock_config=True)
@@ -115,8 +115,8 @@ def main(argv):
             if not _SYNTHETIC.value:
                 raise ValueError("--mode=evaluate needs --synthetic=<path to synthetic.npz>")
             evaluate_set.run_evaluation(config, _WORKDIR.value, _SYNTHETIC.value, space=_SYN_SPACE.value,
-                                    layout=_SYN_LAYOUT.value, partition_factor=_SYN_PARTITION.value,
-                                    method=_SYN_METHOD.value)
+                                        layout=_SYN_LAYOUT.value, partition_factor=_SYN_PARTITION.value,
+                                        method=_SYN_METHOD.value)
         elif _MODE.value == "export":  # the set in other tools' layouts (idm_jax/set_formats.py)
             if not _SYNTHETIC.value:
                 raise ValueError("--mode=export needs --synthetic=<path to the set's .npz>")
@@ -144,7 +144,7 @@ def _exit_on_sigterm(signum, frame):
 
 
 def config_arg_problem(argv) -> str | None:
-    """The first problem with --config / --config.<field> in argv, found before absl parses them.
+    """The first problem with --config / --config.<field> in argv, once absl has refused them.
 
     Loads the config file as absl would (`path[:arg]`, get_config(arg)) and walks every override's
     field path, so a config file's own error (e.g. "IPC must be >= 1") and a misspelt field are
