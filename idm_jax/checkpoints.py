@@ -69,6 +69,7 @@ def save_state(mngr: ocp.CheckpointManager, state: condense.CondenseState) -> No
     except Exception as e:  # orbax/TensorStore report a full disk as ValueError(RESOURCE_EXHAUSTED...)
         if not workdir_lib.is_disk_full(e):
             raise
+        _drop_disk_full_asyncio_reports()
         folder = str(mngr.directory)
         if distributed.is_main():
             for partial in glob.glob(os.path.join(folder, f"{step}.orbax-checkpoint-tmp*")):
@@ -102,6 +103,16 @@ def _without_disk_full_tracebacks():
         yield
     finally:
         logger.removeFilter(_disk_full_record)
+
+
+def _drop_disk_full_asyncio_reports() -> None:
+    """After a save failed on a full disk, asyncio reports orbax's abandoned write futures
+    ('_GatheringFuture exception was never retrieved', with a traceback) whenever they are garbage
+    collected, which can be after the save returned or at exit: drop those disk-full records
+    from then on (the NoSpaceError about to be raised says it once)."""
+    logger = std_logging.getLogger("asyncio")
+    if _disk_full_record not in logger.filters:
+        logger.addFilter(_disk_full_record)
 
 
 def _drop_closed_loop_callbacks() -> None:

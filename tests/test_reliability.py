@@ -8,6 +8,7 @@ in-process runs share test_condense's tiny setting; the main.py races are marked
 import errno
 import glob
 import json
+import logging
 import os
 import re
 import signal
@@ -295,6 +296,21 @@ def test_a_full_disk_during_a_checkpoint_stops_in_one_line_and_the_next_run_resu
     summary = runner.run_condensation(config, workdir, max_steps=1)
     assert summary["start_step"] == 1 and summary["step"] == 2
     assert checkpoint_steps(workdir) == [1, 2]
+
+
+def test_after_a_full_disk_asyncio_reports_of_the_abandoned_writes_are_dropped(caplog):
+    """orbax's write futures, garbage-collected after a save failed on a full disk (at exit, say),
+    made asyncio log '_GatheringFuture exception was never retrieved' with a traceback; from the
+    failure on, such disk-full records are dropped and others still pass."""
+    asyncio_log = logging.getLogger("asyncio")
+    full = ValueError(DISK_FULL.format(path="/w/checkpoints/3.orbax-checkpoint-tmp"))
+    checkpoints._drop_disk_full_asyncio_reports()
+    checkpoints._drop_disk_full_asyncio_reports()  # installed once, however many saves fail
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        asyncio_log.error("_GatheringFuture exception was never retrieved", exc_info=(ValueError, full, None))
+        asyncio_log.error("an unrelated asyncio error")
+    assert [r.getMessage() for r in caplog.records] == ["an unrelated asyncio error"]
+    assert asyncio_log.filters.count(checkpoints._disk_full_record) == 1
 
 
 def _full_disk(monkeypatch, keep=100):
