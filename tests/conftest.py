@@ -1,19 +1,12 @@
 """Tests compile as the command line does: on CPU, XLA schedules for memory (idm_jax/backend.py).
 
-Data outside the repository reaches the tests as it reaches a run, through $IDM_CIFAR10
-(docs/RUNNING.md#where-the-data-comes-from). Unset, it defaults to the development machine's copy
-of the archive where that exists; otherwise the tests that need real CIFAR-10 skip.
+Data outside the repository reaches the tests as it reaches a run, only through $IDM_CIFAR10
+(docs/RUNNING.md#where-the-data-comes-from); unset, the tests that need real CIFAR-10 skip.
 """
-
-import os
 
 import pytest
 
 from idm_jax import backend
-
-DEV_CIFAR10 = "/work/shared/data/cifar10-jpeg.tar.gz"  # the development machine's copy
-if not os.environ.get("IDM_CIFAR10") and os.path.isfile(DEV_CIFAR10):
-    os.environ["IDM_CIFAR10"] = DEV_CIFAR10
 
 backend.use_cpu_memory_scheduler()
 

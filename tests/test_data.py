@@ -20,8 +20,7 @@ from idm_jax import errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The CIFAR-10 archive through $IDM_CIFAR10, as configs/cifar10.py reads it (tests/conftest.py
-# sets a default where the development machine's copy exists); without it the test skips.
+# The CIFAR-10 archive through $IDM_CIFAR10, as configs/cifar10.py reads it; without it the test skips.
 CIFAR_ARCHIVE = Path(os.environ.get("IDM_CIFAR10") or "IDM_CIFAR10 unset")
 
 # Toy tree: classes written in unsorted order; labels must follow sorted order.
