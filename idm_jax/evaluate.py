@@ -101,14 +101,7 @@ def evaluate_archs(images: Any, labels: Any, dataset: Any, eval_cfg: Any, *,
         part = evaluate_archs(images, labels, dataset, eval_cfg, archs=archs, key=key,
                               partition_factor=partition_factor, epochs=epochs, seeds_of=mine)
         return merge_evaluations(distributed.gather_objects(part), seeds_per_process, archs)
-    if partition_factor > 1 and np.asarray(images).dtype == np.uint8:
-        raise ValueError("partition needs normalized float images, got uint8 (pass "
-                         "normalize(images, mean, std))")
-    if partition_factor > 1:
-        images, labels = augment.partition_expand(jnp.asarray(images, jnp.float32),
-                                                  jnp.asarray(labels), partition_factor)
-    elif partition_factor < 1:
-        raise ValueError(f"partition_factor must be >= 1, got {partition_factor}")
+    images, labels = training_set(images, labels, partition_factor)
     strategy = augment.DEFAULT_STRATEGY if eval_cfg.dsa else ""
     results = {}
     for i, arch in enumerate(archs):
@@ -130,6 +123,20 @@ def evaluate_archs(images: Any, labels: Any, dataset: Any, eval_cfg: Any, *,
                      r["mean"], r["std"], r["num_seeds"],
                      ", ".join(f"{a:.2f}" for a in r["accuracies"]), r["train_seconds"])
     return results
+
+
+def training_set(images: Any, labels: Any, partition_factor: int) -> tuple[Any, Any]:
+    """What the evaluator trains on: each image cut into l x l pieces, each resized back
+    (partition factor l; l = 1: the images as given). images: f32[N, H, W, C] normalized (or
+    uint8 when l = 1); returns (images, labels) with N * l * l rows."""
+    if partition_factor < 1:
+        raise ValueError(f"partition_factor must be >= 1, got {partition_factor}")
+    if partition_factor == 1:
+        return images, labels
+    if np.asarray(images).dtype == np.uint8:
+        raise ValueError("partition needs normalized float images, got uint8 (pass "
+                         "normalize(images, mean, std))")
+    return augment.partition_expand(jnp.asarray(images, jnp.float32), jnp.asarray(labels), partition_factor)
 
 
 def evaluation_tasks(archs: Sequence[str], num_seeds: int, process: int,

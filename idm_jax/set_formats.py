@@ -24,11 +24,10 @@ import shutil
 import tempfile
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from idm_jax import augment, data, export
+from idm_jax import data, evaluate, export
 from idm_jax import workdir as workdir_lib
 
 IMAGEFOLDER, DDRANKING = "imagefolder", "ddranking"
@@ -36,11 +35,8 @@ IMAGEFOLDER, DDRANKING = "imagefolder", "ddranking"
 
 def evaluator_inputs(synset: export.SyntheticSet) -> tuple[np.ndarray, np.ndarray]:
     """What the evaluator trains on: (f32[N * l * l, H, W, C] normalized, int32[N * l * l] labels),
-    the set's images cut into l x l pieces and resized back (partition factor l; l = 1: as stored)."""
-    images, labels = synset.images_normalized, synset.labels
-    if synset.partition_factor > 1:
-        images, labels = augment.partition_expand(jnp.asarray(images, jnp.float32), jnp.asarray(labels),
-                                                  synset.partition_factor)
+    the set's images cut into l x l pieces and resized back (`evaluate.training_set`)."""
+    images, labels = evaluate.training_set(synset.images_normalized, synset.labels, synset.partition_factor)
     return np.asarray(images, np.float32), np.asarray(labels, np.int32)
 
 
