@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import resource
+import signal
 import statistics
+import subprocess
 import time
 
 from idm_jax import backend, presets
@@ -86,3 +89,21 @@ def machine_line(rows: list[dict], extra: str = "") -> str:
     device, jax_version = (rows[0]["device"], rows[0]["jax"]) if rows else ("", "")
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {device}, "
             f"jax {jax_version}{'; ' + extra if extra else ''}")
+
+
+def end_group(proc: subprocess.Popen, grace: float) -> None:
+    """Ends proc's whole process group (started with process_group=0): SIGTERM, then SIGKILL after
+    `grace` seconds to whatever is left, children that ignored SIGTERM included."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the leader may be gone while its children are not
+    except ProcessLookupError:
+        pass
+    proc.wait()

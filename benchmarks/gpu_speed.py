@@ -81,6 +81,7 @@ _RSS_AT_START_GIB = host_rss_now_gib()  # before JAX and idm_jax are imported
 
 
 from benchmarks import common  # noqa: E402  (XLA:CPU's memory scheduler, set before JAX starts)
+from idm_jax import workdir  # noqa: E402  (atomic writes; imports no JAX)
 
 # json key prefix -> (config module, ipc, profiled); the dry run maps them onto the digits.
 SETTINGS = {
@@ -568,25 +569,6 @@ def pause_hook(stage: str) -> None:
         time.sleep(3600)
 
 
-def end_group(proc: subprocess.Popen, grace: float | None = None) -> None:
-    """Ends proc's whole process group (the release part's torch subprocess too): SIGTERM, then
-    SIGKILL after `grace` seconds (default KILL_GRACE_S) to whatever is left."""
-    for sig, wait in ((signal.SIGTERM, KILL_GRACE_S if grace is None else grace), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            if sig == signal.SIGTERM:  # the leader is gone; children that ignored SIGTERM are not
-                os.killpg(proc.pid, signal.SIGKILL)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-        except ProcessLookupError:
-            return
-
-
 def run_limited(cmd: list[str], limit: float | None, log, env=None, cwd=None) -> int | str:
     """cmd's return code, or "timeout" when `limit` seconds passed: it runs in a process group of
     its own, ended whole at the limit or when this process is stopped (Stopped)."""
@@ -594,10 +576,10 @@ def run_limited(cmd: list[str], limit: float | None, log, env=None, cwd=None) ->
     try:
         return proc.wait(timeout=limit or None)
     except subprocess.TimeoutExpired:
-        end_group(proc)
+        common.end_group(proc, KILL_GRACE_S)
         return "timeout"
     except BaseException:
-        end_group(proc, grace=2)
+        common.end_group(proc, 2)
         raise
 
 
@@ -619,23 +601,14 @@ def _json_or_none(line: str):
         return None
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Writes text to path through a temporary beside it and a rename: a reader (or a kill) never
-    sees half a file, and the folder holds at most one file more than its finals meanwhile."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def publish(record: dict, dest: str) -> None:
     """dest/gpu_speed.json and dest/gpu_speed.md, atomically, each under OUT_FILE_CAP (the json
     drops its details rows, the tables their end, should they ever grow past it)."""
     text = json.dumps(record, indent=1, default=float)
     if len(text) > OUT_FILE_CAP:
         text = json.dumps({**record, "details": "left out: over the size that comes back"}, indent=1, default=float)
-    write_atomic(os.path.join(dest, "gpu_speed.json"), text)
-    write_atomic(os.path.join(dest, "gpu_speed.md"), markdown(record)[:OUT_FILE_CAP])
+    workdir.atomic_write(os.path.join(dest, "gpu_speed.json"), text)
+    workdir.atomic_write(os.path.join(dest, "gpu_speed.md"), markdown(record)[:OUT_FILE_CAP])
 
 
 def run_parts(args, argv: list[str]) -> dict:

@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import tarfile
@@ -32,8 +31,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks import common  # noqa: E402
 from idm_jax import checkpoints  # noqa: E402
 from idm_jax import results as results_lib  # noqa: E402
+from idm_jax import workdir as workdir_lib  # noqa: E402
 from idm_jax.publish import CELL_NAME, RUN_INFO  # noqa: E402
 
 METHODS = ("idm", "dm", "random")
@@ -86,9 +87,7 @@ def record(workdir: str, command: str, device: str, seconds: float | None = None
         if s_per_it:
             info["calls"][-1]["s_per_it"] = info["s_per_it"] = s_per_it
     info["seconds"] = round(sum(c.get("seconds", 0.0) for c in info["calls"]), 1)
-    with open(path + ".tmp", "w") as f:
-        json.dump(info, f, indent=2)
-    os.replace(path + ".tmp", path)
+    workdir_lib.atomic_write(path, json.dumps(info, indent=2))
     return info
 
 
@@ -247,11 +246,10 @@ def pack(root: str, out: str) -> list[str]:
         sizes[slot] += size
     for i, members in enumerate(archives):
         name = "results.tar.gz" if i == 0 else f"sets_{i + 1}.tar.gz"
-        tmp = os.path.join(out, name + ".tmp")  # whole or not at all, should a kill come mid-write
-        with tarfile.open(tmp, "w:gz") as tar:
-            for path, arcname in members:
-                tar.add(path, arcname=arcname)
-        os.replace(tmp, os.path.join(out, name))
+        with workdir_lib.atomic_file(os.path.join(out, name)) as f:  # whole or not at all, should a kill come
+            with tarfile.open(fileobj=f, mode="w:gz") as tar:
+                for path, arcname in members:
+                    tar.add(path, arcname=arcname)
     return left_out
 
 
@@ -408,22 +406,6 @@ def measured_pace(rows: list[dict], start: int) -> tuple[int, int, float | None]
     return timed, last, (seconds / timed if timed else None)
 
 
-def end_group(proc: subprocess.Popen, grace: float) -> None:
-    """Ends proc's process group: SIGTERM (main.py checkpoints and exits), SIGKILL after `grace` s."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    except ProcessLookupError:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
 def supervise(cell: Cell, cmd: list[str], workdir: str, budget: Budget, total: int, log) -> tuple[int, float | None]:
     """Runs a cell's command (in a process group of its own) to its end or the deadline; a
     condensation's first budget.prefix iterations are timed, and the run is stopped there (it
@@ -438,7 +420,7 @@ def supervise(cell: Cell, cmd: list[str], workdir: str, budget: Budget, total: i
         while proc.poll() is None:
             if budget.left() <= 0:
                 log(f"{cell.name}: stopped at the deadline (checkpointed: a later call resumes)")
-                end_group(proc, KILL_GRACE_S)
+                common.end_group(proc, KILL_GRACE_S)
                 return 124, pace
             if not decided:
                 timed, last, pace = measured_pace(new_rows(metrics, offset), start)
@@ -448,11 +430,11 @@ def supervise(cell: Cell, cmd: list[str], workdir: str, budget: Budget, total: i
                                          budget.left())
                     if reason:
                         log(f"{reason} (timed over {timed} its; stopped with a checkpoint: a later call resumes)")
-                        end_group(proc, KILL_GRACE_S)
+                        common.end_group(proc, KILL_GRACE_S)
                         return proc.returncode, pace
             time.sleep(POLL_S)
     except BaseException:
-        end_group(proc, 5)
+        common.end_group(proc, 5)
         raise
     if not decided:  # ended before the prefix was timed: its rows still give a pace
         pace = measured_pace(new_rows(metrics, offset), start)[2]
@@ -461,11 +443,7 @@ def supervise(cell: Cell, cmd: list[str], workdir: str, budget: Budget, total: i
 
 def report(root: str, out: str) -> None:
     """out/table1.md and out/curve.png, each written whole (a temporary, then a rename)."""
-    os.makedirs(out, exist_ok=True)
-    table = os.path.join(out, "table1.md")
-    with open(table + ".tmp", "w") as f:
-        f.write(table_markdown(root))
-    os.replace(table + ".tmp", table)
+    workdir_lib.atomic_write(os.path.join(out, "table1.md"), table_markdown(root))
     if plot_curves(root, os.path.join(out, "curve.tmp.png")):
         os.replace(os.path.join(out, "curve.tmp.png"), os.path.join(out, "curve.png"))
 
