@@ -104,7 +104,7 @@ def feature_network(config: Any, dataset: Any, key: jax.Array) -> tuple[Any, Any
 
 def synthetic_features(model, variables, path: str, dataset: Any) -> tuple[np.ndarray, np.ndarray, dict]:
     """Features f32[S, D] and labels of a synthetic.npz (cut into its l x l pieces), plus facts."""
-    synset = export.load_synthetic(path)
+    synset = export.load_synthetic(path, action="evaluate")
     export.check_compatible(synset, dataset)
     images = data.renormalize(synset.images_normalized, synset.mean, synset.std, dataset.mean, dataset.std)
     labels = np.asarray(synset.labels)

@@ -164,7 +164,7 @@ def run_order(config: Any, ds: data_lib.ArrayDataset, method: str, num_steps: in
         seen = np.concatenate(groups[:t + 1])
         npz, record_path = os.path.join(folder, f"step{t}.npz"), os.path.join(folder, f"step{t}.json")
         if os.path.exists(npz):
-            saved = export.load_synthetic(npz)
+            saved = export.load_synthetic(npz, action="resume")
             images, labels, factor = saved.images_normalized, saved.labels, saved.partition_factor
         else:
             t0 = time.perf_counter()

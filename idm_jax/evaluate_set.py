@@ -33,7 +33,7 @@ def run_evaluation(config: Any, workdir: str, synthetic_path: str, *, space: str
     arrays = export.read_npz(synthetic_path)  # a missing or broken file fails before the data loads
     dataset = data.load_config_dataset(config)
     synset = export.synthetic_from_arrays(arrays, synthetic_path, dataset, space=space, layout=layout,
-                                          partition_factor=partition_factor, method=method)
+                                          partition_factor=partition_factor, method=method, action="evaluate")
     export.check_compatible(synset, dataset)
     if synset.filled_from_dataset:
         logging.info("%s has no %s: taken from dataset %s (mean %s, std %s, partition factor %d, "

@@ -226,7 +226,8 @@ def _normalized(images: np.ndarray, where: str) -> np.ndarray:
 
 
 def load_synthetic(path: str, dataset: Any = None, *, space: str = "pixel", layout: str = "auto",
-                   partition_factor: int | None = None, method: str | None = None) -> SyntheticSet:
+                   partition_factor: int | None = None, method: str | None = None,
+                   action: str = "use") -> SyntheticSet:
     """Reads and validates a synthetic set: a synthetic.npz written by `save_synthetic`, or (given
     `dataset`) any .npz holding `images` and `labels`. See `synthetic_from_arrays`.
 
@@ -234,12 +235,12 @@ def load_synthetic(path: str, dataset: Any = None, *, space: str = "pixel", layo
     problem) when it is corrupted, lacks a key, or its arrays are inconsistent.
     """
     return synthetic_from_arrays(read_npz(path), path, dataset, space=space, layout=layout,
-                                 partition_factor=partition_factor, method=method)
+                                 partition_factor=partition_factor, method=method, action=action)
 
 
 def synthetic_from_arrays(arrays: Mapping[str, np.ndarray], path: str, dataset: Any = None, *,
                           space: str = "pixel", layout: str = "auto", partition_factor: int | None = None,
-                          method: str | None = None) -> SyntheticSet:
+                          method: str | None = None, action: str = "use") -> SyntheticSet:
     """A SyntheticSet from an .npz's arrays (`read_npz`); `path` names it in errors.
 
     dataset: an ArrayDataset (or anything with name, mean, std, class_names, image_shape) that
@@ -250,6 +251,7 @@ def synthetic_from_arrays(arrays: Mapping[str, np.ndarray], path: str, dataset: 
     layout: "NHWC", "NCHW" or "auto" (by the dataset's image shape, else by the channel axis).
     partition_factor, method: override the file's (None: the file's, else 1 / "external").
     When ``images_normalized`` is absent it is computed from ``images`` and vice versa.
+    action: what a set holding NaN or infinite values is refused for, in the error (check_finite).
     """
     where = f"synthetic set {path!r}"
     if space not in IMAGE_SPACES:
@@ -274,8 +276,8 @@ def synthetic_from_arrays(arrays: Mapping[str, np.ndarray], path: str, dataset: 
     stored = {k: _to_nhwc(np.asarray(arrays[k]), layout, expected, where)
               for k in ("images", "images_normalized") if k in arrays}
     labels = np.asarray(arrays["labels"])
-    for k, array in stored.items():
-        check_finite(where, k, array)
+    check_finite(where, {**stored, **{k: np.asarray(arrays[k]) for k in ("mean", "std") if k in arrays}},
+                 action)
     first = next(iter(stored.values()))
     if expected is not None and first.shape[1:] != expected:
         raise ValueError(f"{where} has images of shape {first.shape[1:]} (H, W, C) but dataset "
@@ -308,15 +310,26 @@ def synthetic_from_arrays(arrays: Mapping[str, np.ndarray], path: str, dataset: 
         path=str(path), filled_from_dataset=filled)
 
 
-def check_finite(where: str, name: str, array: np.ndarray) -> None:
-    """Raises ValueError naming `where`, the array and how many of its values are NaN or infinite
-    (such a set would train silently to chance accuracy)."""
-    if not np.issubdtype(array.dtype, np.floating):
-        return
-    nan, inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
-    if nan or inf:
-        raise ValueError(f"{where}: {nan + inf} of {array.size} values of {name!r} are not finite "
-                         f"({nan} NaN, {inf} infinite); refusing to train on it")
+def nonfinite_counts(array: Any) -> tuple[int, int]:
+    """(NaN count, infinite count) of an array; (0, 0) for integers and strings."""
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.inexact):
+        return 0, 0
+    return int(np.isnan(array).sum()), int(np.isinf(array).sum())
+
+
+def check_finite(where: str, arrays: Mapping[str, Any], action: str) -> None:
+    """Raises ValueError naming `where`, every array holding NaN or infinite values with its
+    counts, and the `action` refused (evaluate, export, publish, resume): such a set would train
+    silently to chance accuracy, and a non-finite mean or std makes every image so."""
+    problems = []
+    for name, array in arrays.items():
+        nan, inf = nonfinite_counts(array)
+        if nan or inf:
+            problems.append(f"{nan + inf} of {np.size(array)} values of {name!r} are not finite "
+                            f"({nan} NaN, {inf} infinite)")
+    if problems:
+        raise ValueError(f"{where}: {'; '.join(problems)}; refusing to {action} it")
 
 
 def check_compatible(synset: SyntheticSet, dataset: Any) -> None:

@@ -218,7 +218,7 @@ def publish(workdir: str, cell: str, dest: str = DEFAULT_DEST, *, allow_short: b
     for path in (npz, results_path):
         if not os.path.exists(path):
             raise PublishError(f"{path} does not exist: publish a finished run's workdir")
-    synset = export.load_synthetic(npz)
+    synset = export.load_synthetic(npz, action="publish")
     iterations = config_iterations(synset.config_json)
     if iterations != PAPER_ITERATIONS and not allow_short:
         raise PublishError(f"refusing to publish {npz}: its config says idm.iterations={iterations}, not the "
@@ -244,7 +244,7 @@ def publish(workdir: str, cell: str, dest: str = DEFAULT_DEST, *, allow_short: b
 
     dst = os.path.join(dest, f"{cell}.npz")
     how = write_published_file(npz, dst)
-    export.load_synthetic(dst)  # the published file reads back
+    export.load_synthetic(dst, action="publish")  # the published file reads back
     row = {"cell": cell, "accuracy (%)": accuracy, "command": f"`{command}`", "date": date,
            "sha256": sha256_file(dst)}
     upsert_row(os.path.join(dest, README), row)

@@ -184,7 +184,7 @@ def run_export(config: Any, workdir: str, synthetic_path: str, *, space: str = "
     if any(k not in arrays for k in export.METADATA_KEYS):
         dataset = data.load_config_dataset(config)
     synset = export.synthetic_from_arrays(arrays, synthetic_path, dataset, space=space, layout=layout,
-                                          partition_factor=partition_factor, method=method)
+                                          partition_factor=partition_factor, method=method, action="export")
     if dataset is not None:
         export.check_compatible(synset, dataset)
     record = export_set(synset, workdir)

@@ -179,3 +179,44 @@ def test_a_set_with_nan_or_infinite_pixels_is_refused_naming_the_file_and_count(
     arrays = {"images_normalized": images, "labels": np.arange(4, dtype=np.int32)}
     with pytest.raises(ValueError, match="'images_normalized' are not finite"):
         export.synthetic_from_arrays(arrays, "bad.npz", _tiny_dataset())
+
+
+def test_every_non_finite_array_is_counted_and_the_refused_action_named():
+    """One NaN in `images` and two infinite values in `images_normalized`: both are reported."""
+    images = np.full((4, 8, 8, 1), 0.5, np.float32)
+    normalized = np.zeros((4, 8, 8, 1), np.float32)
+    images[0, 0, 0] = np.nan
+    normalized[1, 1, 1] = np.inf
+    normalized[2, 2, 2] = -np.inf
+    arrays = {"images": images, "images_normalized": normalized, "labels": np.arange(4, dtype=np.int32)}
+    with pytest.raises(ValueError) as e:
+        export.synthetic_from_arrays(arrays, "bad.npz", _tiny_dataset(), action="export")
+    assert str(e.value) == ("synthetic set 'bad.npz': 1 of 256 values of 'images' are not finite (1 NaN, "
+                            "0 infinite); 2 of 256 values of 'images_normalized' are not finite (0 NaN, "
+                            "2 infinite); refusing to export it")
+
+
+@pytest.mark.parametrize("key", ["mean", "std"])
+def test_a_non_finite_mean_or_std_is_refused(key):
+    arrays = {"images_normalized": np.zeros((4, 8, 8, 1), np.float32), "labels": np.arange(4, dtype=np.int32),
+              "mean": np.asarray([0.5], np.float32), "std": np.asarray([0.25], np.float32)}
+    arrays[key] = np.asarray([np.nan], np.float32)
+    with pytest.raises(ValueError) as e:
+        export.synthetic_from_arrays(arrays, "bad.npz", _tiny_dataset(), action="evaluate")
+    assert str(e.value) == (f"synthetic set 'bad.npz': 1 of 1 values of {key!r} are not finite (1 NaN, "
+                            "0 infinite); refusing to evaluate it")
+
+
+def test_publish_refuses_a_non_finite_set_naming_the_action(tmp_path):
+    from idm_jax import publish
+    npz = tmp_path / "synthetic.npz"
+    images = np.zeros((10, 8, 8, 1), np.float32)
+    images[3, 0, 0] = np.nan
+    np.savez(npz, images_normalized=images, labels=np.arange(10, dtype=np.int32), mean=np.float32([0.5]),
+             std=np.float32([0.25]), class_names=np.asarray([str(k) for k in range(10)]),
+             partition_factor=np.int64(1), method=np.asarray("idm"), dataset=np.asarray("digits"))
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"1 of 640 values of 'images_normalized' are not finite \(1 NaN, "
+                                         r"0 infinite\); refusing to publish it$"):
+        publish.publish(str(tmp_path), "digits_ipc1_idm", str(tmp_path / "dest"))
+    assert not (tmp_path / "dest").exists()
