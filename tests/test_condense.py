@@ -171,6 +171,25 @@ def test_step_updates_state_queue_and_compiles_once(digits, setup):
     assert accs[0] == 0.0  # nothing trained before the first iteration's matching
 
 
+def test_step_from_config_is_the_setup_by_hand(digits, setup):
+    """step_from_config = settings_from_config, init_state, device_data, make_step: the same
+    settings, state and (cached) step; with no dataset given it loads the config's own."""
+    s, data, step = setup
+    c = tiny_config()
+    c.idm.init = "noise"
+    ready = condense.step_from_config(c, seed=3)
+    assert ready.dataset.name == digits.name and ready.settings == s and ready.step is step
+    np.testing.assert_array_equal(ready.dataset.train_labels, digits.train_labels)
+    np.testing.assert_array_equal(np.asarray(ready.data.class_counts), np.asarray(data.class_counts))
+    by_hand = condense.init_state(s, digits, 3, "noise")
+    assert jax.tree.structure(ready.state) == jax.tree.structure(by_hand)
+    for got, want in zip(jax.tree.leaves(ready.state), jax.tree.leaves(by_hand)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert ready.state.syn.images.shape == (10, 1, 16, 16, 1)
+    state, m = ready.step(ready.state, ready.data)
+    assert int(state.step) == 1 and np.isfinite(float(m["loss"]))
+
+
 def test_nonfinite_loss_freezes_state(digits, setup):
     s, data, step = setup
     state = condense.init_state(s, digits, 0, "real")

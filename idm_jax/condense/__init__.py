@@ -27,8 +27,10 @@ One concept per module; this package re-exports their names, so `condense.X` is 
 * step.py: `make_step`, `make_multi_step` and the per-class update they run.
 * sharding.py: `class_mesh`, `state_shardings`, `shard_state`, `replicate`.
 * host_batches.py: `plan_indices`, `HostSampler` (data.on_device = "host").
+* from_config.py: `step_from_config`, `StepSetup` (config -> dataset -> settings -> state -> step).
 """
 
+from idm_jax.condense.from_config import StepSetup, step_from_config
 from idm_jax.condense.host_batches import HostSampler, plan_indices
 from idm_jax.condense.networks import (
     make_apply_fn,
@@ -83,4 +85,5 @@ __all__ = [
     "matching_nets", "update_synset", "momentum_sgd_update", "MAX_UNROLLED_CHUNKS", "chunks_unrolled",
     "map_in_chunks", "real_class_mean",
     "iteration_keys", "make_step", "make_multi_step", "plan_indices", "HostSampler",
+    "StepSetup", "step_from_config",
 ]
