@@ -127,3 +127,107 @@ def test_round_trip_scores_the_same(digits, digit_set, exported):
     assert npy["accuracies"] == pytest.approx(original["accuracies"], abs=1e-6)  # the same input
     spread = max(original["std"], png["std"], 1.0)
     assert abs(png["mean"] - original["mean"]) <= 3 * spread
+
+
+def _set(dataset, mean, std, images_normalized, labels=None, classes=10):
+    labels = np.arange(len(images_normalized)) % classes if labels is None else labels
+    return export.SyntheticSet(
+        images=np.clip(images_normalized * np.float32(std) + np.float32(mean), 0, 1),
+        images_normalized=np.asarray(images_normalized, np.float32), labels=np.asarray(labels, np.int32),
+        mean=np.asarray(mean, np.float32), std=np.asarray(std, np.float32),
+        class_names=tuple(str(k) for k in range(classes)), partition_factor=1, method="idm", dataset=dataset)
+
+
+def test_a_cifar100_export_carries_ddranking_normalization(tmp_path):
+    """DD-Ranking normalizes CIFAR-100 with CIFAR-10's statistics: the arrays are renormalized to
+    those, the PNGs keep the pixels."""
+    c100_mean, c100_std = data.NORMALIZATION["cifar100"]
+    pixels = np.full((100, 4, 4, 3), 0.5, np.float32)
+    pixels[0, 0, 0] = (0.0, 0.25, 1.0)
+    synset = _set("cifar100-jpeg", c100_mean, c100_std, (pixels - c100_mean) / np.float32(c100_std), classes=100)
+    record = set_formats.export_set(synset, str(tmp_path))
+    x = np.load(tmp_path / "ddranking" / "images.npy")
+    # (0.5 - 0.4914) / 0.2023 = 0.042511, (0.0 - 0.4914) / 0.2023 = -2.429066, (1 - 0.4465) / 0.2010 = 2.753731
+    assert x[1, 0, 0, 0] == pytest.approx(0.042511, abs=1e-5)
+    assert x[0, :, 0, 0] == pytest.approx([-2.429066, (0.25 - 0.4822) / 0.1994, 2.753731], abs=1e-5)
+    assert record["ddranking"]["mean"] == [0.4914, 0.4822, 0.4465]
+    assert record["ddranking"]["std"] == [0.2023, 0.1994, 0.2010]
+    assert record["ddranking"]["normalization"] == ("DD-Ranking's normalization of CIFAR100 "
+                                                    "(ddranking 0.2.0, utils/data.py)")
+    assert record["mean"] == pytest.approx(list(c100_mean))  # the evaluator's: CIFAR-100's own
+    saved = json.load(open(tmp_path / "export.json"))
+    assert saved["ddranking"]["normalization"].startswith("DD-Ranking's normalization of CIFAR100")
+    u8, _, _ = set_formats.read_imagefolder(str(tmp_path / "imagefolder"))
+    assert u8[0, 0, 0].tolist() == [0, 64, 255] and u8[1, 0, 0].tolist() == [128, 128, 128]
+
+
+def test_a_set_stored_unnormalized_is_renormalized_as_evaluate_does(tmp_path):
+    """The ImageNet subset condenses [0, 1] images (stored with mean 0, std 1): the evaluator, and so
+    the export, sees them under ImageNet's statistics."""
+    pixels = np.random.default_rng(1).random((10, 4, 4, 3)).astype(np.float32)
+    synset = _set("imagenet_subset", [0, 0, 0], [1, 1, 1], pixels)
+    record = set_formats.export_set(synset, str(tmp_path))
+    mean, std = np.float32([0.485, 0.456, 0.406]), np.float32([0.229, 0.224, 0.225])
+    images, _ = set_formats.evaluator_inputs(synset, mean, std)
+    np.testing.assert_allclose(images, (pixels - mean) / std, atol=1e-5)
+    x = np.load(tmp_path / "ddranking" / "images.npy")
+    np.testing.assert_allclose(x, ((pixels - mean) / std).transpose(0, 3, 1, 2), atol=1e-5)
+    assert record["mean"] == pytest.approx(mean.tolist()) and record["stored_mean"] == [0.0, 0.0, 0.0]
+    assert record["rounding_change"]["max_change_levels"] <= 0.5 + 1e-3  # the PNGs are the same pixels
+    u8, _, _ = set_formats.read_imagefolder(str(tmp_path / "imagefolder"))
+    np.testing.assert_array_equal(np.sort(u8.ravel()), np.sort(np.round(pixels * 255).astype(np.uint8).ravel()))
+
+
+def test_a_dataset_ddranking_lacks_keeps_the_evaluators_normalization(digit_set):
+    theirs = set_formats.ddranking_normalization("digits", 1, (digit_set.mean, digit_set.std))
+    assert theirs["mean"] == pytest.approx(digit_set.mean.tolist())
+    assert "has no dataset like 'digits'" in theirs["source"]
+
+
+def test_export_of_a_non_finite_set_is_refused_and_writes_nothing(tmp_path):
+    x = np.random.default_rng(0).random((20, 16, 16, 1)).astype(np.float32)
+    x[0, 0, 0, 0], x[1, 1, 1, 0] = np.nan, np.inf
+    np.savez(tmp_path / "bad.npz", images=x, labels=np.repeat(np.arange(10), 2))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ValueError, match=r"2 of 5120 values of 'images' are not finite \(1 NaN, 1 infinite\); "
+                                         r"refusing to export it$"):
+        set_formats.run_export(quick.get_config("2"), str(out), str(tmp_path / "bad.npz"))
+    assert os.listdir(out) == []
+
+
+def _read_like_torchvision(folder, files, label_key):
+    """torchvision's CIFAR10.__init__: pickle.load(latin1), vstack, reshape to NCHW, transpose to NHWC."""
+    import pickle
+    data_rows, targets = [], []
+    for name in files:
+        with open(os.path.join(folder, name), "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        data_rows.append(entry["data"])
+        targets.extend(entry[label_key])
+    return np.vstack(data_rows).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1)), targets
+
+
+@pytest.mark.parametrize("classes", [10, 100])
+def test_torchvision_cifar_layout_reads_back_the_same_images(tmp_path, classes):
+    rng = np.random.default_rng(classes)
+    train = rng.integers(0, 256, (2 * classes, 32, 32, 3), dtype=np.uint8)
+    test = rng.integers(0, 256, (classes, 32, 32, 3), dtype=np.uint8)
+    train_labels, test_labels = np.arange(2 * classes) % classes, np.arange(classes)[::-1]
+    names = [f"class{k}" for k in range(classes)]
+    folder = set_formats.write_torchvision_cifar(str(tmp_path), train, train_labels, test, test_labels, names)
+    tv_folder, train_files, test_file, meta, label_key, names_key = set_formats.TORCHVISION_CIFAR[classes]
+    assert folder == str(tmp_path / tv_folder)
+    assert sorted(os.listdir(folder)) == sorted(train_files + [test_file, meta])
+    images, labels = _read_like_torchvision(folder, train_files, label_key)
+    np.testing.assert_array_equal(images, train)
+    assert labels == train_labels.tolist()
+    images, labels = _read_like_torchvision(folder, [test_file], label_key)
+    np.testing.assert_array_equal(images, test)
+    assert labels == test_labels.tolist()
+    import pickle
+    assert pickle.load(open(os.path.join(folder, meta), "rb"), encoding="latin1")[names_key] == names
+    # one image's row: its red plane first, as CIFAR stores it
+    assert set_formats.cifar_rows(train[:1])[0, :1024].tolist() == train[0, :, :, 0].ravel().tolist()
+    with pytest.raises(ValueError, match="10 or 100 classes, not 7"):
+        set_formats.write_torchvision_cifar(str(tmp_path), train, train_labels, test, test_labels, names[:7])
