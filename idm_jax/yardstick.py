@@ -9,10 +9,14 @@ on the whole real training set (``whole``) and on random real images at the set'
 * LRS = (e^a - e^-1) / (e - e^-1), a = w * IOR - (1 - w) * HLR, w = 0.5 by default.
 
 The formula is meant on fractions in [0, 1] (then a lies in [-1, 1] and LRS in [0, 1]; a = 0, a set
-as far above random as below the whole dataset, gives 1 / (1 + e) = 0.2689); DD-Ranking's code
-feeds it percentages. Here it is computed on fractions, and the raw differences are reported in
-percentage points beside them. Pure numbers and formatting only: the reference accuracies are
-measured (and cached) by `idm_jax.references`.
+as far above random as below the whole dataset, gives 1 / (1 + e) = 0.2689), as the paper defines
+it. DD-Ranking's code (ddranking 0.2.0, metrics/hard_label.py) feeds it percentages: with w = 0.5,
+a is the set's distance in points from the midpoint of the random and whole accuracies, so a set
+5 pp below it scores -0.1537, next to the floor -e^-1 / (e - e^-1) = -0.1565, and one 5 pp above it
+63.0. Here LRS is computed on fractions (`lrs`), and DD-Ranking's
+code's number is reported beside it (`lrs_ddranking_code`), named, so the two are never mixed up;
+the raw differences are in percentage points. Pure numbers and formatting only: the reference
+accuracies are measured (and cached) by `idm_jax.references`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,13 @@ from collections.abc import Mapping
 from typing import Any
 
 DEFAULT_WEIGHT = 0.5
+# What each number of a scores entry is measured in (results.json names them beside the numbers).
+UNITS = {"accuracy, random_real, whole_data": "percent",
+         "ior_pp, hlr_pp": "percentage points",
+         "ior, hlr": "fractions (percentage points / 100)",
+         "lrs": "LRS of the fractions, as the paper defines it, in [0, 1]",
+         "lrs_ddranking_code": "LRS of the percentages, as ddranking 0.2.0's code computes it (floor -0.1565, "
+                               "no ceiling)"}
 
 
 def lrs(ior: float, hlr: float, w: float = DEFAULT_WEIGHT) -> float:
@@ -35,12 +46,19 @@ def lrs(ior: float, hlr: float, w: float = DEFAULT_WEIGHT) -> float:
     return (math.exp(a) - math.exp(-1.0)) / (math.e - math.exp(-1.0))
 
 
+def lrs_ddranking_code(ior_pp: float, hlr_pp: float, w: float = DEFAULT_WEIGHT) -> float:
+    """LRS as DD-Ranking's code computes it: the same formula on IOR and HLR in percentage points
+    (its compute_metrics), so a = w * ior_pp - (1 - w) * hlr_pp spans [-100, 100]."""
+    return lrs(ior_pp, hlr_pp, w)
+
+
 def scores(accuracy: float, random_accuracy: float, whole_accuracy: float | None,
            w: float = DEFAULT_WEIGHT) -> dict[str, Any]:
     """HLR, IOR and LRS from three accuracies in percent (whole_accuracy None: unknown).
 
-    Returns {ior_pp, hlr_pp: percentage points; ior, hlr: fractions; lrs; w}; hlr_pp, hlr and
-    lrs are None when the whole-data accuracy is unknown.
+    Returns {ior_pp, hlr_pp: percentage points; ior, hlr: fractions; lrs: of the fractions;
+    lrs_ddranking_code: of the percentages; w; units: UNITS}; hlr_pp, hlr and both LRS are None
+    when the whole-data accuracy is unknown.
     """
     for name, value in (("accuracy", accuracy), ("random-real accuracy", random_accuracy),
                         ("whole-data accuracy", whole_accuracy)):
@@ -51,6 +69,8 @@ def scores(accuracy: float, random_accuracy: float, whole_accuracy: float | None
     out: dict[str, Any] = {"ior_pp": ior_pp, "hlr_pp": hlr_pp, "ior": ior_pp / 100.0,
                            "hlr": None if hlr_pp is None else hlr_pp / 100.0, "w": float(w)}
     out["lrs"] = None if hlr_pp is None else lrs(out["ior"], out["hlr"], w)
+    out["lrs_ddranking_code"] = None if hlr_pp is None else lrs_ddranking_code(ior_pp, hlr_pp, w)
+    out["units"] = dict(UNITS)
     return out
 
 
@@ -63,10 +83,15 @@ def scores_markdown(scores_by_arch: Mapping[str, Mapping[str, Any]]) -> str:
     if not scores_by_arch:
         return ""
     w = next(iter(scores_by_arch.values())).get("w", DEFAULT_WEIGHT)
-    lines = [f"#### DD-Ranking scores (hard labels; HLR, IOR as fractions, LRS with w = {w:g})", "",
+    lines = [f"#### DD-Ranking scores (hard labels; w = {w:g})", "",
+             "Accuracies in %, IOR and HLR in percentage points (pp) and as fractions; LRS of the fractions "
+             "(the paper's definition, in [0, 1]; compare these), and LRS as DD-Ranking's code computes it, "
+             "of the percentages (floor -0.1565, where sets a few pp below the midpoint of random and whole "
+             "sit; no ceiling).", "",
              "| eval arch | set (%) | random real, same IPC (%) | whole data (%) | whole-data source | "
-             "IOR (pp) | HLR (pp) | IOR | HLR | LRS |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "IOR (pp) | HLR (pp) | IOR (fraction) | HLR (fraction) | LRS (of fractions) | "
+             "LRS, DD-Ranking's code (of %) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for arch, s in scores_by_arch.items():
         whole = s.get("whole_data")
@@ -74,7 +99,7 @@ def scores_markdown(scores_by_arch: Mapping[str, Mapping[str, Any]]) -> str:
             f"| {arch} | {_num(s.get('accuracy'), '.2f')} | {_num(s.get('random_real'), '.2f')} | "
             f"{_num(whole, '.2f')} | {s.get('whole_data_source') or '—'} | {_num(s.get('ior_pp'), '+.2f')} | "
             f"{_num(s.get('hlr_pp'), '+.2f')} | {_num(s.get('ior'), '+.4f')} | {_num(s.get('hlr'), '+.4f')} | "
-            f"{_num(s.get('lrs'), '.4f')} |")
+            f"{_num(s.get('lrs'), '.4f')} | {_num(s.get('lrs_ddranking_code'), '.4f')} |")
         if s.get("note"):
             notes.append(f"{arch}: {s['note']}")
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"

@@ -49,6 +49,23 @@ def test_scores_table_in_results_md():
             in table)
 
 
+def test_ddranking_codes_lrs_on_percentages_is_named_beside_ours():
+    """DD-Ranking's code puts IOR and HLR in points into the formula: 60 / 40 / 90 % gives
+    a = 0.5 * 20 - 0.5 * 30 = -5, (e^-5 - e^-1) / (e - e^-1) = -0.1537, near its floor -0.1565."""
+    s = yardstick.scores(60.0, 40.0, 90.0)
+    assert s["lrs_ddranking_code"] == pytest.approx(-0.1536509, abs=1e-7)
+    assert s["lrs"] == pytest.approx(0.2481915, abs=1e-7)  # ours, of the fractions
+    assert yardstick.lrs_ddranking_code(0.0, 100.0) == pytest.approx(-1 / E / (E - 1 / E), abs=1e-9)
+    assert yardstick.lrs_ddranking_code(0.0, 100.0) == pytest.approx(-0.1565176, abs=1e-7)  # the floor
+    assert yardstick.lrs_ddranking_code(30.0, 20.0) == pytest.approx((math.exp(5) - 1 / E) / (E - 1 / E))
+    assert s["units"]["lrs"].startswith("LRS of the fractions") and s["units"]["ior_pp, hlr_pp"] == "percentage points"
+    assert "ddranking 0.2.0's code" in s["units"]["lrs_ddranking_code"]
+    assert yardstick.scores(60.0, 40.0, None)["lrs_ddranking_code"] is None
+    table = yardstick.scores_markdown({"ConvNet": {"accuracy": 60.0, "random_real": 40.0, "whole_data": 90.0, **s}})
+    assert "| LRS (of fractions) | LRS, DD-Ranking's code (of %) |" in table
+    assert "| +0.2000 | +0.3000 | 0.2482 | -0.1537 |" in table
+
+
 def test_whole_data_accuracy_needs_its_source():
     c = base.get_config()
     c.eval.whole_data_accuracy = 84.8
