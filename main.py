@@ -14,12 +14,13 @@
   python main.py --config=configs/cifar100.py:10 --mode=consistency --workdir=runs/fig4
   python main.py --config=configs/cifar10.py:10 --mode=sweep --workdir=runs/sweep_table2 \
       --config.sweep.name=table2 --config.sweep.iterations=1000
+  python main.py --config=configs/cifar10.py --mode=table1 --workdir=runs/table1 \
+      --config.table1.cells=cifar10:1,cifar10:10 --config.table1.methods=random,dm,idm
 
 The logic lives in the importable `idm_jax` package; this file only parses
 flags and dispatches, so everything it runs is testable.
 """
 
-import importlib.util
 import os
 import signal
 import sys
@@ -32,7 +33,9 @@ from ml_collections import config_flags
 
 from idm_jax import backend
 from idm_jax import baselines
+from idm_jax import compile_cache
 from idm_jax import config_check
+from idm_jax import config_files
 from idm_jax import consistency
 from idm_jax import continual
 from idm_jax import distributed
@@ -43,6 +46,7 @@ from idm_jax import run_io
 from idm_jax import runner
 from idm_jax import set_formats
 from idm_jax import sweeps
+from idm_jax import table1
 from idm_jax import workdir
 from idm_jax import workdir_lock
 
@@ -50,7 +54,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics, results).")
 _MODE = flags.DEFINE_enum("mode", "condense",
-                          ["condense", "evaluate", "baseline", "continual", "consistency", "sweep", "export"],
+                          ["condense", "evaluate", "baseline", "continual", "consistency", "sweep", "export", "table1"],
                           "What to run.")
 _SYNTHETIC = flags.DEFINE_string("synthetic", None, "synthetic.npz to score with --mode=evaluate (or to "
                                  "write in other layouts with --mode=export); with --mode=consistency, "
@@ -96,6 +100,7 @@ def main(argv):
     try:
         config_check.validate(config)
         workdir.check_writable(_WORKDIR.value)  # before any compute
+        compile_cache.enable()  # compiled programs shared with every later run on this machine
         several = distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                                          _PROCESS_ID.value, _DIST_TIMEOUT.value)
         # One run per workdir (every mode), before anything is written; released at exit, so
@@ -129,6 +134,9 @@ def main(argv):
             continual.run_continual(config, _WORKDIR.value)
         elif _MODE.value == "consistency":
             consistency.run_consistency(config, _WORKDIR.value, _SYNTHETIC.value)
+        elif _MODE.value == "table1":  # the command's --config.<field> values apply to every cell
+            table1.run_table1(config, _WORKDIR.value,
+                              overrides=config_flags.get_override_values(flags.FLAGS["config"]))
         else:
             sweeps.run_sweep(config, _WORKDIR.value)
     except (ValueError, OSError, runner.NonFiniteLossError, errors.MissingDependency,
@@ -159,14 +167,11 @@ def config_arg_problem(argv) -> str | None:
             overrides.append(name[len("--config."):])
     if not config_value:
         return None  # absl reports the missing flag
-    path, _, config_arg = config_value.partition(":")
+    path, config_arg = config_files.split_config_value(config_value)
+    if not os.path.isfile(path):
+        return f"config file {path!r} not found"
     try:
-        spec = importlib.util.spec_from_file_location("_idm_config", path)
-        if spec is None or not os.path.isfile(path):
-            return f"config file {path!r} not found"
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        config = module.get_config(config_arg) if config_arg else module.get_config()
+        config = config_files.load_config_file(path, config_arg)
     except Exception as e:  # pylint: disable=broad-except
         return f"--config={config_value}: {e}"
     for field in overrides:

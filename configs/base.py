@@ -121,9 +121,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.idm.model_aug_lr_jitter = 0.0
   c.idm.model_aug_class_fraction = 1.0
   c.idm.meter_reset_interval = 100  # release: eval_interval; meters reset (0 = never)
-  # Queue members trained with jax.vmap (fast on GPU/TPU) or lax.map (fast
-  # on CPU, where vmapped convs become grouped convs). "auto": by backend.
+  # Queue members trained one after another ("map", each a plain full-batch network) or batched
+  # ("vmap": grouped convs with conv_impl "xla"/"matmul", batched matmuls with "taps"). "auto": "map".
   c.idm.queue_train_impl = "auto"
+  # How the condensation step's convs are computed (models.CONV_IMPLS, values unchanged): "xla",
+  # "matmul" (im2col weight gradient), "taps" (matmuls only); "auto": "matmul" on CPU, else "xla".
+  c.idm.conv_impl = "auto"
   c.idm.real_chunk_size = 1024  # real images per forward chunk (memory)
   c.idm.class_batch = 0  # classes vectorised together; 0 = auto (condense.auto_class_batch)
   # Pre-trained pool (paper Fig. 3; idm_jax/pool.py): E > 0 with use_queue=False matches in a
@@ -159,9 +162,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Train on the whole set here only up to this many training images (the digits: yes; CIFAR-10's
   # 50,000: no, give whole_data_accuracy); a cached measurement is used whatever the size.
   c.eval.whole_data_max_images = 10000
-  # The seeds' networks train together with jax.vmap (GPU/TPU) or lax.map
-  # (CPU, where vmapped convs are slow grouped convs). "auto": by backend.
+  # The seeds' networks train one after another (lax.map, "map") or batched (jax.vmap, "vmap":
+  # with conv_impl "xla" or "matmul" its convs become grouped convs, slow on CPU and CUDA; with
+  # "taps", batched matmuls). "auto": "map" (idm_jax/backend.py).
   c.eval.seed_parallel = "auto"
+  # How the evaluation networks' convs are computed: "xla", "matmul" (im2col weight gradient, the
+  # CPU's), "taps" (matmuls only); "auto": by backend (idm_jax/models.py). Values do not change.
+  c.eval.conv_impl = "auto"
   # "device": epochs run in a jitted loop (GPU/TPU); "host": one jitted step,
   # Python loop (CPU, where conv gradients inside loops are slow). "auto".
   c.eval.loop = "auto"
@@ -191,6 +198,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.sweep.name = "table2"  # a key of idm_jax.sweeps.SWEEPS
   c.sweep.iterations = 0  # condensation iterations per cell; 0 = idm.iterations
   c.sweep.cells = ""  # comma-separated cell names to run; "" = all
+
+  # The paper's Table 1 (main.py --mode=table1, idm_jax/table1.py): cells run in turn, resumable.
+  c.table1 = ml_collections.ConfigDict()
+  c.table1.cells = "cifar10:1,cifar10:10,cifar10:50"  # <config file name>:<ipc>, e.g. quick:1
+  c.table1.methods = "random,dm,idm"  # any of these; run cheapest first (this order)
+  c.table1.iterations = 20000  # condensation iterations of DM and IDM cells (the paper's)
+  c.table1.order = ""  # cells run first, e.g. "cifar10:10:idm"; "" = cheapest first
+  c.table1.budget_s = 0.0  # seconds for everything: a cell starts only when it fits; 0 = no limit
+  c.table1.tune_s = 0.0  # seconds timing step variants before the first DM/IDM cell; 0 = off
+  c.table1.pace = ""  # s/iteration instead of the measured ones, e.g. "idm=0.1,dm=0.02"
+  c.table1.startup_s = 30.0  # a cell's start-up and compiling, in its estimate
+  c.table1.eval_s = 0.0  # 5 nets x 1000 epochs of an IPC-10 set (s); 0 = docs/gpu_speed.json's
+  c.table1.export_dir = ""  # copy table1.* and the finished sets here ("" = no copy)
+  c.table1.export_max_files = 0  # at most this many files there, a temporary included; 0 = no cap
+  c.table1.export_max_mb = 0.0  # files over this many MB are left out; 0 = no cap
 
   # Devices the synthetic set's class axis is sharded over (one host): 0 = as
   # many local devices as divide the class count, 1 = a single device.

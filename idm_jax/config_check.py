@@ -62,6 +62,7 @@ def validate(config) -> None:
     _check_eval(config.eval)
     _check_cadences(config)
     _check_steps_per_dispatch(config)  # after the cadences it must divide are checked
+    _check_table1(config)
 
 
 def _check_run(config) -> None:
@@ -117,6 +118,8 @@ def _check_idm_choices(config) -> None:
              f"idm.embedding={idm.embedding!r} needs a ConvNet matching model, got {config.model!r}")
     _require(idm.queue_train_impl in backend.QUEUE_TRAIN_IMPLS,
              f"idm.queue_train_impl must be one of {backend.QUEUE_TRAIN_IMPLS}, got {idm.queue_train_impl!r}")
+    _require(idm.conv_impl in backend.CONV_IMPLS,
+             f"idm.conv_impl must be one of {backend.CONV_IMPLS}, got {idm.conv_impl!r}")
     _require(idm.class_batch >= 0, f"idm.class_batch must be >= 0 (0 = auto), got {idm.class_batch!r}")
     _require(idm.lr_img > 0, f"idm.lr_img must be > 0, got {idm.lr_img!r}")
     _require(0 <= idm.momentum_img < 1, f"idm.momentum_img must be in [0, 1), got {idm.momentum_img!r}")
@@ -178,6 +181,8 @@ def _check_eval(ev) -> None:
         raise ValueError(f"invalid config: eval.archs: {e}") from None
     _require(ev.seed_parallel in backend.SEED_PARALLEL,
              f"eval.seed_parallel must be one of {backend.SEED_PARALLEL}, got {ev.seed_parallel!r}")
+    _require(ev.conv_impl in backend.CONV_IMPLS,
+             f"eval.conv_impl must be one of {backend.CONV_IMPLS}, got {ev.conv_impl!r}")
     _require(ev.loop in backend.EVAL_LOOPS, f"eval.loop must be one of {backend.EVAL_LOOPS}, got {ev.loop!r}")
     _require(ev.schedule in trainer.SCHEDULES,
              f"eval.schedule must be one of {trainer.SCHEDULES}, got {ev.schedule!r}")
@@ -198,3 +203,18 @@ def _check_cadences(config) -> None:
     _require(config.checkpoint_every_minutes >= 0,
              f"checkpoint_every_minutes must be >= 0 (0 = off), got {config.checkpoint_every_minutes!r}")
 
+
+def _check_table1(config) -> None:
+    """--mode=table1's numbers (its cell, method and order lists are read by idm_jax/table1.py,
+    before any compute)."""
+    if "table1" not in config:
+        return
+    t1 = config.table1
+    _require(isinstance(t1.iterations, int) and t1.iterations >= 1,
+             f"table1.iterations must be an integer >= 1, got {t1.iterations!r}")
+    for name in ("budget_s", "tune_s", "startup_s", "eval_s", "export_max_mb"):
+        _require(t1[name] >= 0, f"table1.{name} must be >= 0 (0 = off), got {t1[name]!r}")
+    _require(isinstance(t1.export_max_files, int) and t1.export_max_files >= 0,
+             f"table1.export_max_files must be an integer >= 0 (0 = no cap), got {t1.export_max_files!r}")
+    _require(t1.export_max_files != 1, "table1.export_max_files=1 leaves no room beside the temporary "
+             "of a file being written; give 2 or more (0 = no cap)")

@@ -18,7 +18,6 @@ given (it must be the IDM preset), so the non-DM cells keep IDM's synthetic-upda
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 import time
@@ -26,6 +25,7 @@ from typing import Any
 
 from absl import logging
 
+from idm_jax import cell_status
 from idm_jax import presets
 from idm_jax import results as results_lib
 
@@ -155,16 +155,7 @@ def selected_cells(sweep: dict[str, Any], cells: str | list[str] | None) -> list
 
 
 def _budget(config) -> int:
-    return int(config.sweep.iterations or config.idm.iterations)
-
-
-def _cell_done(cell_dir: str, iterations: int) -> dict[str, Any] | None:
-    path = os.path.join(cell_dir, "results.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        results = json.load(f)
-    return results if int(results.get("iterations", -1)) == iterations else None
+    return presets.section_iterations(config, "sweep")
 
 
 def run_cell(config, workdir: str, cell: str, overrides: dict[str, Any], *, iterations: int,
@@ -176,7 +167,7 @@ def run_cell(config, workdir: str, cell: str, overrides: dict[str, Any], *, iter
     """
     from idm_jax import runner  # pylint: disable=g-import-not-at-top  (runner pulls in orbax)
     cell_dir = os.path.join(workdir, "cells", cell_slug(cell))
-    done = _cell_done(cell_dir, iterations)
+    done = cell_status.finished_results(cell_dir, iterations)
     synthetic = os.path.join(cell_dir, "synthetic.npz")
     if done is not None or (not evaluate_at_end and _synthetic_done(synthetic, iterations)):
         logging.info("sweep cell %r: done already (%s), skipped", cell, cell_dir)

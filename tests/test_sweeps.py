@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import cifar10, cifar100, quick
-from idm_jax import condense, config_check, data as data_lib, pool, sweeps
+from idm_jax import cell_status, condense, config_check, data as data_lib, pool, sweeps
 from helpers import tiny_config as condense_tiny_config
 
 
@@ -101,7 +101,7 @@ def test_sweep_end_to_end_on_digits_and_a_rerun_skips_done_cells(tmp_path):
     assert [r["archs"] for r in again["cells"]] == [r["archs"] for r in table["cells"]]
     # A larger budget is a different result: the cell runs again (resuming its checkpoint).
     done = json.load(open(os.path.join(out, "cells", "DM", "results.json")))
-    assert done["iterations"] == 2 and sweeps._cell_done(os.path.join(out, "cells", "DM"), 3) is None
+    assert done["iterations"] == 2 and cell_status.finished_results(os.path.join(out, "cells", "DM"), 3) is None
 
 
 def _pool_config(tmp_path):

@@ -1,0 +1,168 @@
+"""Step variants that compute the same values, timed against each other to pick the fastest.
+
+The condensation step can be built several ways that give the same synthetic set within float32
+tolerance: the queue members trained vmapped or one after the other (idm.queue_train_impl), the
+convolutions' form (idm.conv_impl), how many classes are updated together (idm.class_batch), and
+how many iterations run per jitted call (idm.steps_per_dispatch). Which is fastest depends on the
+machine, so Table 1's mode times them at its first cell's settings before running any cell.
+
+The search is greedy, one field at a time from the config's own choices: each field's other
+values are timed with the best of the fields before, and a value is kept only when it is faster.
+It stops when its time is spent; the table says what was timed. Variants whose resolved step
+settings equal one already timed are the same program and are not timed again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+from idm_jax import backend
+from idm_jax import condense
+from idm_jax import config_check
+from idm_jax import data as data_lib
+from idm_jax import presets
+
+# The fields a variant may set, in the order the search visits them (the likely largest gain first).
+FIELDS = ("idm.queue_train_impl", "idm.conv_impl", "idm.class_batch", "idm.steps_per_dispatch")
+MAX_STEPS_PER_DISPATCH = 10
+TIMED_CALLS = 3  # calls of the compiled step after the first, their median is the figure
+
+
+@dataclasses.dataclass
+class Timing:
+    """One row of the tuning table."""
+
+    overrides: dict[str, Any]  # the config fields the variant sets ({} = the config as given)
+    compile_s: float | None
+    s_per_it: float | None
+    note: str = ""  # why it has no figure (an error, the time ran out)
+
+    @property
+    def label(self) -> str:
+        return variant_label(self.overrides)
+
+    def row(self) -> dict[str, Any]:
+        return {"variant": self.label, "overrides": dict(self.overrides), "compile_s": self.compile_s,
+                "s_per_it": self.s_per_it, "note": self.note}
+
+
+def variant_label(overrides: dict[str, Any]) -> str:
+    """"idm.conv_impl=matmul, idm.class_batch=1" ("as configured" for none)."""
+    return ", ".join(f"{k}={v}" for k, v in overrides.items()) or "as configured"
+
+
+def dispatch_size(config, cap: int = MAX_STEPS_PER_DISPATCH) -> int:
+    """The most iterations per call (<= cap) that divide every cadence the host acts on (log rows,
+    checkpoints, periodic evaluations): 1 when only 1 does or the data stay on the host."""
+    cadences = [c for c in (config.log_every, config.checkpoint_every, config.eval.interval) if c]
+    common = math.gcd(*cadences) if cadences else cap
+    if config.data.on_device == "host":
+        return 1
+    return max(k for k in range(1, cap + 1) if common % k == 0)
+
+
+def field_values(config, num_classes: int) -> dict[str, list[Any]]:
+    """{field: values to try} for the fields this config has and its method uses (class chunks:
+    auto, one class, all `num_classes`)."""
+    values: dict[str, list[Any]] = {}
+    if config.idm.use_queue:
+        values["idm.queue_train_impl"] = [v for v in backend.QUEUE_TRAIN_IMPLS if v != "auto"]
+    values["idm.conv_impl"] = [v for v in backend.CONV_IMPLS if v != "auto"]
+    values["idm.class_batch"] = [0, 1, int(num_classes)]
+    k = dispatch_size(config)
+    if k > 1:
+        values["idm.steps_per_dispatch"] = [1, k]
+    return {f: v for f, v in values.items() if presets.field_problem(config, f) is None}
+
+
+def with_overrides(config, overrides: dict[str, Any]):
+    """A copy of config with the variant's fields set."""
+    c = config.copy_and_resolve_references()
+    for key, value in overrides.items():
+        presets.set_dotted(c, key, value)
+    return c
+
+
+def program_key(config, ds: data_lib.ArrayDataset) -> tuple:
+    """What decides the compiled program: the resolved step settings and iterations per call."""
+    return condense.settings_from_config(config, ds), int(config.idm.steps_per_dispatch)
+
+
+def time_step(config, ds: data_lib.ArrayDataset, calls: int = TIMED_CALLS) -> tuple[float, float]:
+    """(seconds to lower and compile config's step, median seconds per iteration of `calls`
+    calls after a first one), each blocked until ready. The state is donated: each call takes
+    the previous one's output."""
+    import jax  # pylint: disable=g-import-not-at-top
+
+    s = condense.settings_from_config(config, ds)
+    state = condense.init_state(s, ds, 0, config.idm.init)
+    data = condense.device_data(ds)
+    k = int(config.idm.steps_per_dispatch)
+    jitted = condense.make_step(s) if k == 1 else condense.make_multi_step(s, k)
+    t0 = time.perf_counter()
+    compiled = jitted.lower(state, data).compile()
+    compile_s = time.perf_counter() - t0
+    seconds = []
+    for _ in range(calls + 1):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, data)
+        jax.block_until_ready(metrics)
+        seconds.append(time.perf_counter() - t0)
+    return compile_s, statistics.median(seconds[1:]) / k
+
+
+TimeFn = Callable[[Any, data_lib.ArrayDataset], tuple[float, float]]
+
+
+def tune(config, ds: data_lib.ArrayDataset, budget_s: float, *, time_fn: TimeFn = time_step,
+         clock: Callable[[], float] = time.monotonic) -> list[Timing]:
+    """The tuning table of config's step: the config as given first, then the greedy search
+    (module docstring) until `budget_s` seconds have passed. time_fn(config, ds) -> (compile
+    seconds, seconds per iteration); the tests inject one."""
+    start = clock()
+    table: list[Timing] = []
+    seen: set = set()
+    values = field_values(config, ds.num_classes)
+    best: dict[str, Any] = {}
+    best_s = None
+    queue: list[dict[str, Any]] = [{}]  # the config as given, then each field's values in turn
+    fields = list(values)
+    while queue or fields:
+        if not queue:
+            field = fields.pop(0)
+            queue = [{**best, field: v} for v in values[field]]
+            continue
+        overrides = queue.pop(0)
+        c = with_overrides(config, overrides)
+        try:
+            config_check.validate(c)
+            key = program_key(c, ds)
+        except ValueError as e:
+            table.append(Timing(overrides, None, None, f"not valid here: {e}"))
+            continue
+        if key in seen:
+            continue
+        seen.add(key)
+        if clock() - start >= budget_s:
+            table.append(Timing(overrides, None, None, "not timed: the tuning time was spent"))
+            continue
+        try:
+            compile_s, s_per_it = time_fn(c, ds)
+        except Exception as e:  # pylint: disable=broad-except  (a variant this backend cannot run)
+            table.append(Timing(overrides, None, None, f"failed: {str(e).splitlines()[0][:160]}"))
+            continue
+        table.append(Timing(overrides, compile_s, s_per_it))
+        if best_s is None or s_per_it < best_s:
+            best, best_s = overrides, s_per_it
+    return table
+
+
+def fastest(table: list[Timing]) -> Timing | None:
+    """The timed row with the fewest seconds per iteration (None when nothing was timed)."""
+    timed = [t for t in table if t.s_per_it is not None]
+    return min(timed, key=lambda t: t.s_per_it) if timed else None
