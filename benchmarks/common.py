@@ -51,6 +51,41 @@ def apply_sets(config, text: str) -> None:
             raise SystemExit(f"--set: {e}") from None
 
 
+CONFIG_OVERRIDE = "--config."
+
+
+def split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv without its `--config.<field>=<value>` items, those items): the benchmarks take config
+    overrides in main.py's syntax, and pass them on to the processes they start."""
+    rest = [a for a in argv if not a.startswith(CONFIG_OVERRIDE)]
+    overrides = [a for a in argv if a.startswith(CONFIG_OVERRIDE)]
+    for item in overrides:
+        if "=" not in item:
+            raise SystemExit(f"error: {item}: expected {item}=<value>, e.g. --config.idm.class_batch=1")
+    return rest, overrides
+
+
+def apply_config_overrides(config, overrides: list[str]) -> None:
+    """Applies `--config.<field>=<value>` items to `config` in place, each value parsed by absl's
+    config flag as main.py's are (by the field's type). A field the config lacks, or a value of the
+    wrong type, stops with one line naming it (a typo must not be added silently)."""
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+    for item in overrides:
+        field = item[len(CONFIG_OVERRIDE):].partition("=")[0]
+        problem = presets.field_problem(config, field)
+        if problem:
+            raise SystemExit(f"error: --config.{field}: {problem}")
+    argv = ["benchmark", *overrides]
+    parsed = flags.FlagValues()
+    config_flags.DEFINE_config_dict("config", config, flag_values=parsed, lock_config=False, sys_argv=argv)
+    try:
+        parsed(argv)
+    except (flags.Error, ValueError) as e:
+        raise SystemExit(f"error: bad config override: {' '.join(str(e).split())}") from None
+
+
 def first_and_median_seconds(fn, steps: int) -> tuple[float, float]:
     """(seconds of the first `fn()` call, which compiles; median seconds of `steps` later calls),
     each blocked until its outputs are ready."""

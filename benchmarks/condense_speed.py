@@ -2,6 +2,7 @@
 
     python benchmarks/condense_speed.py                      # IPC 1, 10, 50; release settings
     python benchmarks/condense_speed.py --ipc=10 --steps=5 --impl=map,vmap
+    python benchmarks/condense_speed.py --ipc=10 --config.idm.class_batch=1   # main.py's overrides
 
 Each setting runs in its own process (so peak memory is its own): build the
 release's config, compile the step, run --steps iterations after the first
@@ -24,20 +25,18 @@ sys.path.insert(0, ROOT)
 from benchmarks import common  # noqa: E402
 
 
-def measure_one(ipc: int, method: str, impl: str, steps: int, config_name: str, sets: str = "") -> dict:
+def measure_one(ipc: int, method: str, impl: str, steps: int, config_name: str,
+                overrides: list[str] | None = None) -> dict:
     import jax  # pylint: disable=g-import-not-at-top
 
-    from idm_jax import condense, data  # pylint: disable=g-import-not-at-top
+    from idm_jax import condense  # pylint: disable=g-import-not-at-top
 
     config = importlib.import_module(f"configs.{config_name}").get_config(f"{ipc},{method}")
     config.idm.queue_train_impl = impl
-    common.apply_sets(config, sets)
-    ds = data.load_config_dataset(config)
-    s = condense.settings_from_config(config, ds)
-    state = condense.init_state(s, ds, 0, config.idm.init)
-    data = condense.device_data(ds)
-    step = condense.make_step(s)
-    box = {"state": state}
+    common.apply_config_overrides(config, overrides or [])
+    ready = condense.step_from_config(config)
+    s, data, step = ready.settings, ready.data, ready.step
+    box = {"state": ready.state}
 
     def one_step():  # the step donates its state: each call takes the previous output
         box["state"], box["metrics"] = step(box["state"], data)
@@ -61,24 +60,24 @@ def main() -> None:
     parser.add_argument("--impl", default="auto", help="queue training: auto, map, vmap (comma list)")
     parser.add_argument("--steps", type=int, default=3, help="timed iterations after the first")
     parser.add_argument("--config", default="cifar10")
-    parser.add_argument("--set", default="", help="config overrides, e.g. idm.class_batch=1")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    argv, overrides = common.split_config_overrides(sys.argv[1:])
+    args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(measure_one(int(args.ipc), args.method, args.impl, args.steps, args.config, args.set)))
+        print(json.dumps(measure_one(int(args.ipc), args.method, args.impl, args.steps, args.config, overrides)))
         return
-    # Check --set in this process, so a typo stops here with its name, not in every child.
-    common.apply_sets(importlib.import_module(f"configs.{args.config}").get_config(), args.set)
+    # Check the overrides in this process, so a typo stops here with its name, not in every child.
+    common.apply_config_overrides(importlib.import_module(f"configs.{args.config}").get_config(), overrides)
     rows = []
     for method in args.method.split(","):
         for ipc in args.ipc.split(","):
             for impl in args.impl.split(","):
                 row = common.run_in_own_process(
                     __file__, [f"--ipc={ipc}", f"--method={method}", f"--impl={impl}", f"--steps={args.steps}",
-                               f"--config={args.config}", f"--set={args.set}"],
+                               f"--config={args.config}", *overrides],
                     f"IPC {ipc} {method} {impl}", ROOT)
                 rows += [row] if row else []
-    print(f"\n{args.config}, {common.machine_line(rows, args.set)}\n")
+    print(f"\n{args.config}, {common.machine_line(rows, ' '.join(overrides))}\n")
     print("| method | IPC | queue training | synthetic update | compile + 1st it (s) | s / it "
           "| real images / s | peak memory (GiB) |")
     print("|---|---|---|---|---|---|---|---|")

@@ -3,6 +3,7 @@
     python benchmarks/step_memory.py                         # 10 and 100 classes, IPC 1 and 10
     python benchmarks/step_memory.py --classes=10,100 --ipc=10 --steps=1
     python benchmarks/step_memory.py --settings=cifar10 --ipc=10   # the number of classes alone
+    python benchmarks/step_memory.py --ipc=10 --config.idm.class_batch=2   # main.py's overrides
 
 Each cell runs in its own process (so peak memory is its own) on random uint8 images of CIFAR's
 shape (50,000 train images, 32x32x3, spread evenly over the classes) with the release's settings for
@@ -50,20 +51,19 @@ def fake_dataset(num_classes: int):
         mean=np.full(3, 0.5, np.float32), std=np.full(3, 0.25, np.float32))
 
 
-def measure_one(num_classes: int, ipc: int, steps: int, sets: str, settings: str = "per-dataset") -> dict:
+def measure_one(num_classes: int, ipc: int, steps: int, overrides: list[str],
+                settings: str = "per-dataset") -> dict:
     import jax  # pylint: disable=g-import-not-at-top
 
     from idm_jax import condense, runner  # pylint: disable=g-import-not-at-top
 
     config_name = settings if settings != "per-dataset" else ("cifar10" if num_classes == 10 else "cifar100")
     config = importlib.import_module(f"configs.{config_name}").get_config(str(ipc))
-    common.apply_sets(config, sets)
-    ds = fake_dataset(num_classes)
-    s = condense.settings_from_config(config, ds)
-    state = condense.init_state(s, ds, 0, config.idm.init)
-    data = condense.device_data(ds)
+    common.apply_config_overrides(config, overrides)
+    ready = condense.step_from_config(config, fake_dataset(num_classes))
+    s, state, data = ready.settings, ready.state, ready.data
     start = time.perf_counter()
-    step = runner.compile_ahead(condense.make_step(s), state, data)
+    step = runner.compile_ahead(ready.step, state, data)
     compile_s = time.perf_counter() - start
     analysis = step.memory_analysis()
     seconds = []
@@ -91,23 +91,25 @@ def main() -> None:
     parser.add_argument("--classes", default="10,100")
     parser.add_argument("--ipc", default="1,10")
     parser.add_argument("--steps", type=int, default=1, help="iterations run after compiling (0: compile only)")
-    parser.add_argument("--set", default="", help="config overrides, e.g. idm.class_batch=2")
     parser.add_argument("--settings", default="per-dataset", choices=["per-dataset", "cifar10", "cifar100"],
                         help="whose release settings: each dataset's own, or one config's for every class count")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    argv, overrides = common.split_config_overrides(sys.argv[1:])
+    args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(measure_one(int(args.classes), int(args.ipc), args.steps, args.set, args.settings)))
+        print(json.dumps(measure_one(int(args.classes), int(args.ipc), args.steps, overrides, args.settings)))
         return
+    # Check the overrides in this process, so a typo stops here with its name, not in every child.
+    common.apply_config_overrides(importlib.import_module("configs.cifar10").get_config(), overrides)
     rows = []
     for ipc in args.ipc.split(","):
         for classes in args.classes.split(","):
             row = common.run_in_own_process(
-                __file__, [f"--classes={classes}", f"--ipc={ipc}", f"--steps={args.steps}", f"--set={args.set}",
+                __file__, [f"--classes={classes}", f"--ipc={ipc}", f"--steps={args.steps}", *overrides,
                            f"--settings={args.settings}"],
                 f"{classes} classes IPC {ipc}", ROOT)
             rows += [row] if row else []
-    print(f"\n{common.machine_line(rows, args.set)}\n")
+    print(f"\n{common.machine_line(rows, ' '.join(overrides))}\n")
     print("| classes | IPC | settings | queue steps (unrolled) | classes per chunk | class loop | compile (s) "
           "| s / it | XLA temporaries (GiB) | XLA arguments (GiB) | peak resident (GiB) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -1,7 +1,7 @@
 """Where one condensation iteration spends its time: each phase jitted and timed alone.
 
     python benchmarks/step_phases.py --ipc=10
-    python benchmarks/step_phases.py --ipc=1 --set=idm.class_batch=3   # compare a setting
+    python benchmarks/step_phases.py --ipc=1 --config.idm.class_batch=3   # compare a setting (main.py's overrides)
 
 Phases of the release's IDM iteration (configs/cifar10.py:<ipc>, real CIFAR-10):
 
@@ -33,9 +33,8 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.common import apply_sets, first_and_median_seconds  # noqa: E402
+from benchmarks import common  # noqa: E402
 from idm_jax import condense  # noqa: E402
-from idm_jax import data as data_lib  # noqa: E402
 from idm_jax import loss as loss_lib  # noqa: E402
 from idm_jax import queue as queue_lib  # noqa: E402
 
@@ -92,33 +91,30 @@ def main() -> None:
     parser.add_argument("--config", default="cifar10")
     parser.add_argument("--ipc", type=int, default=10)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--set", default="", help="config overrides, e.g. idm.class_batch=1")
-    args = parser.parse_args()
+    argv, overrides = common.split_config_overrides(sys.argv[1:])
+    args = parser.parse_args(argv)
     config = importlib.import_module(f"configs.{args.config}").get_config(str(args.ipc))
-    apply_sets(config, args.set)
-    ds = data_lib.load_config_dataset(config)
-    s = condense.settings_from_config(config, ds)
-    data = condense.device_data(ds)
-    state = condense.init_state(s, ds, 0, config.idm.init)
+    common.apply_config_overrides(config, overrides)
+    ready = condense.step_from_config(config)
+    s, data, state, step = ready.settings, ready.data, ready.state, ready.step
     key = jax.random.PRNGKey(1)
 
     rows = []
     for name, fn in phase_fns(s).items():
-        rows.append((name, *first_and_median_seconds(lambda fn=fn: fn(state, data, key), args.steps)))
+        rows.append((name, *common.first_and_median_seconds(lambda fn=fn: fn(state, data, key), args.steps)))
         print(f"done: {rows[-1]}", file=sys.stderr, flush=True)
-    step = condense.make_step(s)
     box = [state]
 
     def full():  # the step donates its state: feed each call the previous output
         box[0], metrics = step(box[0], data)
         return metrics
 
-    rows.append(("full step", *first_and_median_seconds(full, args.steps)))
+    rows.append(("full step", *common.first_and_median_seconds(full, args.steps)))
     dev = jax.devices()[0]
     total = rows[-1][2]
     print(f"\n{args.config} IPC {args.ipc}, class_batch {s.class_batch}, queue {s.queue_train_impl}; "
           f"{dev.platform} ({dev.device_kind}), {os.cpu_count()} cores, jax {jax.__version__}"
-          f"{'; ' + args.set if args.set else ''}\n")
+          f"{'; ' + ' '.join(overrides) if overrides else ''}\n")
     print("| phase | compile + 1st call (s) | s / call | share of the full step |")
     print("|---|---:|---:|---:|")
     for name, first, sec in rows:

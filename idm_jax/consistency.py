@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from idm_jax import augment, data, export, measure, models, trainer
+from idm_jax import augment, data, export, measure, models, presets, trainer
 from idm_jax import results as results_lib
 
 
@@ -131,7 +131,7 @@ def run_consistency(config: Any, workdir: str, synthetic: str | dict[str, str] |
     else:
         sweep_name = str(config.consistency.sets)
         sweep = sweeps.get_sweep(sweep_name)
-        budget = int(config.sweep.iterations or config.idm.iterations)
+        budget = presets.section_iterations(config, "sweep")
         sets, condensed = {}, {"sweep": sweep_name, "iterations": budget}
         for cell in sweeps.selected_cells(sweep, config.sweep.cells):
             out = sweeps.run_cell(config, os.path.join(workdir, "sets"), cell, sweep["cells"][cell],

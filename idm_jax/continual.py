@@ -99,7 +99,7 @@ def method_config(config: Any, method: str) -> Any:
         presets.apply_method(c, "dm")
     elif method == "idm":
         c.idm.partition_factor = int(config.continual.partition_factor)
-    c.idm.iterations = int(config.continual.iterations or config.idm.iterations)
+    c.idm.iterations = presets.section_iterations(config, "continual")
     return c
 
 
@@ -108,12 +108,10 @@ def condense_classes(config: Any, ds: data_lib.ArrayDataset, seed: int) -> tuple
 
     A plain loop over the jitted step (one device, no checkpoints: a continual step is short).
     """
-    s = condense.settings_from_config(config, ds)
-    state = condense.init_state(s, ds, seed, config.idm.init)
-    data = condense.device_data(ds)
-    step = condense.make_step(s)
+    ready = condense.step_from_config(config, ds, seed)
+    state = ready.state
     for _ in range(int(config.idm.iterations)):
-        state, _ = step(state, data)
+        state, _ = ready.step(state, ready.data)
     if int(state.nonfinite_step) >= 0:
         raise RuntimeError(f"the condensation loss became non-finite at iteration {int(state.nonfinite_step)}; "
                            "lower idm.lr_img")
@@ -225,7 +223,7 @@ def run_continual(config: Any, workdir: str) -> dict[str, Any]:
                                   "mean": acc.mean(axis=0).tolist(), "std": acc.std(axis=0).tolist(),
                                   "per_order": per_order}
     out = {"dataset": ds.name, "num_classes": ds.num_classes, "ipc": ipc,
-           "iterations": int(config.continual.iterations or config.idm.iterations),
+           "iterations": presets.section_iterations(config, "continual"),
            "idm_partition_factor": int(config.continual.partition_factor),
            "eval": {"arch": models.parse_archs(config.eval.archs)[0], "epochs": int(config.eval.epochs),
                     "num_seeds": int(config.eval.num_seeds)},

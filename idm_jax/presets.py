@@ -64,6 +64,12 @@ def set_dotted(config: Any, key: str, value: Any) -> None:
     node[leaf] = value
 
 
+def section_iterations(config: Any, section: str) -> int:
+    """The condensation iterations of a mode's section (config.continual / config.sweep):
+    its own `iterations`, where 0 means config.idm.iterations."""
+    return int(config[section].iterations or config.idm.iterations)
+
+
 def apply_method(config: Any, method: str) -> None:
     """Sets config.method and the switches that define `method` ("idm" or "dm") in place."""
     if method not in METHODS:

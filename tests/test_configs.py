@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from configs import base
-from idm_jax import config_check
+from idm_jax import config_check, presets
 from idm_jax import data as data_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -254,3 +254,33 @@ def test_config_arguments_are_checked_in_our_words_before_absl():
     assert main.config_arg_problem(["main.py", "--config=configs/quick.py", "--config.sweeps.x=1"]).startswith(
         "--config.sweeps.x: the config has no field 'sweeps'")
     assert main.config_arg_problem(["main.py", "--config=configs/none.py"]) == "config file 'configs/none.py' not found"
+
+
+def test_zero_iterations_in_a_mode_section_means_idm_iterations():
+    c = _get("quick", "1")
+    c.idm.iterations = 7
+    assert presets.section_iterations(c, "continual") == presets.section_iterations(c, "sweep") == 7
+    c.continual.iterations = 3
+    assert (presets.section_iterations(c, "continual"), presets.section_iterations(c, "sweep")) == (3, 7)
+
+
+def test_benchmarks_take_config_overrides_as_main_py_does():
+    from benchmarks import common
+
+    argv, overrides = common.split_config_overrides(
+        ["--ipc=10", "--config.idm.class_batch=3", "--steps=2", "--config.eval.at_end=false",
+         "--config.idm.lr_img=2", "--config.data.source=digits"])
+    assert argv == ["--ipc=10", "--steps=2"] and len(overrides) == 4
+    c = _get("cifar10", "10")
+    common.apply_config_overrides(c, overrides)
+    # Typed by the field, as absl types main.py's: an int, a bool, a float from "2", a string.
+    assert (c.idm.class_batch, c.eval.at_end, c.idm.lr_img, c.data.source) == (3, False, 2.0, "digits")
+    assert isinstance(c.idm.lr_img, float)
+    with pytest.raises(SystemExit, match="--config.idm.class_bach: idm has no field 'class_bach'; "
+                                         "did you mean 'class_batch'"):
+        common.apply_config_overrides(c, ["--config.idm.class_bach=1"])
+    with pytest.raises(SystemExit, match="--config.idm.class_batch=x: invalid literal for int"):
+        common.apply_config_overrides(c, ["--config.idm.class_batch=x"])
+    with pytest.raises(SystemExit, match="--config.idm.class_batch: expected --config.idm.class_batch=<value>"):
+        common.split_config_overrides(["--config.idm.class_batch"])
+    assert c.idm.class_batch == 3
