@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from idm_jax import baselines, condense, evaluate, export, models
+from idm_jax import condense, coresets, evaluate, export, models
 from idm_jax import data as data_lib
 from idm_jax import presets
 from idm_jax import results as results_lib
@@ -125,7 +125,7 @@ def new_class_memory(method: str, config: Any, ds: data_lib.ArrayDataset, classe
     sub = class_subset(ds, classes)
     ipc = int(config.continual.ipc)
     if method == "random":
-        idx = baselines.select_random(jax.random.PRNGKey(seed), sub.train_labels, sub.num_classes, ipc)
+        idx = coresets.select_random(jax.random.PRNGKey(seed), sub.train_labels, sub.num_classes, ipc)
         images = np.asarray(data_lib.normalize(sub.train_images[idx], ds.mean, ds.std), np.float32)
         local, factor = sub.train_labels[idx], 1
     else:

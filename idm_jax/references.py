@@ -3,7 +3,7 @@
 For every evaluation architecture a set is scored with (`evaluate.evaluate_archs`), `add_scores`
 puts beside its accuracy:
 
-* the accuracy of ``ipc`` random real images per class (the set's IPC; `baselines.select_random`,
+* the accuracy of ``ipc`` random real images per class (the set's IPC; `coresets.select_random`,
   unexpanded, as the quick demo's Random line) under the same evaluator and protocol;
 * the accuracy of the whole real training set under that protocol, or a number given with its
   source (``eval.whole_data_accuracy`` and ``eval.whole_data_source``) when training on the whole
@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from idm_jax import baselines, data, evaluate, yardstick
+from idm_jax import coresets, data, evaluate, yardstick
 from idm_jax import workdir as workdir_lib
 from idm_jax.data import cache as data_cache
 
@@ -117,7 +117,7 @@ def random_real_accuracy(config: Any, dataset: Any, arch: str, ipc: int) -> tupl
         return cached, path, True
     select_key, eval_key = jax.random.split(
         jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), _RANDOM_STREAM))
-    idx = baselines.select_random(select_key, dataset.train_labels, dataset.num_classes, int(ipc))
+    idx = coresets.select_random(select_key, dataset.train_labels, dataset.num_classes, int(ipc))
     images = np.asarray(data.normalize(dataset.train_images[idx], dataset.mean, dataset.std))
     labels = dataset.train_labels[idx].astype(np.int32)
     logging.info("random-real reference: %d random real images per class, %s (cached in %s)", ipc, arch, path)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import quick
-from idm_jax import augment, baselines, data, evaluate, export, set_formats
+from idm_jax import augment, coresets, data, evaluate, export, set_formats
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def digit_set(digits, tmp_path_factory):
     """A partitioned set as IDM initialises one (l = 2): each of 2 images per class packs 4 real
     digits downscaled to 8x8 (80 images to train on), two pixels pushed outside [0, 1] as synthetic
     images may be."""
-    idx = baselines.select_random(jax.random.PRNGKey(3), digits.train_labels, digits.num_classes, 8)
+    idx = coresets.select_random(jax.random.PRNGKey(3), digits.train_labels, digits.num_classes, 8)
     real = np.asarray(data.normalize(digits.train_images[idx], digits.mean, digits.std))
     small = real.reshape(20, 4, 8, 2, 8, 2, 1).mean(axis=(3, 5))  # [stored image, quadrant, 8, 8, 1]
     images = np.concatenate([np.concatenate([small[:, 0], small[:, 1]], 2),
