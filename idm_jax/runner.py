@@ -59,7 +59,7 @@ def export_synthetic(workdir: str, state, ds, s: condense.StepSettings, config) 
     export.save_synthetic(path, images, labels, mean=mean, std=std,
                           class_names=ds.class_names, partition_factor=s.loss.partition_factor,
                           method=config.method, dataset=ds.name,
-                          config_json=json.dumps(workdir_lib.flat(config)))
+                          config_json=export.config_json(config))
     pixels = np.clip(np.asarray(data_lib.denormalize(images, mean, std)), 0.0, 1.0)
     export.save_grid_png(os.path.join(workdir, "synthetic.png"), pixels, labels, ds.num_classes)
     return path
