@@ -1,25 +1,34 @@
 """Which variant of each loop runs on which backend, and why: the one place "auto" is resolved.
 
-Every computation has one meaning and two shapes of code: the one GPUs/TPUs want (batched with
-`vmap`, loops kept as `lax.scan` / `fori_loop` inside one jitted call) and the one XLA:CPU runs
-fast. A result never depends on the choice (test_condense.py and test_evaluate.py run both on
-CPU with tiny shapes and compare them); "auto" (every config default) picks by `jax.default_backend()`:
+Every computation has one meaning and several shapes of code: the one GPUs/TPUs want (loops kept
+as `lax.scan` / `fori_loop` inside one jitted call), the one XLA:CPU runs fast, and the batched
+(`vmap`) forms. A result never depends on the choice (test_condense.py, test_evaluate.py and
+test_models.py run them on CPU with tiny shapes and compare them); "auto" (every config default)
+picks by `jax.default_backend()`:
 
 | choice (config field)                 | CPU                    | GPU / TPU          |
 |---------------------------------------|------------------------|--------------------|
-| conv weight gradient (`conv_impl`)    | "matmul" (im2col)      | "xla"              |
-| queue training (`idm.queue_train_impl`) | "map": member by member | "vmap": one batch |
-| evaluation seeds (`eval.seed_parallel`) | "map": seed by seed   | "vmap": one batch  |
+| convolutions (`idm.conv_impl`, `eval.conv_impl`) | "matmul" (im2col weight gradient) | "xla" |
+| queue training (`idm.queue_train_impl`) | "map": member by member | "map": member by member |
+| evaluation seeds (`eval.seed_parallel`) | "map": seed by seed   | "map": seed by seed |
 | evaluation epochs (`eval.loop`)       | "host": Python loop    | "device": on device |
 | step loops (`StepSettings.unroll_loops`) | unrolled at trace time (classes: up to 10 chunks) | `lax.scan` / map |
 | classes per chunk (`idm.class_batch=0`) | 1 once a class fills 256 images | ~4096 images' worth |
 
+`defaults_for(platform)` resolves "auto" as on another platform, e.g. to lower the accelerator
+program on a CPU and count what is in it (benchmarks/hlo_census.py).
+
 Why (XLA:CPU; the figures, with machine and date, are in docs/RESULTS.md#xlacpu-behaviours-behind-the-cpu-defaults
 and the sections named below; benchmarks/ has the scripts that measure them):
 
-* `vmap` of a convolution over different weights lowers to a grouped convolution, which XLA:CPU
-  runs slower than the same networks one after another; on GPU/TPU the batched form fills the
-  device that small per-network batches leave idle.
+* `vmap` of a convolution over different weights (queue members, evaluation seeds) lowers to a
+  grouped convolution (feature_group_count > 1; its weight gradient batch_group_count > 1).
+  XLA:CPU runs it slower than the same networks one after another, and CUDA runs its backward
+  pass far slower than a plain convolution's. So every platform trains them one after another
+  by default ("map": plain convolutions, each of a full batch). The batched form without
+  grouped convolutions is "vmap" with conv_impl "taps" (every conv as matmuls, which vmap turns
+  into batched matmuls); which of the two is faster on a given accelerator is measured, not assumed
+  (table1's tuning step times both).
 * Convolution weight gradients inside a while loop (scan, fori_loop, lax.map) keep
   non-canonical layouts and miss XLA:CPU's fast path, so a step inside a loop runs many times
   slower than the same step jitted alone or unrolled. Hence the host loop and the unrolled step
@@ -38,6 +47,8 @@ and the sections named below; benchmarks/ has the scripts that measure them):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import importlib.util
 import os
@@ -45,15 +56,35 @@ import os
 import jax
 import jax.numpy as jnp
 
-CONV_IMPLS = ("auto", "xla", "matmul")
+CONV_IMPLS = ("auto", "xla", "matmul", "taps")
 QUEUE_TRAIN_IMPLS = ("auto", "vmap", "map")
 SEED_PARALLEL = ("auto", "vmap", "map")
 EVAL_LOOPS = ("auto", "device", "host")
 
 
+PLATFORMS = ("cpu", "gpu", "tpu")
+# Set only inside `defaults_for`: the platform whose defaults "auto" takes instead of JAX's backend's.
+_assumed_platform: contextvars.ContextVar[str | None] = contextvars.ContextVar("assumed_platform", default=None)
+
+
+@contextlib.contextmanager
+def defaults_for(platform: str):
+    """Within this block, every "auto" choice resolves as on `platform` ("cpu", "gpu", "tpu"),
+    whatever JAX computes on: the accelerator's program can be lowered and inspected on a CPU.
+    Only what is traced inside the block takes these defaults."""
+    if platform not in PLATFORMS:
+        raise ValueError(f"unknown platform {platform!r}; valid: {', '.join(PLATFORMS)}")
+    token = _assumed_platform.set(platform)
+    try:
+        yield
+    finally:
+        _assumed_platform.reset(token)
+
+
 def on_cpu() -> bool:
-    """True when JAX computes on the CPU backend (the "auto" choices below take its variant)."""
-    return jax.default_backend() == "cpu"
+    """True when the "auto" choices below take the CPU's variant: JAX computes on the CPU
+    backend (or `defaults_for("cpu")` says to)."""
+    return (_assumed_platform.get() or jax.default_backend()) == "cpu"
 
 
 def _pick(value: str, valid: tuple[str, ...], what: str, cpu: str, accelerator: str) -> str:
@@ -65,18 +96,18 @@ def _pick(value: str, valid: tuple[str, ...], what: str, cpu: str, accelerator: 
 
 
 def conv_impl(value: str = "auto") -> str:
-    """"xla" or "matmul": how conv weight gradients are computed (call at trace time)."""
+    """"xla", "matmul" or "taps": how convs are computed (models.py; call at trace time)."""
     return _pick(value, CONV_IMPLS, "conv_impl", cpu="matmul", accelerator="xla")
 
 
 def queue_train_impl(value: str = "auto") -> str:
     """"vmap" or "map": how the drawn queue members train together (idm.queue_train_impl)."""
-    return _pick(value, QUEUE_TRAIN_IMPLS, "idm.queue_train_impl", cpu="map", accelerator="vmap")
+    return _pick(value, QUEUE_TRAIN_IMPLS, "idm.queue_train_impl", cpu="map", accelerator="map")
 
 
 def seed_parallel(value: str = "auto") -> str:
     """"vmap" or "map": how the evaluation networks of one architecture train (eval.seed_parallel)."""
-    return _pick(value, SEED_PARALLEL, "seed_parallel", cpu="map", accelerator="vmap")
+    return _pick(value, SEED_PARALLEL, "seed_parallel", cpu="map", accelerator="map")
 
 
 def eval_loop(value: str = "auto") -> str:

@@ -27,7 +27,7 @@ def train_and_evaluate(images: Any, labels: Any, test_images: Any, test_labels: 
                        epochs: int = 1000, batch_size: int = 256, lr: float = 0.01,
                        momentum: float = 0.9, weight_decay: float = 5e-4,
                        dsa_strategy: str = augment.DEFAULT_STRATEGY, test_batch_size: int = 1000,
-                       seed_parallel: str = "auto", loop: str = "auto",
+                       seed_parallel: str = "auto", loop: str = "auto", conv_impl: str = "auto",
                        schedule: str = "release", log_every: int = 50,
                        seed_indices: Sequence[int] | None = None) -> dict[str, Any]:
     """The paper's protocol: train `num_seeds` fresh `arch` networks on (images, labels), test them.
@@ -37,11 +37,12 @@ def train_and_evaluate(images: Any, labels: Any, test_images: Any, test_labels: 
     Returns {accuracies: [% per seed], mean, std (np.std, ddof 0), train_seconds,
     test_seconds, epochs, passes, num_seeds, arch, num_train_images, seed_parallel, loop,
     schedule, dsa_strategy, train_loss, train_accuracy}. See `train_networks` for seed_parallel
-    and loop, `epoch_plan` for schedule; seed_indices: only these seeds (see train_networks).
+    and loop, `models.get_model` for conv_impl, `epoch_plan` for schedule; seed_indices: only these
+    seeds (see train_networks).
     """
     images = images if isinstance(images, jax.Array) else np.asarray(images)
     channels = int(images.shape[-1]) if np.ndim(images) == 4 else 0
-    model = models.get_model(arch, num_classes, channels or 1)
+    model = models.get_model(arch, num_classes, channels or 1, conv_impl=backend.conv_impl(conv_impl))
     mode = backend.seed_parallel(seed_parallel)
     nets = trainer.train_networks(model, images, labels, key=key, num_seeds=num_seeds, epochs=epochs,
                           batch_size=batch_size, lr=lr, momentum=momentum,
@@ -117,7 +118,7 @@ def evaluate_archs(images: Any, labels: Any, dataset: Any, eval_cfg: Any, *,
             momentum=float(eval_cfg.momentum), weight_decay=float(eval_cfg.weight_decay),
             dsa_strategy=strategy, test_batch_size=int(eval_cfg.test_batch_size),
             seed_parallel=str(eval_cfg.seed_parallel), loop=str(eval_cfg.loop),
-            schedule=str(eval_cfg.schedule), seed_indices=seeds)
+            conv_impl=str(eval_cfg.conv_impl), schedule=str(eval_cfg.schedule), seed_indices=seeds)
         r = results[arch]
         logging.info("%s: test accuracy %.2f ± %.2f %% over %d seeds (%s) in %.0f s", arch,
                      r["mean"], r["std"], r["num_seeds"],

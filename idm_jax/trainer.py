@@ -241,6 +241,27 @@ def _host_fns(spec: _Spec):
     return begin, step, end
 
 
+def lowered_train_step(model: nn.Module, image_shape: tuple[int, int, int], *, num_seeds: int,
+                       num_examples: int, batch_size: int = 256,
+                       dsa_strategy: str = augment.DEFAULT_STRATEGY, momentum: float = 0.9,
+                       weight_decay: float = 5e-4, seed_parallel: str = "auto") -> jax.stages.Lowered:
+    """One SGD step of `num_seeds` networks trained together, lowered (not compiled, not run):
+    the program `train_networks` runs for every batch, for inspecting what XLA is given
+    (benchmarks/hlo_census.py). Shapes only; "auto" resolves as `idm_jax.backend` says."""
+    mode = backend.seed_parallel(seed_parallel)
+    size = int(min(batch_size, num_examples))
+    spec = _Spec(model, int(num_examples), size, dsa_strategy, float(momentum), float(weight_decay), mode)
+    states = jax.eval_shape(_init_fn(model, tuple(image_shape), int(num_examples), spec.momentum,
+                                     spec.weight_decay), jax.random.split(jax.random.PRNGKey(0), num_seeds))
+    channels = image_shape[-1]
+    data = (jax.ShapeDtypeStruct((num_examples, *image_shape), jnp.float32),
+            jax.ShapeDtypeStruct((num_examples,), jnp.int32),
+            jax.ShapeDtypeStruct((channels,), jnp.float32), jax.ShapeDtypeStruct((channels,), jnp.float32))
+    idx = jax.ShapeDtypeStruct((num_seeds, size), jnp.int32)
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.PRNGKey(0), num_seeds))
+    return _host_fns(spec)[1].lower(states, data, jnp.float32(0.01), idx, keys)
+
+
 def _run_passes_host(spec: _Spec, states, seed_keys, data, start: int, count: int, lr):
     """Passes start .. start+count-1 with the loop over batches in Python (backend.eval_loop)."""
     begin, step, end = _host_fns(spec)

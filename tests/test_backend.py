@@ -12,8 +12,8 @@ from configs import quick
 
 @pytest.mark.parametrize("platform, expected", [
     ("cpu", dict(conv="matmul", queue="map", seeds="map", loop="host", unroll=True)),
-    ("gpu", dict(conv="xla", queue="vmap", seeds="vmap", loop="device", unroll=False)),
-    ("tpu", dict(conv="xla", queue="vmap", seeds="vmap", loop="device", unroll=False)),
+    ("gpu", dict(conv="xla", queue="map", seeds="map", loop="device", unroll=False)),
+    ("tpu", dict(conv="xla", queue="map", seeds="map", loop="device", unroll=False)),
 ])
 def test_auto_picks_the_variant_of_each_loop_per_backend(monkeypatch, platform, expected):
     monkeypatch.setattr(jax, "default_backend", lambda: platform)
@@ -25,6 +25,20 @@ def test_auto_picks_the_variant_of_each_loop_per_backend(monkeypatch, platform, 
     # An explicit choice is kept whatever the backend.
     assert backend.queue_train_impl("map") == "map" and backend.eval_loop("device") == "device"
     assert backend.seed_parallel("vmap") == "vmap" and backend.conv_impl("xla") == "xla"
+
+
+def test_defaults_for_resolves_auto_as_on_another_platform_inside_the_block_only():
+    native = backend.conv_impl("auto")
+    with backend.defaults_for("gpu"):
+        assert not backend.on_cpu() and not backend.unroll_loops()
+        assert (backend.conv_impl("auto"), backend.eval_loop("auto")) == ("xla", "device")
+        with backend.defaults_for("cpu"):  # nests; the inner block wins
+            assert backend.conv_impl("auto") == "matmul" and backend.unroll_loops()
+        assert backend.conv_impl("auto") == "xla"
+    assert backend.conv_impl("auto") == native
+    with pytest.raises(ValueError, match=r"unknown platform 'cuda'; valid: cpu, gpu, tpu"):
+        with backend.defaults_for("cuda"):
+            pass
 
 
 def test_unknown_choices_name_the_value_and_the_valid_ones():

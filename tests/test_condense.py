@@ -71,14 +71,42 @@ def test_class_chunks_give_the_same_step_as_all_classes_at_once(digits, setup):
     assert float(np.abs(np.asarray(new_all.syn.images) - before).max()) > 1e-4  # a real update
 
 
-@pytest.mark.slow  # compiles the GPU/TPU variant of the step on CPU: ~30 s on 2 cores (README, Test)
-def test_accelerator_step_equals_the_cpu_step(digits, setup):
-    """The GPU/TPU step (loops kept as lax.scan / lax.map, queue members trained with vmap) is
-    the CPU step (loops unrolled, members one after another), to float rounding: 3 iterations
-    with a push, queue training and meter updates."""
+def test_queue_members_trained_batched_without_convolutions_equal_one_after_another(digits, setup):
+    """The queue training's forms: members one after another with the CPU's convs (the default
+    everywhere), and batched with vmap over convs written as matmuls ("taps": no grouped
+    convolution), give the same members and meters to float rounding."""
+    from idm_jax import queue as queue_lib
+    s, data, _ = setup
+    assert s.queue_train_impl == "map" and s.conv_impl == "matmul"  # what "auto" picks on CPU
+    state = condense.init_state(s, digits, 0, "real")
+    slots, key = jnp.array([2, 0]), jax.random.PRNGKey(5)
+
+    def trained(settings):
+        fn = jax.jit(lambda queue: queue_lib.train(queue, slots, condense.make_member_train_fn(settings, data),
+                                                   key, settings.queue_train_impl))
+        return fn(state.queue)
+
+    ref = trained(s)
+    batched = trained(dataclasses.replace(s, queue_train_impl="vmap", conv_impl="taps"))
+    moved = float(jnp.abs(ref.params["conv0"]["kernel"][2] - state.queue.params["conv0"]["kernel"][2]).max())
+    assert moved > 1e-4  # the members did train
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), batched.params, ref.params)
+    np.testing.assert_array_equal(batched.seen, ref.seen)
+    np.testing.assert_allclose(batched.correct, ref.correct, atol=1e-6)
+    assert float(ref.seen[2]) == s.model_train_steps * s.batch_train and float(ref.seen[1]) == 0.0
+
+
+@pytest.mark.slow  # compiles the GPU/TPU variants of the step on CPU: ~30 s each on 2 cores (README, Test)
+@pytest.mark.parametrize("queue_train_impl, conv_impl", [("map", "xla"), ("vmap", "taps"), ("vmap", "xla")])
+def test_accelerator_step_equals_the_cpu_step(digits, setup, queue_train_impl, conv_impl):
+    """The GPU/TPU step (loops kept as lax.scan / lax.map; queue members one after another, its
+    default, or batched with vmap, with or without grouped convolutions) is the CPU step (loops
+    unrolled, members one after another), to float rounding: 3 iterations with a push, queue
+    training and meter updates."""
     s, data, cpu_step = setup
     assert s.unroll_loops and s.queue_train_impl == "map"  # what "auto" picks on CPU
-    accel = dataclasses.replace(s, unroll_loops=False, queue_train_impl="vmap", class_batch=3)
+    accel = dataclasses.replace(s, unroll_loops=False, queue_train_impl=queue_train_impl, conv_impl=conv_impl,
+                                class_batch=3)
     accel_step = condense.make_step(accel)
     cpu_chunks = dataclasses.replace(s, class_batch=3)  # chunks 3, 3, 3, 1: the map over chunks
     cpu_step = condense.make_step(cpu_chunks)  # built once: each make_step compiles anew

@@ -172,6 +172,16 @@ def test_vmap_and_device_loop_give_the_same_networks(tiny_ref):
     np.testing.assert_array_equal(tiny_ref.forget_counts, other.forget_counts)
 
 
+def test_seeds_batched_with_matmul_convs_give_the_same_networks(tiny_ref):
+    """Seeds trained together by vmap over convs written as matmuls (conv_impl "taps": no grouped
+    convolution) are the seeds trained one after another with the CPU's convs."""
+    taps = TINY.clone(conv_impl="taps")
+    other = trainer.train_networks(taps, TINY_X, TINY_Y, seed_parallel="vmap", loop="host", **TINY_KW)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 tiny_ref.variables, other.variables)
+    np.testing.assert_array_equal(tiny_ref.forget_counts, other.forget_counts)
+
+
 def test_forgetting_events_are_correct_to_incorrect_transitions():
     state = trainer.NetState(variables={}, opt_state=(), forgets=jnp.array([0, 2, 0, 1]),
                               last_correct=jnp.array([True, False, True, False]),

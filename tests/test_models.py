@@ -376,8 +376,9 @@ _IMPL_CASES = {
 }
 
 
+@pytest.mark.parametrize("impl", ["matmul", "taps"])
 @pytest.mark.parametrize("case", list(_IMPL_CASES))
-def test_matmul_weight_grad_matches_xla(case):
+def test_conv_impls_match_xla_values_and_gradients(case, impl):
     make, image_shape = _IMPL_CASES[case]
     variables = _np_variables(make("xla"), image_shape, seed=8)
     rng = np.random.default_rng(9)
@@ -385,7 +386,7 @@ def test_matmul_weight_grad_matches_xla(case):
     out_shape = jax.eval_shape(lambda v, x: make("xla").apply(v, x), variables, x).shape
     cotangent = rng.standard_normal(out_shape).astype(np.float32)
     out_x, (grads_x, dx_x) = _outputs_and_grads(make("xla"), variables, x, cotangent)
-    out_m, (grads_m, dx_m) = _outputs_and_grads(make("matmul"), variables, x, cotangent)
+    out_m, (grads_m, dx_m) = _outputs_and_grads(make(impl), variables, x, cotangent)
     np.testing.assert_allclose(out_m, out_x, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(dx_m, dx_x, rtol=1e-4, atol=1e-6)
     flat_x = jax.tree_util.tree_leaves_with_path(grads_x)
@@ -419,16 +420,35 @@ def test_conv_weight_grad_matmul_against_numpy(im2col_max_columns, monkeypatch):
     np.testing.assert_allclose(dk, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("im2col_max_columns", [512, 0], ids=["one_im2col_matmul", "matmul_per_tap"])
+def test_conv_taps_against_numpy(im2col_max_columns, monkeypatch):
+    # the forward conv as matmuls, on the shapes of the weight-gradient test above:
+    # out[n, a, b, o] = sum_{i, j, c} xp[n, i + 2a, j + 2b, c] k[i, j, c, o]
+    monkeypatch.setattr(models, "IM2COL_MAX_COLUMNS", im2col_max_columns)
+    rng = np.random.default_rng(14)
+    x, kernel = rng.standard_normal((2, 5, 6, 3)), rng.standard_normal((2, 3, 3, 4))
+    strides, pads = (2, 2), ((0, 2), (0, 2))
+    xp = np.pad(x, ((0, 0), *pads, (0, 0)))
+    ref = sum(np.einsum("nabc,co->nabo", xp[:, i:i + 2 * 3:2, j:j + 2 * 3:2], kernel[i, j])
+              for i in range(2) for j in range(3))
+    out = models.conv_taps(jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32), strides, pads)
+    assert out.shape == (2, 3, 3, 4)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_conv_impl_dispatch_and_same_parameters():
     x = jnp.zeros((1, 6, 6, 2))
     make = lambda impl: ConvNet(3, depth=1, width=4, conv_impl=impl)  # noqa: E731
-    inits = {impl: init_variables(make(impl), KEY, (6, 6, 2)) for impl in ("xla", "matmul")}
+    inits = {impl: init_variables(make(impl), KEY, (6, 6, 2)) for impl in ("xla", "matmul", "taps")}
     jax.tree_util.tree_map(np.testing.assert_array_equal, inits["xla"], inits["matmul"])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, inits["xla"], inits["taps"])
 
     def uses_matmul_grad(impl):
         return "custom_vjp_call" in str(jax.make_jaxpr(lambda v: make(impl).apply(v, x))(inits["xla"]))
 
     assert uses_matmul_grad("matmul") and not uses_matmul_grad("xla")
+    taps = str(jax.make_jaxpr(jax.grad(lambda v: make("taps").apply(v, x).sum()))(inits["xla"]))
+    assert "conv_general_dilated" not in taps and "dot_general" in taps  # no convolution at all
     assert uses_matmul_grad("auto") == (jax.default_backend() == "cpu")  # plain XLA conv on GPU/TPU
     assert backend.conv_impl("auto") == ("matmul" if jax.default_backend() == "cpu" else "xla")
     assert get_model("ResNet18", 5, 3, conv_impl="xla") == ResNet18(5, conv_impl="xla")
@@ -444,9 +464,10 @@ def test_bad_conv_impl_raises():
         _shapes(ResNet18(10, conv_impl="im2col"), (8, 8, 3))
 
 
-def test_vmapped_training_step_over_members_with_matmul_grad():
+@pytest.mark.parametrize("impl", ["matmul", "taps"])
+def test_vmapped_training_step_over_members(impl):
     # The model queue / evaluator vmap one SGD step over members with different weights and data.
-    model_m = ConvNet(3, depth=1, width=4, conv_impl="matmul")
+    model_m = ConvNet(3, depth=1, width=4, conv_impl=impl)
     model_x = ConvNet(3, depth=1, width=4, conv_impl="xla")
     members = [_np_variables(model_x, (6, 6, 2), seed=s)["params"] for s in (11, 12)]
     stacked = jax.tree_util.tree_map(lambda *p: jnp.stack(p), *members)

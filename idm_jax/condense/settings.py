@@ -44,6 +44,7 @@ class StepSettings:
     model_weight_decay: float
     meter_reset_interval: int
     queue_train_impl: str  # "vmap" | "map"
+    conv_impl: str = "auto"  # models.CONV_IMPLS (settings_from_config resolves "auto")
     # XLA:CPU runs gradients of convs inside a while loop far slower than
     # unrolled code (docs/RESULTS.md#xlacpu-behaviours-behind-the-cpu-defaults): on CPU, loops over SGD steps and
     # class chunks are unrolled at trace time; on GPU/TPU they stay loops.
@@ -65,7 +66,7 @@ class StepSettings:
 
     @functools.cached_property
     def model(self):
-        return models.get_model(self.model_name, self.num_classes, self.image_shape[-1])
+        return models.get_model(self.model_name, self.num_classes, self.image_shape[-1], self.conv_impl)
 
     @property
     def model_augment(self) -> queue_lib.ModelAugment | None:
@@ -111,6 +112,7 @@ def settings_from_config(config, ds: data_lib.ArrayDataset) -> StepSettings:
         model_lr=idm.model_lr, model_momentum=idm.model_momentum,
         model_weight_decay=idm.model_weight_decay,
         meter_reset_interval=idm.meter_reset_interval, queue_train_impl=impl,
+        conv_impl=backend.conv_impl(idm.conv_impl),
         unroll_loops=backend.unroll_loops(), max_unrolled_queue_steps=int(idm.max_unrolled_queue_steps),
         embedding=idm.embedding,
         pool_epochs=int(idm.pool_epochs),
