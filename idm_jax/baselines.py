@@ -50,7 +50,7 @@ def run_baseline(config: Any, workdir: str) -> dict[str, Any]:
         path = export.save_synthetic(
             os.path.join(workdir, "synthetic.npz"), images, labels, mean=dataset.mean,
             std=dataset.std, class_names=dataset.class_names, partition_factor=1, method=method,
-            dataset=dataset.name, config_json=config.to_json_best_effort())
+            dataset=dataset.name, config_json=export.config_json(config))
         export.save_grid_png(os.path.join(workdir, "synthetic.png"),
                              dataset.train_images[idx].astype(np.float32) / 255.0, labels,
                              dataset.num_classes)

@@ -12,7 +12,9 @@ evaluation). Its keys:
 * ``class_names``       str[K];
 * ``partition_factor``  int, l of the paper: the evaluator cuts each image into l x l pieces
                         (1 = use the images as they are; coresets);
-* ``method``, ``dataset``, ``config_json``  str.
+* ``method``, ``dataset``  str;
+* ``config_json``       str, the config that made the set as one flat JSON object
+                        ({"idm.iterations": 20000, "ipc": 10, ...}; `config_json`, `recorded_config`).
 
 `load_synthetic(path, dataset)` also reads a set made by another tool (the authors' release, DM):
 an .npz of only ``images`` and ``labels``, pixel or normalized, NHWC or NCHW; the dataset supplies
@@ -27,6 +29,7 @@ paper's numbers live in idm_jax/results.py.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import zipfile
@@ -103,6 +106,23 @@ def _check_set(where: str, images: np.ndarray, labels: np.ndarray, mean: np.ndar
         raise ValueError(f"{where}: std must be positive, got {std.tolist()}")
     if partition_factor < 1:
         raise ValueError(f"{where}: partition_factor must be >= 1, got {partition_factor}")
+
+
+def config_json(config: Any) -> str:
+    """The ``config_json`` a synthetic.npz records, whichever mode wrote it: the config flat,
+    {"idm.iterations": 20000, "ipc": 10, ...}."""
+    return json.dumps(workdir_lib.flat(config))
+
+
+def recorded_config(text: str) -> dict[str, Any]:
+    """A set's ``config_json`` read back as the flat dict `config_json` writes. Coreset sets written
+    before the layout was one hold the config nested ({"idm": {"iterations": ..}}): flattened
+    here. {} when the text is no JSON object."""
+    try:
+        config = json.loads(text)
+    except ValueError:
+        return {}
+    return workdir_lib.flat(config) if isinstance(config, Mapping) else {}
 
 
 def save_synthetic(path: str, images_normalized: Any, labels: Any, *, mean: Sequence[float],

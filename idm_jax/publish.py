@@ -61,17 +61,8 @@ def parse_cell(cell: str) -> dict[str, Any]:
 
 
 def config_iterations(config_json: str) -> int | None:
-    """idm.iterations of a set's config_json (flat {"idm.iterations": ..} or nested), None if absent."""
-    try:
-        config = json.loads(config_json)
-    except ValueError:
-        return None
-    if not isinstance(config, Mapping):
-        return None
-    if "idm.iterations" in config:  # a condensation's synthetic.npz: the flat config
-        value = config["idm.iterations"]
-    else:  # a baseline's: the nested one
-        value = config["idm"].get("iterations") if isinstance(config.get("idm"), Mapping) else None
+    """idm.iterations of a set's config_json (export.recorded_config), None if absent."""
+    value = export.recorded_config(config_json).get("idm.iterations")
     return int(value) if isinstance(value, (int, float)) else None
 
 

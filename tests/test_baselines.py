@@ -34,6 +34,8 @@ def test_run_baseline_random_then_run_evaluation(tmp_path):
     syn = export.load_synthetic(str(tmp_path / "random" / "synthetic.npz"))
     assert syn.images.shape == (20, 16, 16, 1) and syn.partition_factor == 1 and syn.method == "random"
     np.testing.assert_array_equal(np.bincount(syn.labels), [2] * 10)
+    recorded = json.loads(syn.config_json)  # flat, as a condensation's set records it
+    assert (recorded["baseline.method"], recorded["ipc"], recorded["data.source"]) == ("random", 2, "digits")
     on_disk = json.load(open(tmp_path / "random" / "results.json"))
     assert on_disk["method"] == "random" and on_disk["ipc"] == 2 and on_disk["dataset"] == "digits"
     r = on_disk["archs"]["ConvNetD2"]

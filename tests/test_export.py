@@ -47,6 +47,21 @@ def test_round_trip_is_exact(tmp_path):
     assert s.image_shape == (5, 6, 3) and s.num_classes == 2 and s.ipc == 2
 
 
+def test_the_recorded_config_is_flat_and_older_nested_ones_read_flat(tmp_path):
+    from configs import quick
+
+    c = quick.get_config("2")
+    text = export.config_json(c)
+    flat = json.loads(text)  # one layout for every mode: {"idm.iterations": ..., "ipc": 2, ...}
+    assert flat["ipc"] == 2 and flat["idm.iterations"] == c.idm.iterations and "idm" not in flat
+    assert export.recorded_config(text) == flat
+    s = export.load_synthetic(_save(tmp_path / "s.npz", *_set(), config_json=text))
+    assert export.recorded_config(s.config_json)["data.source"] == "digits"
+    # A coreset set written before the layout was one: the config nested.
+    assert export.recorded_config('{"idm": {"iterations": 200}, "ipc": 1}') == {"idm.iterations": 200, "ipc": 1}
+    assert export.recorded_config("not json") == {} and export.recorded_config("[1]") == {}
+
+
 def test_images_normalized_falls_back_to_normalized_pixels(tmp_path):
     images, labels = _set()
     path = _save(tmp_path / "s.npz", images, labels)

@@ -66,9 +66,7 @@ def test_published_set(path):
     assert s.images_normalized.shape == (classes * ipc, *IMAGE_SHAPE.get(dataset, s.image_shape))
     np.testing.assert_array_equal(np.bincount(s.labels, minlength=classes), [ipc] * classes)
     assert np.all(np.isfinite(s.images_normalized))
-    config = json.loads(s.config_json)
-    iterations = config["idm.iterations"] if "idm.iterations" in config else config["idm"]["iterations"]
-    assert iterations == 20000
+    assert export.recorded_config(s.config_json)["idm.iterations"] == 20000
 
 
 # ----------------------------------------------------------------------------------------------
