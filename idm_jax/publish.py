@@ -1,6 +1,6 @@
 """Publishing a finished run's synthetic set in the repository: synthetic_sets/<cell>.npz + a README row.
 
-    python -m idm_jax.publish runs/paper_cells/cifar10_ipc10_idm --cell=cifar10_ipc10_idm
+    python -m idm_jax.publish runs/table1/cifar10_ipc10_idm --cell=cifar10_ipc10_idm
 
 The run's workdir must hold synthetic.npz (its config_json says how it was made) and results.json
 (the accuracy of its final evaluation). A set is published only when its config says the paper's
@@ -13,7 +13,7 @@ replaced, and the one-line command that evaluates the published set is printed.
 
 Cell names are <dataset>_ipc<images per class>_<method>, e.g. cifar10_ipc10_idm, cifar10_ipc1_dm,
 cifar10_ipc50_random; the set must agree with its name. The command and date come from the
-workdir's cell.json (written by benchmarks/paper_cells.sh) unless given.
+workdir's cell.json (written by main.py --mode=table1) unless given.
 """
 
 from __future__ import annotations
@@ -38,12 +38,12 @@ from idm_jax import results as results_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DEST = os.path.join(REPO_ROOT, "synthetic_sets")
-MAX_BYTES = 10_000_000  # per published file (the issue's 10 MB)
+MAX_BYTES = 10_000_000  # per published file: 10 MB keeps the repository small
 PAPER_ITERATIONS = 20000
 README = "README.md"
 COLUMNS = ("cell", "accuracy (%)", "command", "date", "sha256")
 CELL_NAME = re.compile(r"^(?P<dataset>[a-z0-9]+)_ipc(?P<ipc>[1-9][0-9]*)_(?P<method>[a-z0-9]+)$")
-RUN_INFO = "cell.json"  # {command, date, device, seconds} of the run, written by paper_cells.sh
+RUN_INFO = "cell.json"  # {command, date, device, seconds, variant} of the run, written by --mode=table1
 NEW_README = "# Published synthetic sets\n\n" + "| " + " | ".join(COLUMNS) + " |\n" + "|---" * len(COLUMNS) + "|\n"
 
 

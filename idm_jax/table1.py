@@ -23,8 +23,9 @@ and architectures (an IPC-50 set costs 5x an IPC-10 set).
 
 After every cell: <workdir>/table1.json (one row per cell: accuracy mean/std, networks, the
 paper's value, DD-Ranking scores, the variant, the command with the data it read), table1.md
-and table1.png; with `table1.export_dir` these and the finished sets are copied there, within
-`table1.export_max_files` files of at most `table1.export_max_mb` MB each.
+and table1.png; with `table1.export_dir` these and one <folder>.tar.gz per finished cell (its
+results, cell.json and set) are copied there, within `table1.export_max_files` files of at most
+`table1.export_max_mb` MB each.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import json
 import os
 import shutil
 import statistics
+import tarfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +49,7 @@ from idm_jax import presets
 from idm_jax import results as results_lib
 from idm_jax import step_variants
 from idm_jax import workdir as workdir_lib
+from idm_jax import publish
 from idm_jax.publish import RUN_INFO
 
 METHODS = ("random", "dm", "idm")  # cheapest first: an evaluation only, DM's cheap step, IDM's
@@ -63,11 +66,13 @@ class Cell:
     config_name: str  # configs/<config_name>.py
     ipc: int
     method: str
+    dataset: str = ""  # the dataset's short name (publish.dataset_key); "" = config_name
 
     @property
     def name(self) -> str:
-        """Its folder: cifar10_ipc10_idm (the form `python -m idm_jax.publish` expects)."""
-        return f"{self.config_name}_ipc{self.ipc}_{self.method}"
+        """Its folder: <dataset>_ipc<ipc>_<method>, e.g. cifar10_ipc10_idm or digits_ipc1_dm (the
+        form `python -m idm_jax.publish` expects)."""
+        return f"{self.dataset or self.config_name}_ipc{self.ipc}_{self.method}"
 
     @property
     def spec(self) -> str:
@@ -111,10 +116,13 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
-def plan(cells: list[tuple[str, int]], methods: list[str], order: str = "") -> list[Cell]:
+def plan(cells: list[tuple[str, int]], methods: list[str], order: str = "",
+         datasets: dict[str, str] | None = None) -> list[Cell]:
     """The cells in the order they run: those named in `order` ("cifar10:10:idm,...") first, then
-    every Random cell, every DM cell and every IDM cell, each over `cells` in their order."""
-    planned = [Cell(name, ipc, m) for m in METHODS if m in methods for name, ipc in cells]
+    every Random cell, every DM cell and every IDM cell, each over `cells` in their order.
+    datasets: {config name: dataset short name} for the folders' names."""
+    datasets = datasets or {}
+    planned = [Cell(name, ipc, m, datasets.get(name, "")) for m in METHODS if m in methods for name, ipc in cells]
     by_spec = {c.spec: c for c in planned}
     first = []
     for item in _items(order):
@@ -139,6 +147,11 @@ def cell_config(cell: Cell, iterations: int, overrides: dict[str, Any], variant:
         presets.set_dotted(c, key, value)
     c.lock()
     return c
+
+
+def dataset_key(config) -> str:
+    """The short name of config's dataset, as a published set's name has it ("cifar10", "digits")."""
+    return publish.dataset_key(str(config.data.source))
 
 
 def command_line(cell: Cell, cell_dir: str, config, overrides: dict[str, Any], variant: dict[str, Any]) -> str:
@@ -347,7 +360,10 @@ def run_table1(config, workdir: str, *, overrides: dict[str, Any] | None = None,
     if iterations < 1:
         raise ValueError(f"table1.iterations must be >= 1, got {iterations}")
     overrides = _command_overrides(overrides)
-    cells = plan(parse_cells(t1.cells), parse_methods(t1.methods), t1.order)
+    specs = parse_cells(t1.cells)
+    datasets = {name: dataset_key(config_files.load_config_file(config_files.named_config_path(name), str(ipc)))
+                for name, ipc in specs}
+    cells = plan(specs, parse_methods(t1.methods), t1.order, datasets)
     paces = parse_paces(t1.pace)
     for cell in cells:  # every cell's config is checked before any compute
         try:
@@ -495,30 +511,43 @@ def write_outputs(workdir: str, record: dict[str, Any], t1, log) -> None:
             log(line)
 
 
-def export_plan(workdir: str, record: dict[str, Any]) -> list[tuple[str, str]]:
-    """(source, name in the export folder), in priority order: the table, then the finished sets."""
-    files = [(os.path.join(workdir, n), n) for n in ("table1.json", "table1.md", "table1.png")]
-    files += [(os.path.join(workdir, r["folder"], "synthetic.npz"), f"{r['folder']}.npz")
-              for r in record["rows"] if r["state"] == "done"]
-    return [(src, name) for src, name in files if os.path.exists(src)]
+CELL_FILES = ("results.json", "results.md", RUN_INFO, "synthetic.npz", "synthetic.png")  # a cell's archive
+
+
+def export_plan(workdir: str, record: dict[str, Any]) -> list[tuple[list[tuple[str, str]], str]]:
+    """([(file, name in the archive)], name in the export folder), in priority order: the table's
+    files, then one <folder>.tar.gz per finished cell (its results, cell.json and set: what
+    `python -m idm_jax.publish` needs once unpacked into a folder)."""
+    plan_ = [([(os.path.join(workdir, n), n)], n) for n in ("table1.json", "table1.md", "table1.png")]
+    for r in record["rows"]:
+        if r["state"] == "done":
+            files = [(os.path.join(workdir, r["folder"], n), f"{r['folder']}/{n}") for n in CELL_FILES]
+            plan_.append((files, f"{r['folder']}.tar.gz"))
+    return [([(src, arc) for src, arc in files if os.path.exists(src)], name) for files, name in plan_
+            if os.path.exists(files[0][0])]
 
 
 def export(workdir: str, record: dict[str, Any], dest: str, max_files: int, max_mb: float) -> list[str]:
     """Copies export_plan's files into dest, each whole (a temporary beside it, then a rename):
-    a file over max_mb MB is left out, and dest never holds more than max_files files (the
-    temporary included) of ours. 0 = no cap. Returns one line per file left out."""
+    one whose content is over max_mb MB is left out, and dest never holds more than max_files
+    files (the temporary included) of ours. 0 = no cap. Returns one line per file left out."""
     os.makedirs(dest, exist_ok=True)
     lines, kept = [], 0
-    for src, name in export_plan(workdir, record):
-        size = os.path.getsize(src)
+    for files, name in export_plan(workdir, record):
+        size = sum(os.path.getsize(src) for src, _ in files)
         if max_mb and size > max_mb * 1e6:
             lines.append(f"export: {name} left out ({size / 1e6:.1f} MB > table1.export_max_mb={max_mb:g})")
             continue
         if max_files and kept + 1 >= max_files:  # one slot stays free for the temporary
             lines.append(f"export: {name} left out (table1.export_max_files={max_files} reached)")
             continue
-        with open(src, "rb") as f, workdir_lib.atomic_file(os.path.join(dest, name), needed_bytes=size) as out:
-            shutil.copyfileobj(f, out)
+        with workdir_lib.atomic_file(os.path.join(dest, name), needed_bytes=size) as out:
+            if name.endswith(".tar.gz"):
+                with tarfile.open(fileobj=out, mode="w:gz") as tar:
+                    for src, arcname in files:
+                        tar.add(src, arcname=arcname)
+            else:
+                with open(files[0][0], "rb") as f:
+                    shutil.copyfileobj(f, out)
         kept += 1
     return lines
-

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -186,123 +187,53 @@ def test_publish_command_line_prints_one_error_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# benchmarks/paper_cells.sh (the device command that makes the sets) and its helpers
+# benchmarks/gpu_table1.sh (the GPU job that makes the sets: --mode=table1 within a time limit)
 
 
-def _cell(root, name, *, iterations=20000, done=True, acc=58.0, npz_bytes=0, eval_rows=()):
-    """A cell workdir as main.py leaves it: config.json, metrics.jsonl, results.json, synthetic.npz."""
-    from benchmarks import paper_cells
-
-    wd = root / name
-    wd.mkdir(parents=True)
-    (wd / "config.json").write_text(json.dumps({"model": "ConvNet", "idm": {"iterations": iterations}}))
-    rows = [{"step": s, "eval/ConvNet/mean": a} for s, a in eval_rows] + [{"step": 10, "loss": 1.0}]
-    (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    if done:
-        results_lib.write_results(str(wd), {"iterations": iterations if "random" not in name else None,
-                                       "train_arch": "ConvNet", "archs": {"ConvNet": {
-                                           "mean": acc, "std": 0.5, "num_seeds": 5, "accuracies": [acc] * 5}}})
-        if "random" in name:  # a baseline's results have no iterations
-            res = json.loads((wd / "results.json").read_text())
-            del res["iterations"]
-            (wd / "results.json").write_text(json.dumps(res))
-        (wd / "synthetic.npz").write_bytes(os.urandom(npz_bytes))
-    paper_cells.record(str(wd), f"python main.py --config=configs/cifar10.py:10 --workdir={wd}", "NVIDIA H200")
-    paper_cells.record(str(wd), f"python main.py --config=configs/cifar10.py:10 --workdir={wd}", "NVIDIA H200",
-                       seconds=500, rc=0 if done else 124)
-    return str(wd)
-
-
-def test_table1_puts_paper_and_measured_side_by_side(tmp_path):
-    from benchmarks import paper_cells
-
-    _cell(tmp_path, "cifar10_ipc10_random", acc=26.0)
-    _cell(tmp_path, "cifar10_ipc10_idm", acc=57.5, eval_rows=[(5000, 50.0), (10000, 55.0)])
-    _cell(tmp_path, "cifar10_ipc1_idm", acc=40.0)
-    _cell(tmp_path, "cifar10_ipc10_dm", done=False)
-    assert paper_cells.cells(str(tmp_path)) == ["cifar10_ipc10_idm", "cifar10_ipc10_dm", "cifar10_ipc10_random",
-                                                "cifar10_ipc1_idm"]
-    assert [paper_cells.cell_state(str(tmp_path / n)) for n in paper_cells.cells(str(tmp_path))] == [
-        "done", "partial", "done", "done"]
-    md = paper_cells.table_markdown(str(tmp_path)).splitlines()
-    assert ("| cifar10 | 10 | 58.6 ± 0.1 | 57.50 ± 0.50 (5) | 48.9 ± 0.6 | (running: 10 of 20,000 it.) | "
-            "26.0 ± 1.2 | 26.00 ± 0.50 (5) |") in md
-    assert "| cifar10 | 1 | 45.6 ± 0.7 | 40.00 ± 0.50 (5) | 26.0 ± 0.8 | — | 14.4 ± 2.0 | — |" in md
-    assert any("JPEG re-encode" in line for line in md)
-    assert "| cifar10_ipc10_idm | 5,000: 50.00, 10,000: 55.00 |" in md
-    run = next(line for line in md if line.startswith("| cifar10_ipc10_dm | partial |"))
-    assert "| NVIDIA H200 | 500.0 | 1 |" in run
-    # Cut (SIGTERM) after its last metrics row: the progress is the checkpoint's iteration.
-    (tmp_path / "cifar10_ipc10_dm" / "checkpoints" / "19").mkdir(parents=True)
-    assert "(running: 19 of 20,000 it.)" in paper_cells.table_markdown(str(tmp_path))
-    png = paper_cells.plot_curves(str(tmp_path), str(tmp_path / "curve.png"))
-    assert open(png, "rb").read(4) == b"\x89PNG"
-
-
-def test_pack_splits_sets_over_the_archives_that_come_back(tmp_path, monkeypatch):
-    from benchmarks import paper_cells
-    import tarfile
-
-    root, out = tmp_path / "cells", tmp_path / "out"
-    out.mkdir()
-    for ipc in (10, 50, 1):
-        _cell(root, f"cifar10_ipc{ipc}_idm", npz_bytes=600)
-    _cell(root, "cifar10_ipc10_dm", done=False)
-    (root / "cifar10_ipc10_dm" / "checkpoints").mkdir()  # never packed
-    monkeypatch.setattr(paper_cells, "ARCHIVE_BYTES", 1000)
-    monkeypatch.setattr(paper_cells, "MAX_SET_ARCHIVES", 1)
-    left_out = paper_cells.pack(str(root), str(out))
-    assert sorted(os.listdir(out)) == ["results.tar.gz", "sets_2.tar.gz"]
-    with tarfile.open(out / "results.tar.gz") as tar:
-        names = tar.getnames()
-    assert "cifar10_ipc10_idm/results.json" in names and "cifar10_ipc10_dm/cell.json" in names
-    assert not any("checkpoints" in n or n.endswith(".npz") for n in names)  # the small files use ~all 1000
-    with tarfile.open(out / "sets_2.tar.gz") as tar:
-        assert tar.getnames() == ["cifar10_ipc10_idm/synthetic.npz"]
-    assert left_out == ["cifar10_ipc50_idm", "cifar10_ipc1_idm"]
+def test_gpu_table1_runs_the_mode_within_what_is_left_of_its_limit(tmp_path):
+    env = {**os.environ, "SHOW": "1", "PYTHON": "python3", "TOTAL_S": "600", "RESERVE_S": "30"}
+    env.pop("IDM_CIFAR100", None)
+    run = subprocess.run(["bash", "benchmarks/gpu_table1.sh", str(tmp_path / "back")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert run.returncode == 0, run.stderr
+    words = run.stdout.split()
+    assert words[:4] == ["python3", "main.py", "--mode=table1", "--config=configs/cifar10.py"]
+    flags = dict(w[len("--config.table1."):].split("=", 1) for w in words if w.startswith("--config.table1."))
+    budget = int(flags.pop("budget_s"))
+    assert 565 <= budget <= 570  # 600 - 30, less the seconds the script took to get there
+    assert flags == {"cells": "cifar10:10,cifar10:1,cifar10:50", "methods": "random,dm,idm",
+                     "order": "cifar10:10:idm", "iterations": "20000", "tune_s": "90",
+                     "export_dir": str(tmp_path / "back"), "export_max_files": "8", "export_max_mb": "16"}
+    assert "--workdir=runs/table1" in words
 
 
 @pytest.mark.slow
-def test_paper_cells_dry_run_makes_publishable_cells(tmp_path):
-    import tarfile
-
-    out = tmp_path / "device"
-    env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable}
-    run = subprocess.run(["bash", "benchmarks/paper_cells.sh", str(out)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=900, env=env)
-    assert run.returncode == 0, run.stderr[-2000:]
-    timings = (out / "timings.txt").read_text()
-    for method in ("idm", "dm", "random"):
-        assert f"end digits_ipc1_{method} rc=0 (done)" in timings, timings
-    assert timings.rstrip().endswith("done")
-    assert sorted(p.name for p in out.iterdir()) == [  # nothing else in $OUT: the cells live beside it
-        "curve.png", "devices.txt", "results.tar.gz", "table1.md", "timings.txt"]
-    ends = [line.split()[2] for line in timings.splitlines() if " end " in line]
-    assert ends == ["digits_ipc1_random", "digits_ipc1_dm", "digits_ipc1_idm"]  # what fits first (issue 32)
-    table = (out / "table1.md").read_text()
-    row = next(line for line in table.splitlines() if line.startswith("| digits | 1 |"))
-    assert re.fullmatch(r"\| digits \| 1 \|( — \| \d+\.\d\d ± \d+\.\d\d \(2\) \|){3}", row), row
-    assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
+def test_gpu_table1_dry_run_brings_back_publishable_cells(tmp_path):
     back = tmp_path / "back"
-    with tarfile.open(out / "results.tar.gz") as tar:
-        names = tar.getnames()
-        tar.extractall(back, filter="data")
-    assert not any("checkpoints" in n or "tensorboard" in n for n in names)
-    # What came back is what the publish command needs (a short run: only into a tmp folder).
-    for method in ("idm", "dm", "random"):
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable}
+    run = subprocess.run(["bash", "benchmarks/gpu_table1.sh", str(back)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=900, env=env)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert sorted(p.name for p in back.iterdir()) == [  # nothing else: the cells live beside it
+        "digits_ipc1_dm.tar.gz", "digits_ipc1_idm.tar.gz", "digits_ipc1_random.tar.gz",
+        "table1.json", "table1.md", "table1.png"]
+    rows = json.loads((back / "table1.json").read_text())["rows"]
+    assert [(r["method"], r["state"], r["networks"]) for r in rows] == [
+        ("random", "done", 2), ("dm", "done", 2), ("idm", "done", 2)]
+    unpacked = tmp_path / "cells"
+    for method in ("idm", "dm", "random"):  # what came back is what the publish command needs
         cell = f"digits_ipc1_{method}"
-        pub = subprocess.run([sys.executable, "-m", "idm_jax.publish", str(back / cell), f"--cell={cell}",
+        with tarfile.open(back / f"{cell}.tar.gz") as tar:
+            tar.extractall(unpacked, filter="data")
+        pub = subprocess.run([sys.executable, "-m", "idm_jax.publish", str(unpacked / cell), f"--cell={cell}",
                               f"--dest={tmp_path / 'sets'}", "--allow_short"], cwd=ROOT, capture_output=True,
                              text=True, timeout=120)
         assert pub.returncode == 0, pub.stderr
-        assert f"--mode=evaluate --synthetic={tmp_path / 'sets' / cell}.npz" in pub.stdout
         s = export.load_synthetic(str(tmp_path / "sets" / f"{cell}.npz"))
-        assert s.method == method and s.images.shape == (10, 16, 16, 1) and s.partition_factor == (
-            2 if method == "idm" else 1)
-    rows = _readme_rows(tmp_path / "sets" / "README.md")
-    assert sorted(rows) == ["digits_ipc1_dm", "digits_ipc1_idm", "digits_ipc1_random"]
-    assert "--config.eval.interval=2" in rows["digits_ipc1_idm"][2]
-    # A second call finds every cell finished and runs nothing.
-    again = subprocess.run(["bash", "benchmarks/paper_cells.sh", str(out)], cwd=ROOT, capture_output=True,
-                           text=True, timeout=300, env=env)  # the cells beside $OUT: out.cells
-    assert again.returncode == 0 and (out / "timings.txt").read_text().count("done before") == 3
+        assert s.method == method and s.images.shape == (10, 16, 16, 1)
+    readme = _readme_rows(tmp_path / "sets" / "README.md")
+    assert "--config.data.source=digits" in readme["digits_ipc1_idm"][2]
+    # A second job finds every cell finished and runs nothing.
+    again = subprocess.run(["bash", "benchmarks/gpu_table1.sh", str(back)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, env=env)
+    assert again.returncode == 0 and again.stdout.count("finished before") == 3

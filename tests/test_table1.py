@@ -8,6 +8,7 @@ export's caps. The slow test runs the real digits cells through main.py.
 
 import json
 import os
+import tarfile
 
 import numpy as np
 import pytest
@@ -91,7 +92,7 @@ def test_cells_run_cheapest_first_the_table_reads_their_results_and_a_rerun_does
     out = str(tmp_path / "t1")
     record = table1.run_table1(_config(), out, overrides={"eval.epochs": 3, "table1.iterations": 4})
     assert [(m, d) for m, d, _ in stand_ins.calls] == [
-        ("random", "quick_ipc1_random"), ("dm", "quick_ipc1_dm"), ("idm", "quick_ipc1_idm")]
+        ("random", "digits_ipc1_random"), ("dm", "digits_ipc1_dm"), ("idm", "digits_ipc1_idm")]
     saved = json.load(open(os.path.join(out, "table1.json")))
     assert saved["complete"] and [r["method"] for r in saved["rows"]] == ["random", "dm", "idm"]
     for row in saved["rows"]:  # every number is its own cell's results.json
@@ -102,7 +103,7 @@ def test_cells_run_cheapest_first_the_table_reads_their_results_and_a_rerun_does
     assert saved["rows"][1]["mean"] == pytest.approx(62.0) and saved["rows"][2]["std"] == pytest.approx(0.5)
     assert saved["rows"][0]["iterations"] is None and saved["rows"][2]["iterations"] == 4
     idm_command = saved["rows"][2]["command"]
-    assert idm_command == (f"python main.py --config=configs/quick.py:1 --workdir={out}/quick_ipc1_idm "
+    assert idm_command == (f"python main.py --config=configs/quick.py:1 --workdir={out}/digits_ipc1_idm "
                            "--config.data.source=digits --config.eval.epochs=3 --config.idm.iterations=4")
     assert "--mode=baseline --config.baseline.method=random" in saved["rows"][0]["command"]
     md = open(os.path.join(out, "table1.md")).read()
@@ -202,8 +203,8 @@ def test_the_pick_runs_every_later_cell_and_a_started_cell_keeps_its_variant(tmp
     stand_ins = StandIns(monkeypatch)
     out = str(tmp_path / "t1")
     time_fn, _ = _fake_timings({"idm.conv_impl": "taps"})
-    os.makedirs(os.path.join(out, "quick_ipc1_dm"))
-    with open(os.path.join(out, "quick_ipc1_dm", "cell.json"), "w") as f:  # started before with its own
+    os.makedirs(os.path.join(out, "digits_ipc1_dm"))
+    with open(os.path.join(out, "digits_ipc1_dm", "cell.json"), "w") as f:  # started before with its own
         json.dump({"variant": {"idm.class_batch": 1}}, f)
     table1.run_table1(_config(tune_s=60.0), out, time_fn=time_fn)
     tuning = json.load(open(os.path.join(out, table1.TUNING)))
@@ -228,14 +229,18 @@ def test_export_copies_whole_files_within_the_caps(tmp_path, monkeypatch):
     StandIns(monkeypatch)
     out, dest = str(tmp_path / "t1"), str(tmp_path / "export")
     record = table1.run_table1(_config(methods="random,idm", export_dir=dest), out)
-    assert sorted(os.listdir(dest)) == ["quick_ipc1_idm.npz", "quick_ipc1_random.npz", "table1.json",
+    assert sorted(os.listdir(dest)) == ["digits_ipc1_idm.tar.gz", "digits_ipc1_random.tar.gz", "table1.json",
                                         "table1.md", "table1.png"]
     assert open(os.path.join(dest, "table1.md")).read() == open(os.path.join(out, "table1.md")).read()
+    with tarfile.open(os.path.join(dest, "digits_ipc1_idm.tar.gz")) as tar:  # what publishing needs
+        assert sorted(tar.getnames()) == ["digits_ipc1_idm/cell.json", "digits_ipc1_idm/results.json",
+                                          "digits_ipc1_idm/synthetic.npz"]
+        assert json.load(tar.extractfile("digits_ipc1_idm/results.json"))["iterations"] == 4
     capped = str(tmp_path / "capped")
     lines = table1.export(out, record, capped, max_files=4, max_mb=0.01)
-    assert sorted(os.listdir(capped)) == ["quick_ipc1_random.npz", "table1.json", "table1.md"]
+    assert sorted(os.listdir(capped)) == ["digits_ipc1_random.tar.gz", "table1.json", "table1.md"]
     assert lines[0].startswith("export: table1.png left out (") and "> table1.export_max_mb=0.01)" in lines[0]
-    assert lines[-1] == "export: quick_ipc1_idm.npz left out (table1.export_max_files=4 reached)"
+    assert lines[-1] == "export: digits_ipc1_idm.tar.gz left out (table1.export_max_files=4 reached)"
 
 
 def test_the_finished_check_and_the_config_loader(tmp_path):
