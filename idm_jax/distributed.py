@@ -63,7 +63,7 @@ def cluster_detected() -> bool:
 
 
 def initialize(mode: str = "auto", coordinator_address: str = "", num_processes: int = 0,
-               process_id: int = -1, timeout_s: int = 300) -> bool:
+               process_id: int = -1, wait_s: int = 300) -> bool:
     """Joins the processes of a multi-process run; returns True when there are several.
 
     mode: "off" never initializes; "on" always calls jax.distributed.initialize (JAX
@@ -72,7 +72,7 @@ def initialize(mode: str = "auto", coordinator_address: str = "", num_processes:
     $JAX_NUM_PROCESSES, $JAX_PROCESS_ID) or a cluster is detected. num_processes 0 and
     process_id -1 mean "not given". Must run before anything touches a device.
 
-    A process that cannot meet the others within timeout_s (a wrong process count, a
+    A process that cannot meet the others within wait_s (a wrong process count, a
     wrong address) exits with one error line and status 2 instead of waiting forever; after
     meeting, every process checks that all were started with the same count.
     """
@@ -86,8 +86,8 @@ def initialize(mode: str = "auto", coordinator_address: str = "", num_processes:
         raise ValueError(f"num_processes must be >= 1 (0 = from the cluster), got {count}")
     if count and not -1 <= pid < count:
         raise ValueError(f"process_id={pid} is outside 0..{count - 1} for num_processes={count}")
-    if timeout_s <= 0:
-        raise ValueError(f"distributed_timeout must be > 0 seconds, got {timeout_s}")
+    if wait_s <= 0:
+        raise ValueError(f"distributed_timeout must be > 0 seconds, got {wait_s}")
     given = bool(address or count or pid >= 0)
     if mode == "off" or (mode == "auto" and not given and not cluster_detected()):
         return False
@@ -102,9 +102,9 @@ def initialize(mode: str = "auto", coordinator_address: str = "", num_processes:
     where = address or "the detected cluster's coordinator"
     expect = f"{count} processes" if count else "all processes"
     logging.info("joining %s at %s as process %s (timeout %d s)", expect, where,
-                 pid if pid >= 0 else "(auto)", timeout_s)
+                 pid if pid >= 0 else "(auto)", wait_s)
     message = (f"error: process {pid if pid >= 0 else '?'} could not meet {expect} at {where} within "
-               f"{timeout_s} s (--distributed_timeout); check that every process got the same "
+               f"{wait_s} s (--distributed_timeout); check that every process got the same "
                "--num_processes, a distinct --process_id and the same --coordinator_address, "
                "and that all of them were started")
     # jax aborts the process (a C++ fatal error, no Python exception) when the rendezvous
@@ -112,7 +112,7 @@ def initialize(mode: str = "auto", coordinator_address: str = "", num_processes:
     done = threading.Event()
 
     def watchdog():
-        if not done.wait(timeout_s):
+        if not done.wait(wait_s):
             print(message, file=sys.stderr, flush=True)
             logging.error("%s", message)
             os._exit(2)
@@ -120,7 +120,7 @@ def initialize(mode: str = "auto", coordinator_address: str = "", num_processes:
     threading.Thread(target=watchdog, daemon=True).start()
     try:
         jax.distributed.initialize(address or None, count or None, pid if pid >= 0 else None,
-                                   initialization_timeout=timeout_s + 60)
+                                   initialization_timeout=wait_s + 60)
     except (RuntimeError, ValueError) as e:  # e.g. nothing to detect with --distributed=on
         raise DistributedError(f"jax.distributed.initialize failed: {e}") from None
     finally:

@@ -20,7 +20,7 @@ def main(argv):
     pid, count, port, workdir, steps = int(argv[1]), int(argv[2]), argv[3], argv[4], argv[5]
     at_end = len(argv) > 6 and argv[6] == "1"
     from idm_jax import distributed  # pylint: disable=g-import-not-at-top
-    distributed.initialize("on", f"localhost:{port}", count, pid, timeout_s=60)
+    distributed.initialize("on", f"localhost:{port}", count, pid, wait_s=60)
     import jax  # pylint: disable=g-import-not-at-top
     from helpers import tiny_config  # pylint: disable=g-import-not-at-top
     from idm_jax import runner  # pylint: disable=g-import-not-at-top

@@ -550,7 +550,7 @@ sys.path.insert(0, {repo!r})
 from idm_jax import distributed, workdir, workdir_lock
 from idm_jax import results as results_lib
 from idm_jax import checkpoints
-distributed.initialize("on", "localhost:{port}", 2, int(sys.argv[1]), timeout_s=60)
+distributed.initialize("on", "localhost:{port}", 2, int(sys.argv[1]), wait_s=60)
 try:
     with workdir_lock.locked({workdir!r}) as holder:
         print("HOLDER", json.dumps(holder), flush=True)
