@@ -69,7 +69,7 @@ def save_state(mngr: ocp.CheckpointManager, state: condense.CondenseState) -> No
     except Exception as e:  # orbax/TensorStore report a full disk as ValueError(RESOURCE_EXHAUSTED...)
         if not workdir_lib.is_disk_full(e):
             raise
-        _drop_disk_full_asyncio_reports()
+        drop_disk_full_asyncio_reports()
         folder = str(mngr.directory)
         if distributed.is_main():
             for partial in glob.glob(os.path.join(folder, f"{step}.orbax-checkpoint-tmp*")):
@@ -85,7 +85,7 @@ def state_nbytes(state) -> int:
     return int(sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(state)))
 
 
-def _disk_full_record(record: std_logging.LogRecord) -> bool:
+def disk_full_record(record: std_logging.LogRecord) -> bool:
     """False for log records about a full disk: the NoSpaceError raised after them says it once."""
     error = record.exc_info[1] if record.exc_info else None
     full = workdir_lib.mentions_disk_full(record.getMessage()) or (
@@ -98,21 +98,21 @@ def _without_disk_full_tracebacks():
     """orbax logs a full disk from each of its writer threads with a traceback (14 on a CPU run):
     drop those while a save runs (orbax logs through absl's logger)."""
     logger = std_logging.getLogger("absl")
-    logger.addFilter(_disk_full_record)
+    logger.addFilter(disk_full_record)
     try:
         yield
     finally:
-        logger.removeFilter(_disk_full_record)
+        logger.removeFilter(disk_full_record)
 
 
-def _drop_disk_full_asyncio_reports() -> None:
+def drop_disk_full_asyncio_reports() -> None:
     """After a save failed on a full disk, asyncio reports orbax's abandoned write futures
     ('_GatheringFuture exception was never retrieved', with a traceback) whenever they are garbage
     collected, which can be after the save returned or at exit: drop those disk-full records
     from then on (the NoSpaceError about to be raised says it once)."""
     logger = std_logging.getLogger("asyncio")
-    if _disk_full_record not in logger.filters:
-        logger.addFilter(_disk_full_record)
+    if disk_full_record not in logger.filters:
+        logger.addFilter(disk_full_record)
 
 
 def _drop_closed_loop_callbacks() -> None:

@@ -344,7 +344,7 @@ def _finish(run: _Run, state, summary: dict[str, Any], clock: LoopClock) -> dict
         logging.info("finished: %s; results in %s", _accuracies(results),
                      os.path.join(run.workdir, "results.json"))
         if "random_reference" in results:
-            logging.info(_versus_random(config.method, results))
+            logging.info(versus_random(config.method, results))
     return summary
 
 
@@ -377,7 +377,7 @@ def compile_ahead(jitted, *args):
     return compiled
 
 
-def _versus_random(method: str, results: dict) -> str:
+def versus_random(method: str, results: dict) -> str:
     """One line per eval arch: the condensed set against ipc random real images per class."""
     rows = []
     for arch, r in results["archs"].items():

@@ -190,7 +190,7 @@ def _begin_epoch(spec: _Spec, state: NetState, seed_key: jax.Array, p: jax.Array
     return state, full, last, jax.random.split(aug_key, num_full + 1)
 
 
-def _end_epoch(state: NetState, before: jax.Array) -> NetState:
+def end_epoch(state: NetState, before: jax.Array) -> NetState:
     """Counts forgetting events: correct at the previous presentation, wrong at this one."""
     return state.replace(forgets=state.forgets + (before & ~state.last_correct),
                          ever_correct=state.ever_correct | state.last_correct)
@@ -211,7 +211,7 @@ def _device_chunk_fn(spec: _Spec):
                                         state, (full, keys[:num_full]))
             if rest:
                 state = _train_step(spec, data, lr, state, last, keys[num_full])
-            return _end_epoch(state, before)
+            return end_epoch(state, before)
         return jax.lax.fori_loop(start, start + count, epoch, state)
 
     @jax.jit
@@ -237,7 +237,7 @@ def _host_fns(spec: _Spec):
 
     @jax.jit
     def end(states, before):
-        return over_seeds(_end_epoch, spec.seed_mode, states, before)
+        return over_seeds(end_epoch, spec.seed_mode, states, before)
     return begin, step, end
 
 
@@ -367,7 +367,7 @@ def train_networks(model: nn.Module, images: Any, labels: Any, *, key: jax.Array
     spec = _Spec(model, n, int(min(batch_size, n)), dsa_strategy, float(momentum),
                  float(weight_decay), seed_mode)
     image_shape = tuple(int(d) for d in images.shape[1:])
-    init_keys, all_keys, num_seeds = _seed_keys(key, num_seeds, seed_indices)
+    init_keys, all_keys, num_seeds = picked_seed_keys(key, num_seeds, seed_indices)
     all_states = _init_fn(model, image_shape, n, spec.momentum, spec.weight_decay)(init_keys)
     data = (jnp.asarray(images), jnp.asarray(labels), mean, std)
     groups = [slice(s, s + 1) for s in range(num_seeds)] if seed_mode == "single" else [slice(0, num_seeds)]
@@ -434,8 +434,8 @@ def _training_inputs(images: Any, labels: Any, num_classes: int, mean: Any, std:
     return images, labels, mean, std
 
 
-def _seed_keys(key: jax.Array, num_seeds: int, seed_indices: Sequence[int] | None
-               ) -> tuple[jax.Array, jax.Array, int]:
+def picked_seed_keys(key: jax.Array, num_seeds: int, seed_indices: Sequence[int] | None
+                     ) -> tuple[jax.Array, jax.Array, int]:
     """(init keys, training keys, count) of the seeds to train: all num_seeds, or those picked.
 
     The keys are split for all num_seeds first, so a seed trains the same whichever others are picked.

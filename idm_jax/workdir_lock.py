@@ -49,7 +49,7 @@ class _Held:
 _HELD: dict[str, _Held] = {}  # the workdirs this process holds, by absolute path
 
 
-def _boot_id() -> str:
+def boot_id() -> str:
     """This boot of this machine (Linux), so a pid of an earlier boot is never taken for alive."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
@@ -59,7 +59,7 @@ def _boot_id() -> str:
 
 
 def _holder() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "boot_id": _boot_id(),
+    return {"host": socket.gethostname(), "pid": os.getpid(), "boot_id": boot_id(),
             "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:160]}
 
@@ -90,7 +90,7 @@ def _gone(holder: dict[str, Any]) -> bool:
     """Whether the holder's process surely no longer runs (only knowable on this machine)."""
     if holder.get("host") != socket.gethostname():
         return False
-    if holder.get("boot_id") and holder.get("boot_id") != _boot_id():
+    if holder.get("boot_id") and holder.get("boot_id") != boot_id():
         return True  # the machine restarted since
     try:
         os.kill(int(holder["pid"]), 0)

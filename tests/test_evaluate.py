@@ -188,7 +188,7 @@ def test_forgetting_events_are_correct_to_incorrect_transitions():
                               ever_correct=jnp.array([False, True, False, True]),
                               loss_sum=jnp.zeros(()), correct_sum=jnp.zeros((), jnp.int32))
     before = jnp.array([True, True, False, False])
-    out = trainer._end_epoch(state, before)
+    out = trainer.end_epoch(state, before)
     np.testing.assert_array_equal(out.forgets, [0, 3, 0, 1])  # only example 1 went right -> wrong
     np.testing.assert_array_equal(out.ever_correct, [True, True, True, True])
 
@@ -280,12 +280,12 @@ def test_run_evaluation_scores_a_bare_torch_layout_set_like_its_own_format(tmp_p
 
 def test_picked_seeds_get_the_keys_they_have_among_all_seeds():
     key = jax.random.PRNGKey(3)
-    init_all, train_all, n_all = trainer._seed_keys(key, 4, None)
-    init_picked, train_picked, n_picked = trainer._seed_keys(key, 4, [2, 0])
+    init_all, train_all, n_all = trainer.picked_seed_keys(key, 4, None)
+    init_picked, train_picked, n_picked = trainer.picked_seed_keys(key, 4, [2, 0])
     assert (n_all, n_picked) == (4, 2) and init_all.shape == (4, 2)
     np.testing.assert_array_equal(init_picked, init_all[np.array([2, 0])])
     np.testing.assert_array_equal(train_picked, train_all[np.array([2, 0])])
     _, train_key = jax.random.split(key)
     np.testing.assert_array_equal(train_all, jax.random.split(train_key, 4))
     with pytest.raises(ValueError, match=r"seed_indices \[4\] must be non-empty, within 0..3"):
-        trainer._seed_keys(key, 4, [4])
+        trainer.picked_seed_keys(key, 4, [4])

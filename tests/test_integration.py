@@ -15,7 +15,7 @@ def test_quick_demo_beats_random_real_images(tmp_path):
     results = summary["results"]
     idm_acc = results["archs"][c.eval.archs]
     rnd_acc = results["random_reference"][c.eval.archs]
-    print(runner._versus_random(c.method, results))
+    print(runner.versus_random(c.method, results))
     assert len(idm_acc["accuracies"]) == c.eval.num_seeds == len(rnd_acc["accuracies"])
     assert rnd_acc["num_train_images"] == 10 and idm_acc["num_train_images"] == 40  # l=2 expands
     assert len(set(np.round(idm_acc["accuracies"], 4))) > 1  # the seeds are different nets

@@ -59,7 +59,7 @@ class _FakeTensor:
 
 def test_recorder_snapshots_at_budgets_and_times_iterations(tmp_path):
     images = np.zeros((4, 3, 2, 2), np.float32)  # 2 classes x IPC 2, NCHW
-    rec = release_side._Recorder(str(tmp_path), num_classes=2, num_images=4, budgets=[0, 2])
+    rec = release_side.Recorder(str(tmp_path), num_classes=2, num_images=4, budgets=[0, 2])
     tensor = _FakeTensor(images)
     assert rec.is_synthetic([tensor]) and not rec.is_synthetic([_FakeTensor(np.zeros((3, 3)))])
     rec.attach(tensor)  # the init is budget 0
@@ -74,7 +74,7 @@ def test_recorder_snapshots_at_budgets_and_times_iterations(tmp_path):
     assert not os.path.exists(tmp_path / "snap_3.npz")
     assert len(rec.iteration_seconds(end=1e12)) == 3
     calls = []
-    rec_cb = release_side._Recorder(str(tmp_path / "cb"), 2, 4, [0, 1], on_snapshot=lambda: calls.append(1))
+    rec_cb = release_side.Recorder(str(tmp_path / "cb"), 2, 4, [0, 1], on_snapshot=lambda: calls.append(1))
     os.makedirs(tmp_path / "cb")
     rec_cb.attach(_FakeTensor(images))
     rec_cb.before_step()
@@ -83,9 +83,9 @@ def test_recorder_snapshots_at_budgets_and_times_iterations(tmp_path):
     rec_cb.before_step()
     rec_cb.after_step()
     assert calls == [1, 1]  # a run cut short keeps the timings up to its last snapshot
-    init_only = release_side._Recorder(str(tmp_path / "x"), 2, 4, [0])
+    init_only = release_side.Recorder(str(tmp_path / "x"), 2, 4, [0])
     os.makedirs(tmp_path / "x")
-    with pytest.raises(release_side._InitOnly):
+    with pytest.raises(release_side.InitOnly):
         init_only.attach(_FakeTensor(images))
 
 

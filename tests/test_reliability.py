@@ -124,7 +124,7 @@ def test_without_flock_the_lock_file_and_its_pid_decide(tmp_path, monkeypatch, w
 
     def left_by(pid, host=None):
         lock.write_text(json.dumps({"host": host or socket.gethostname(), "pid": pid,
-                                    "boot_id": workdir_lock._boot_id(), "started": "then"}))
+                                    "boot_id": workdir_lock.boot_id(), "started": "then"}))
 
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -304,13 +304,13 @@ def test_after_a_full_disk_asyncio_reports_of_the_abandoned_writes_are_dropped(c
     failure on, such disk-full records are dropped and others still pass."""
     asyncio_log = logging.getLogger("asyncio")
     full = ValueError(DISK_FULL.format(path="/w/checkpoints/3.orbax-checkpoint-tmp"))
-    checkpoints._drop_disk_full_asyncio_reports()
-    checkpoints._drop_disk_full_asyncio_reports()  # installed once, however many saves fail
+    checkpoints.drop_disk_full_asyncio_reports()
+    checkpoints.drop_disk_full_asyncio_reports()  # installed once, however many saves fail
     with caplog.at_level(logging.ERROR, logger="asyncio"):
         asyncio_log.error("_GatheringFuture exception was never retrieved", exc_info=(ValueError, full, None))
         asyncio_log.error("an unrelated asyncio error")
     assert [r.getMessage() for r in caplog.records] == ["an unrelated asyncio error"]
-    assert asyncio_log.filters.count(checkpoints._disk_full_record) == 1
+    assert asyncio_log.filters.count(checkpoints.disk_full_record) == 1
 
 
 def _full_disk(monkeypatch, keep=100):

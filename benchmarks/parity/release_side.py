@@ -148,11 +148,11 @@ def install_dataset_adapter(release_utils, arrays: dict[str, np.ndarray]) -> Non
     release_utils.get_dataset = get_dataset
 
 
-class _InitOnly(Exception):
+class InitOnly(Exception):
     """Raised once the init is recorded when budget 0 is the only budget."""
 
 
-class _Recorder:
+class Recorder:
     """Snapshots the synthetic images at budgets and times iterations (see the module docstring)."""
 
     def __init__(self, out: str, num_classes: int, num_images: int, budgets: list[int], on_snapshot=None):
@@ -171,7 +171,7 @@ class _Recorder:
         self.tensor = tensor
         self._snapshot(0)
         if max(self.budgets) == 0:
-            raise _InitOnly  # nothing more to record: stop the release before its first iteration
+            raise InitOnly  # nothing more to record: stop the release before its first iteration
 
     def before_step(self) -> None:
         if self.class_steps % self.num_classes == 0:
@@ -202,7 +202,7 @@ class _Recorder:
         return [b - a for a, b in zip(starts[:-1], starts[1:])]
 
 
-def install_recorder(torch, recorder: _Recorder) -> None:
+def install_recorder(torch, recorder: Recorder) -> None:
     """Wraps torch.optim.SGD so the synthetic images' optimizer reports to `recorder`."""
     base = torch.optim.SGD
 
@@ -254,7 +254,7 @@ def condense(args) -> None:
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "threads": torch.get_num_threads(), "argv": argv, "host": platform.processor() or platform.machine()})
 
-    recorder = _Recorder(args.out, num_classes, num_classes * args.ipc, budgets,
+    recorder = Recorder(args.out, num_classes, num_classes * args.ipc, budgets,
                          on_snapshot=lambda: write_timings(complete=False))
     install_recorder(torch, recorder)
     torch.manual_seed(args.seed)
@@ -266,7 +266,7 @@ def condense(args) -> None:
     sys.argv = [script, *argv]
     try:
         runpy.run_path(script, run_name="__main__")
-    except _InitOnly:
+    except InitOnly:
         pass
     finally:
         os.chdir(cwd)
