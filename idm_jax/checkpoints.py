@@ -14,6 +14,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -155,12 +156,29 @@ def restore_or_init(mngr, s: condense.StepSettings, ds, config,
         if distributed.any_process(problem is not None):  # every process resumes from the same step
             skipped.append((step, problem or "it failed on another process"))
             continue
+        _refuse_nonfinite(mngr, step, restored)  # before anything is moved or written
         _set_aside(mngr, skipped, step)
         return restored
     listed = "; ".join(f"iteration {k}: {why}" for k, why in skipped)
     raise workdir_lib.WorkdirError(
         f"no checkpoint in {mngr.directory} can be restored with this config ({listed}); "
         "use a new --workdir, or pass --restart to start over")
+
+
+@jax.jit
+def _nonfinite_counts(images):
+    return jnp.sum(jnp.isnan(images)), jnp.sum(jnp.isinf(images))
+
+
+def _refuse_nonfinite(mngr: ocp.CheckpointManager, step: int, state: condense.CondenseState) -> None:
+    """Raises WorkdirError naming the checkpoint when its synthetic images hold NaN or infinite
+    values: resuming would train on them, and --reevaluate would score noise."""
+    nan, inf = (int(n) for n in _nonfinite_counts(state.syn.images))
+    if nan or inf:
+        raise workdir_lib.WorkdirError(
+            f"the checkpoint at iteration {step} in {mngr.directory} holds non-finite synthetic images "
+            f"({nan + inf} of {state.syn.images.size} values: {nan} NaN, {inf} infinite); refusing to resume "
+            "from it. Pass --restart to start over (or use a new --workdir)")
 
 
 def restore_problem(error: BaseException, limit: int = 160) -> str:

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -46,6 +47,15 @@ from idm_jax.run_io import LoopClock, MetricsWriter, StopFlag
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+class DivergedError(NonFiniteLossError):
+    """The synthetic images left the data's range by far (finite, but no image any more)."""
+
+
+# Synthetic pixels may leave [0, 1] (the release does not clip them), by a fraction of the range;
+# beyond this many ranges on either side the step size has diverged (e.g. idm.lr_img=1e30).
+DIVERGED_PIXEL_MARGIN = 100.0
 
 
 def export_synthetic(workdir: str, state, ds, s: condense.StepSettings, config) -> str:
@@ -133,12 +143,12 @@ def _condense(config, workdir: str, *, max_steps: int | None, restart: bool,
     if results is not None:
         return _report_complete(workdir, total, results, diff)
 
-    if distributed.is_main():
+    run, state = _prepare(config, workdir, latest, max_steps)  # before any write: a refused restore
+    if distributed.is_main():                                    # leaves the workdir as it was
         workdir_lib.record_config(workdir, config_json, start_step=latest or 0, diff=diff)
     if diff:
         logging.info("config changed since this workdir's last start (recorded in %s): %s",
                      workdir_lib.HISTORY, "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
-    run, state = _prepare(config, workdir, latest, max_steps)
     writer = MetricsWriter(workdir, run.start) if distributed.is_main() else distributed.NullWriter()
     feed = _build_feed(run, state)
     clock = LoopClock(time.time())
@@ -285,8 +295,9 @@ def _loop(run: _Run, state, feed: _Feed, writer, clock: LoopClock):
                 logging.info("first iteration (incl. compilation) took %.1f s", summary["first_step_seconds"])
                 clock.window, clock.window_steps = clock.first, 0
             log_now, stop_now, ckpt_now = _due(run, done, stop)
-            if log_now or ckpt_now:
+            if log_now or ckpt_now:  # before any save: a broken set is never checkpointed or exported
                 _check_finite(state, run.mngr)
+                _check_in_range(state, run)
             if log_now:
                 clock.log_row(writer, done, run.total, run.start, metrics)
             if config.eval.interval and done % config.eval.interval == 0 and done < run.total:
@@ -419,6 +430,29 @@ def _check_finite(state, mngr) -> None:
             f"the loss became non-finite (NaN/inf) at iteration {bad}; stopping. The synthetic "
             f"set is kept as of iteration {bad}; the last checkpoint is at iteration "
             f"{mngr.latest_step()}. Lower idm.lr_img or check the data.")
+
+
+@jax.jit
+def _pixel_range(images, mean, std):
+    """(min, max) of the synthetic images in [0, 1]-pixel units."""
+    pixels = images * jnp.asarray(std, jnp.float32) + jnp.asarray(mean, jnp.float32)
+    return jnp.min(pixels), jnp.max(pixels)
+
+
+def _check_in_range(state, run: _Run) -> None:
+    """Raises DivergedError when the synthetic pixels left [0, 1] by more than DIVERGED_PIXEL_MARGIN
+    ranges: finite, so the loss check passes, but the set would be saved as noise clipped to 0/1."""
+    lo, hi = (float(v) for v in _pixel_range(state.syn.images, *condense.pixel_stats(run.s, run.ds.mean,
+                                                                                      run.ds.std)))
+    if lo >= -DIVERGED_PIXEL_MARGIN and hi <= 1.0 + DIVERGED_PIXEL_MARGIN:
+        return
+    latest = run.mngr.latest_step()
+    kept = (f"the last checkpoint (iteration {latest}) is kept" if latest is not None
+            else "no checkpoint was written")
+    raise DivergedError(
+        f"the synthetic images diverged by iteration {int(state.step)}: their pixels span [{lo:.3g}, {hi:.3g}], "
+        f"far outside the data's [0, 1]; stopping without saving them ({kept}). Lower idm.lr_img "
+        f"(now {run.s.lr_img:g}) and start over (--restart or a new --workdir)")
 
 
 def combine_runs(run_results: list[dict[str, Any]]) -> dict[str, Any]:

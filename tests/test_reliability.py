@@ -257,6 +257,55 @@ def test_restore_problem_is_one_short_line():
     assert len(checkpoints.restore_problem(ValueError("x" * 500))) == 160
 
 
+def test_a_checkpoint_with_non_finite_images_is_refused_in_one_line_writing_nothing(tmp_path, monkeypatch):
+    """A checkpoint whose synthetic images hold NaN and inf values: resuming, or --reevaluate, stops
+    naming it, and the workdir is left exactly as it was (no config row, nothing moved)."""
+    import jax.numpy as jnp
+    workdir = str(tmp_path / "run")
+    config = fast_config(checkpoint_every=2, checkpoint_every_minutes=0.0)
+    real_save = checkpoints.save_state
+
+    def poisoned(mngr, state):
+        if int(state.step) == 2:
+            images = state.syn.images.at[0, 0, 0, 0, 0].set(jnp.nan).at[1, 0, 0, 0, 0].set(jnp.inf)
+            images = images.at[1, 0, 1, 0, 0].set(-jnp.inf)
+            state = state.replace(syn=state.syn.replace(images=images))
+        real_save(mngr, state)
+    monkeypatch.setattr(checkpoints, "save_state", poisoned)
+    runner.run_condensation(config, workdir, max_steps=2)
+    monkeypatch.undo()
+    saved = export.load_synthetic(os.path.join(workdir, "synthetic.npz"))  # an ordinary run's set
+    pixels = saved.images_normalized * saved.std + saved.mean  # leaves [0, 1] by far less than the margin
+    assert -1.0 < pixels.min() and pixels.max() < 2.0 < 1 + runner.DIVERGED_PIXEL_MARGIN
+    before = snapshot(workdir)
+    size = 10 * 1 * 16 * 16 * 1  # classes x ipc x H x W x C of the quick config at IPC 1
+    for reevaluate in (False, True):
+        with pytest.raises(workdir_lib.WorkdirError) as e:
+            runner.run_condensation(config, workdir, reevaluate=reevaluate)
+        assert str(e.value) == (f"the checkpoint at iteration 2 in {workdir}/checkpoints holds non-finite "
+                                f"synthetic images (3 of {size} values: 1 NaN, 2 infinite); refusing to resume "
+                                "from it. Pass --restart to start over (or use a new --workdir)")
+        assert snapshot(workdir) == before
+
+
+def test_synthetic_images_that_diverge_stop_the_run_without_saving_them(tmp_path):
+    """idm.lr_img=1e30 keeps the images finite (about 1e30 normalized): the range check stops the run
+    before the first checkpoint, and no set is written."""
+    workdir = str(tmp_path / "run")
+    config = fast_config(checkpoint_every=2, checkpoint_every_minutes=0.0)
+    config.idm.lr_img = 1e30
+    with pytest.raises(runner.DivergedError) as e:
+        runner.run_condensation(config, workdir, max_steps=2)
+    message = str(e.value)
+    assert message.startswith("the synthetic images diverged by iteration 1: their pixels span [")
+    assert message.endswith("far outside the data's [0, 1]; stopping without saving them (no checkpoint was "
+                            "written). Lower idm.lr_img (now 1e+30) and start over (--restart or a new --workdir)")
+    lo, hi = (float(v) for v in re.search(r"span \[(\S+), (\S+)\]", message).groups())
+    assert min(-lo, hi) > 1e20  # about 1e30 times the range, both ways
+    assert not os.path.exists(os.path.join(workdir, "synthetic.npz"))
+    assert checkpoint_steps(workdir) == []
+
+
 # --------------------------------------------------------------------------- #
 # 3. A full disk
 # --------------------------------------------------------------------------- #
