@@ -1,39 +1,37 @@
 #!/usr/bin/env bash
-# One prepared GPU check: install what the device image lacks, then measure and write every figure.
+# A GPU job with a wall-clock limit and a cap on what it returns (docs/GPU_JOB.md): install what the
+# machine lacks, then measure and write every figure into DEST.
 #
-#   bash benchmarks/gpu_prepare.sh                 # here, once: stage .carry/ (wheels, release, CIFAR-10)
-#   device run, carry [".carry"], timeout_s 590:
-#     bash benchmarks/gpu_check.sh "$OUT"
+#   bash benchmarks/gpu_prepare.sh IDM-CHECKOUT    # beforehand, with a network: stage .gpu_stage/
+#   bash benchmarks/gpu_check.sh DEST              # on the GPU machine: the parity run, then the step speed
+#   CHECK=speed bash benchmarks/gpu_check.sh DEST  # instead: the step's profile and speed
+#                  (benchmarks/gpu_speed.py; brings back gpu_speed.json, gpu_speed.md, timings.txt,
+#                  devices.txt, results.tar.gz); SPEED_LIMITS="eval=60,..." overrides its parts'
+#                  limits, SPEED_PARTS=cifar10_ipc10,eval picks parts
 #   DRY_RUN=1 bash benchmarks/gpu_check.sh /tmp/x  # tiny CPU settings, no installs (the test suite runs this)
-#   CHECK=speed bash benchmarks/gpu_check.sh "$OUT"  # instead: the step's profile and speed (issue 23,
-#                  benchmarks/gpu_speed.py; brings back gpu_speed.json, gpu_speed.md, timings.txt,
-#                  devices.txt, results.tar.gz); SPEED_LIMITS="eval=60,..." overrides its parts' limits,
-#                  SPEED_PARTS=cifar10_ipc10,eval picks parts
 #
-# Time (issue 31): the whole command, installs included, ends by DEADLINE seconds (default 560)
-# after its start, 30 s inside the device call's timeout_s of 590: each part's limit is cut to
-# what is left. $OUT holds at every moment at most 8 files, each under 16 MiB and written whole
-# (a copy beside its final name, then a rename), so what comes back is never a matter of chance,
-# even when the outer limit strikes. Logs, the parts' rows, traces, parity runs and data live in
-# $WORK (default a fresh /tmp/gpu_check.*) and are archived into results.tar.gz at the end. With
-# CHECK=speed a valid gpu_speed.json (all null) is in $OUT before anything is installed, and
+# Time: the whole job, installs included, ends by DEADLINE seconds (default 560) after its start:
+# each part's limit is cut to what is left. DEST holds at every moment at most 8 files, each under
+# 16 MiB and written whole (a copy beside its final name, then a rename), so whatever moment the
+# job is stopped, DEST holds whole files. Logs, the parts' rows, traces, parity runs and data live
+# in $WORK (default a fresh /tmp/gpu_check.*) and are archived into results.tar.gz at the end.
+# With CHECK=speed a valid gpu_speed.json (all null) is in DEST before anything is installed, and
 # gpu_speed.py rewrites it after each part.
 #
-# Budget: about 9 minutes on a fresh H100/H200 (device time is ~15 min a session, start-up
-# included). Each part has its own time limit and a failed or cut part does not stop the others,
-# so one run always brings back something; the parity run's stages resume from what is written.
-# Order = priority: the parity run beside the release (3 condensation seeds each, then evaluation
-# budget by budget, then both evaluators on one set, timed), then the step speed at IPC 10/50/1.
-# On an H200 (2026-11-27) the limits let seed 0 reach 200 iterations and seed 1 100; a later call
-# adds seeds (RUNS=2,3): unpack its results.tar.gz beside the first's seed_<s>/ folders and run
-# `release_parity.py --stage=report --seed=0,1,2,3` here to pool them. What comes back (8 files):
+# Each part has its own time limit and a failed or cut part does not stop the others, so one job
+# always brings back something; the parity run's stages resume from what is written. Order =
+# priority: the parity run beside the release (3 condensation seeds each, then evaluation budget by
+# budget, then both evaluators on one set, timed), then the step speed at IPC 10/50/1. On an H200
+# (2026-11-27) the limits let seed 0 reach 200 iterations and seed 1 100; a later job adds seeds
+# (RUNS=2,3): unpack its results.tar.gz beside the first's seed_<s>/ folders and run
+# `release_parity.py --stage=report --seed=0,1,2,3` to pool them. What comes back (8 files):
 #   parity.md + parity.png (pooled over the seeds), timings.txt (every part's start/end/rc),
 #   condense_speed.md, devices.txt, results.tar.gz (every log, table, json and the largest-budget
 #   synthetic sets of each run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-${OUT:-runs/gpu_check}}
-mkdir -p "$out"
+dest=${1:?usage: gpu_check.sh DEST}
+mkdir -p "$dest"
 made_work=""
 [ -z "${WORK:-}" ] && made_work=1
 work=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")}
@@ -41,22 +39,22 @@ mkdir -p "$work/logs"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
-deadline=${DEADLINE:-560}  # seconds from the start to the end of everything (the device call allows 590)
-archive_s=10               # of them, kept for the archive and the copies into $out
+deadline=${DEADLINE:-560}  # seconds from the start to the end of everything
+archive_s=10               # of them, kept for the archive and the copies into DEST
 cap=$(( 16 * 2**20 - 4096 ))  # bytes: the largest file that comes back, less a margin
-log() { echo "[$(( $(date +%s) - start ))s] $*" | tee -a "$out/timings.txt"; }
+log() { echo "[$(( $(date +%s) - start ))s] $*" | tee -a "$dest/timings.txt"; }
 left() { echo $(( deadline - archive_s - ($(date +%s) - start) )); }
 pause_at() {  # test hook (tests/test_gpu_check.py): IDM_PAUSE_AT=<stage> waits here to be killed
   [ "${IDM_PAUSE_AT:-}" = "$1" ] || return 0
   echo "$1" >"$IDM_PAUSED"
   sleep 3600
 }
-move_in() {  # move_in FILE: into $out under its own name, whole (a copy beside it, then a rename)
+move_in() {  # move_in FILE: into DEST under its own name, whole (a copy beside it, then a rename)
   local name size
   name=$(basename "$1")
   size=$(stat -c %s "$1" 2>/dev/null) || return 0
   if [ "$size" -gt "$cap" ]; then log "$name left out: $size bytes, over what comes back"; return 0; fi
-  cp "$1" "$out/$name.tmp" && pause_at "move:$name" && mv -f "$out/$name.tmp" "$out/$name"
+  cp "$1" "$dest/$name.tmp" && pause_at "move:$name" && mv -f "$dest/$name.tmp" "$dest/$name"
 }
 part() {  # part <name> <seconds> <command...>: run with a time limit, keep going on failure
   local name=$1 limit=$2 now rc
@@ -76,10 +74,10 @@ speed_command() {  # what a user types for this run: gpu_speed.json's "command"
   for v in DRY_RUN SPEED_LIMITS SPEED_PARTS DEADLINE; do
     [ -n "${!v:-}" ] && words+=" $v=${!v}"
   done
-  echo "$words bash benchmarks/gpu_check.sh \"\$OUT\""
+  echo "$words bash benchmarks/gpu_check.sh DEST"
 }
-null_record() {  # $out/gpu_speed.json before anything runs: docs/gpu_speed.json's keys, all null
-  $PY - "$out" "$(speed_command)" "${DRY_RUN:-}" <<'PYTHON'
+null_record() {  # $dest/gpu_speed.json before anything runs: docs/gpu_speed.json's keys, all null
+  $PY - "$dest" "$(speed_command)" "${DRY_RUN:-}" <<'PYTHON'
 import datetime, json, os, sys
 out, command, dry_run = sys.argv[1:]
 with open("docs/gpu_speed.json") as f:
@@ -91,7 +89,7 @@ with open(os.path.join(out, "gpu_speed.json.tmp"), "w") as f:
 os.replace(os.path.join(out, "gpu_speed.json.tmp"), os.path.join(out, "gpu_speed.json"))
 PYTHON
 }
-finish() {  # finish PATH...: $work's PATHs (relative) archived into $out, then $work goes if made here
+finish() {  # finish PATH...: $work's PATHs (relative) archived into $dest, then $work goes if made here
   (cd "$work" && tar -czf results.tar.gz "$@")
   if [ "$(stat -c %s "$work/results.tar.gz")" -gt "$cap" ]; then  # the logs outgrew it: the rows alone
     (cd "$work" && find "$@" -name '*.json*' -o -name '*.md' | tar -czf results.tar.gz -T -)
@@ -110,7 +108,7 @@ if [ -n "${DRY_RUN:-}" ]; then
 else
   source benchmarks/device_setup.sh && device_setup  # wheels, the project, IDM_CIFAR10, the compile cache
   cfg=cifar10 ipcs=${SPEED_IPCS:-10,50,1} steps=5 source=$IDM_CIFAR10 budgets=${BUDGETS:-0,50,100,200} epochs=300
-  seeds=3 runs=${RUNS:-0,1,2} release=$PWD/.carry/IDM
+  seeds=3 runs=${RUNS:-0,1,2} release=$PWD/${STAGE:-.gpu_stage}/IDM
   # idm_jax, release, convert, eval, cross, condense_speed (seconds; 0 skips a part). A second,
   # shorter call can pick other settings, e.g. IPC=1 BUDGETS=0,25 RUNS=0 LIMITS="70 70 10 50 0 0".
   read -r -a limits <<<"${LIMITS:-110 160 15 110 35 50}"
@@ -133,7 +131,7 @@ if [ "${CHECK:-parity}" = speed ]; then  # each part of gpu_speed.py has its own
   fi
   [ -n "${SPEED_PARTS:-}" ] && speed+=(--parts="$SPEED_PARTS")
   budget=$(left)  # gpu_speed.py gets 5 s less: on SIGTERM it ends the part in flight and writes the record
-  part gpu_speed "$budget" $PY benchmarks/gpu_speed.py --out="$work/speed" --publish="$out" \
+  part gpu_speed "$budget" $PY benchmarks/gpu_speed.py --out="$work/speed" --publish="$dest" \
     --command="$(speed_command)" --limits="${SPEED_LIMITS:-}" --total=$(( budget - 5 )) "${speed[@]}"
   pause_at archive
   finish logs speed/parts

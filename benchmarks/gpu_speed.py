@@ -1,4 +1,4 @@
-"""The accelerator step at the hardware's pace (issue 23): one script that profiles and times it all.
+"""The accelerator step at the hardware's pace: one script that profiles and times it all.
 
     python benchmarks/gpu_speed.py --out=runs/gpu_speed              # on the GPU (or: CHECK=speed gpu_check.sh)
     python benchmarks/gpu_speed.py --dry-run --out=/tmp/gpu_speed    # toy sizes on CPU (the test suite)
@@ -22,10 +22,10 @@ Parts, in order of priority (release settings, configs/<dataset>.py:<ipc>):
   - trace (profiled settings): jax.profiler trace of --trace-steps steps, summarised into
     kernels per iteration, device-busy seconds per iteration and the top kernels by time
   - phases (profiled settings): benchmarks/step_phases.py's phases, each jitted and timed alone
-* candidates: step variants, s/iteration: at CIFAR-10 IPC 10 queue members one by one (map,
-  not vmap's grouped convolutions), a class chunk of 1 (auto: all 10 on a GPU), true f32
-  (matmul/conv precision "highest" instead of XLA's default, TF32 on NVIDIA GPUs); at IPC 1
-  all 10 classes in one chunk (auto: 3)
+* candidates: step variants that change values, s/iteration, shown and never used for a set:
+  true f32 at CIFAR-10 IPC 10 (matmul/conv precision "highest" instead of XLA's default, TF32 on
+  NVIDIA GPUs). The value-preserving variants (queue form, convolution form, class chunks, steps
+  per dispatch) are timed and picked by `main.py --mode=table1` (idm_jax/step_variants.py).
 * eval: the paper's evaluation of one CIFAR-10 IPC-10 set (5 ConvNets, 400 expanded images),
   --eval-epochs timed after the first, extrapolated to the release schedule's 1001 passes, plus
   the test pass over 10,000 images
@@ -100,13 +100,10 @@ DRY_SETTINGS = {  # one program for all (the parts' processes share it through t
 DRY_SETS = ("idm.batch_real=8,idm.batch_train=16,idm.model_train_steps=2,idm.net_num=4,"
             "idm.net_generate_interval=2")
 CANDIDATES = (  # name, setting, config overrides, matmul precision (None = XLA's default)
-    ("queue members one by one (map)", "cifar10_ipc10", "idm.queue_train_impl=map", None),
-    ("class chunk 1", "cifar10_ipc10", "idm.class_batch=1", None),
     ("true f32 (precision highest)", "cifar10_ipc10", "", "highest"),
-    ("all 10 classes in one chunk", "cifar10_ipc1", "idm.class_batch=10", None),
 )
 PARTS = ("cifar10_ipc10", "cifar10_ipc1", "cifar10_ipc50", "cifar100_ipc10", "candidates", "eval", "release")
-# Seconds per part on the device: 8.1 minutes together, compilation included.
+# Seconds per part on the GPU: 8.1 minutes together, compilation included.
 LIMITS = {"cifar10_ipc10": 120, "cifar10_ipc1": 80, "cifar10_ipc50": 45, "cifar100_ipc10": 65,
           "candidates": 75, "eval": 45, "release": 55}
 # cifar100_ipc10_s_per_it is CIFAR-100's own figure; where the machine lacks CIFAR-100 (the device
@@ -190,7 +187,7 @@ def summarize_trace(trace: dict, iterations: int, top: int = 12) -> dict:
 
 
 def summary_json(rows: dict[str, list[dict]], command: str, dry_run: bool) -> dict:
-    """docs/gpu_speed.json's record from the parts' rows: the issue's keys (null where a part
+    """docs/gpu_speed.json's record from the parts' rows: its keys (null where a part
     did not measure it), the command, and every row under "details"."""
     def find(part, what, key):
         return next((r[key] for r in rows.get(part, []) if r.get("what") == what and r.get(key) is not None), None)
@@ -549,7 +546,7 @@ def part_limit(limit: int, total: int, elapsed: float) -> int | None:
 
 
 KILL_GRACE_S = 10  # after SIGTERM, a part's group has this long before SIGKILL
-OUT_FILE_CAP = 15 * 2**20  # a device command brings back files of at most 16 MiB
+OUT_FILE_CAP = 15 * 2**20  # under the 16 MiB per file a GPU job with a cap on what it returns may allow
 
 
 class Stopped(Exception):
@@ -562,7 +559,7 @@ def _raise_stopped(signum, _frame):
 
 def pause_hook(stage: str) -> None:
     """Test hook: with IDM_PAUSE_AT=stage, touch $IDM_PAUSED and wait to be killed (the test kills
-    the whole command there, as the device's outer limit would, and checks what $OUT holds)."""
+    the whole job there, as an outer time limit would, and checks what its destination holds)."""
     if os.environ.get("IDM_PAUSE_AT") == stage:
         with open(os.environ["IDM_PAUSED"], "w") as f:
             f.write(stage)

@@ -193,7 +193,7 @@ def test_gpu_speed_dry_run_measures_every_figure(tmp_path):
     assert record["eval_5nets_1000ep_ipc10_s"] > 0 and 0.1 < record["host_rss_gib"] < 16
     assert record["release_cifar10_ipc10_s_per_it"] is None  # no release in a dry run
     assert record["dry_run"] and record["device"].startswith("cpu")
-    assert record["command"] == 'CHECK=speed DRY_RUN=1 bash benchmarks/gpu_check.sh "$OUT"'  # what a user types
+    assert record["command"] == 'CHECK=speed DRY_RUN=1 bash benchmarks/gpu_check.sh DEST'  # what a user types
     rows = record["details"]["cifar10_ipc10"]
     step = next(r for r in rows if r["what"] == "step")
     assert step["compiles"] == 0 and not step["warnings"]  # no recompilation, the state donated
@@ -315,7 +315,7 @@ def test_gpu_check_cut_at_any_stage_leaves_a_valid_record_in_out(tmp_path, stage
     _run_cut_at(stage, out, tmp_path, SPEED_PARTS="release")
     record = json.loads((out / "gpu_speed.json").read_text())
     assert tuple(record)[:len(gpu_speed.JSON_KEYS)] == gpu_speed.JSON_KEYS
-    assert record["command"] == 'CHECK=speed DRY_RUN=1 SPEED_PARTS=release bash benchmarks/gpu_check.sh "$OUT"'
+    assert record["command"] == 'CHECK=speed DRY_RUN=1 SPEED_PARTS=release bash benchmarks/gpu_check.sh DEST'
     assert_out_comes_back_whole(out)
     if stage != "setup":  # the part's row is in the record as soon as the part ends
         assert record["details"]["release"][0]["note"] == "no --release given"
