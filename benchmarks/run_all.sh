@@ -12,13 +12,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
-out="runs/benchmarks/$(date +%Y%m%d-%H%M%S)"
-mkdir -p "$out"
+tables="runs/benchmarks/$(date +%Y%m%d-%H%M%S)"
+mkdir -p "$tables"
 
 run() {  # run <name> <script> [args...]
   local name=$1; shift
   echo "== $name: $*"
-  "$PYTHON" "$@" 2>"$out/$name.log" | tee "$out/$name.md"
+  "$PYTHON" "$@" 2>"$tables/$name.log" | tee "$tables/$name.md"
 }
 
 run condense_speed benchmarks/condense_speed.py --ipc=1,10,50
@@ -34,4 +34,4 @@ run evaluate_speed benchmarks/evaluate_speed.py --modes=map/host,vmap/host --epo
 run pipeline_ipc10 benchmarks/pipeline.py --config=cifar10 --ipc=10 --iterations=idm:40,dm:150 --epochs=300 --seeds=2
 run pipeline_ipc1 benchmarks/pipeline.py --config=cifar10 --ipc=1 --iterations=idm:30,dm:100 --epochs=300 --seeds=2
 run accuracy_digits -m pytest -q -m slow tests/test_integration.py -s
-echo "tables in $out"
+echo "tables in $tables"
