@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from idm_jax import coresets, data, evaluate, export, models
+from idm_jax import config_check, coresets, data, evaluate, export, models
 from idm_jax import results as results_lib
 
 
@@ -28,9 +28,8 @@ def run_baseline(config: Any, workdir: str) -> dict[str, Any]:
     in config.eval.archs; "whole" trains those archs on the whole training set. Writes
     results.json / results.md and returns the results dict.
     """
+    config_check.validate(config)  # baseline.method among them
     method = str(config.baseline.method)
-    if method not in coresets.BASELINES:
-        raise ValueError(f"unknown baseline {method!r}; valid: {', '.join(coresets.BASELINES)}")
     archs = models.parse_archs(config.eval.archs)
     dataset = data.load_config_dataset(config)
     key = jax.random.PRNGKey(int(config.seed))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from idm_jax import augment
 from idm_jax import backend
 from idm_jax import condense
+from idm_jax import coresets
 from idm_jax import data as data_lib
 from idm_jax import models
 from idm_jax import presets
@@ -62,6 +63,10 @@ def validate(config) -> None:
     _check_eval(config.eval)
     _check_cadences(config)
     _check_steps_per_dispatch(config)  # after the cadences it must divide are checked
+    _check_continual(config)
+    _check_consistency(config)
+    _check_sweep(config)
+    _check_baseline(config)
     _check_table1(config)
 
 
@@ -202,6 +207,55 @@ def _check_cadences(config) -> None:
              f"checkpoint_every must be an integer >= 0 (0 = off), got {config.checkpoint_every!r}")
     _require(config.checkpoint_every_minutes >= 0,
              f"checkpoint_every_minutes must be >= 0 (0 = off), got {config.checkpoint_every_minutes!r}")
+
+
+def _nonnegative_int(value, name: str, zero_means: str) -> None:
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+             f"{name} must be an integer >= 0 ({zero_means}), got {value!r}")
+
+
+def _check_continual(config) -> None:
+    """--mode=continual's section: its lists, memory budget, l and iterations."""
+    if "continual" not in config:
+        return
+    cl = config.continual
+    try:
+        presets.name_list(cl.methods, "continual.methods", presets.CONTINUAL_METHODS)
+        steps = presets.int_list(cl.num_steps, "continual.num_steps")
+        presets.int_list(cl.class_order_seeds, "continual.class_order_seeds")
+    except ValueError as e:
+        raise ValueError(f"invalid config: {e}") from None
+    _require(all(n >= 1 for n in steps), f"continual.num_steps must all be >= 1, got {cl.num_steps!r}")
+    _positive_ints(cl, "continual.", ["ipc", "partition_factor"])
+    _nonnegative_int(cl.iterations, "continual.iterations", "0 = idm.iterations")
+
+
+def _check_consistency(config) -> None:
+    """--mode=consistency's section (the sweep named by consistency.sets is looked up by the mode)."""
+    if "consistency" not in config:
+        return
+    _positive_ints(config.consistency, "consistency.", ["max_k", "feature_epochs"])
+    _require(isinstance(config.consistency.sets, str) and config.consistency.sets.strip(),
+             f"consistency.sets must name a sweep, got {config.consistency.sets!r}")
+
+
+def _check_sweep(config) -> None:
+    """--mode=sweep's section (the name is looked up in the mode's table of sweeps)."""
+    if "sweep" not in config:
+        return
+    sw = config.sweep
+    _require(isinstance(sw.name, str) and sw.name.strip(), f"sweep.name must name a sweep, got {sw.name!r}")
+    _nonnegative_int(sw.iterations, "sweep.iterations", "0 = idm.iterations")
+    _require(isinstance(sw.cells, str), f"sweep.cells must be comma-separated cell names, got {sw.cells!r}")
+
+
+def _check_baseline(config) -> None:
+    """--mode=baseline's section."""
+    if "baseline" not in config:
+        return
+    _require(config.baseline.method in coresets.BASELINES,
+             f"baseline.method must be one of {coresets.BASELINES}, got {config.baseline.method!r}")
+    _positive_ints(config.baseline, "baseline.", ["train_epochs"])
 
 
 def _check_table1(config) -> None:

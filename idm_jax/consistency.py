@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from idm_jax import augment, data, export, measure, models, presets, trainer
+from idm_jax import augment, config_check, data, export, measure, models, presets, trainer
 from idm_jax import results as results_lib
 
 
@@ -121,9 +121,8 @@ def synthetic_features(model, variables, path: str, dataset: Any) -> tuple[np.nd
 def run_consistency(config: Any, workdir: str, synthetic: str | dict[str, str] | None = None) -> dict[str, Any]:
     """main.py --mode=consistency: curves for several synthetic sets; writes consistency.json/.md/.png."""
     from idm_jax import sweeps  # pylint: disable=g-import-not-at-top
+    config_check.validate(config)  # consistency.max_k >= 1 among them
     max_k = int(config.consistency.max_k)
-    if max_k < 1:
-        raise ValueError(f"consistency.max_k must be >= 1, got {max_k}")
     os.makedirs(workdir, exist_ok=True)
     if synthetic:
         sets = parse_sets(synthetic) if isinstance(synthetic, str) else dict(synthetic)

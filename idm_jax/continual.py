@@ -40,29 +40,6 @@ from idm_jax import data as data_lib
 from idm_jax import presets
 from idm_jax import results as results_lib
 
-METHODS = ("idm", "dm", "random")
-
-
-def _ints(text: Any, what: str) -> list[int]:
-    items = [p.strip() for p in str(text).split(",") if p.strip()] if isinstance(text, str) else list(text)
-    try:
-        out = [int(p) for p in items]
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
-    if not out:
-        raise ValueError(f"{what} is empty ({text!r})")
-    return out
-
-
-def parse_methods(text: Any) -> list[str]:
-    items = [p.strip() for p in text.split(",") if p.strip()] if isinstance(text, str) else list(text)
-    for m in items:
-        if m not in METHODS:
-            raise ValueError(f"continual.methods names unknown method {m!r}; valid: {', '.join(METHODS)}")
-    if not items:
-        raise ValueError(f"continual.methods is empty ({text!r})")
-    return items
-
 
 def class_order(seed: int, num_classes: int) -> np.ndarray:
     """The class order of one repetition: a permutation of range(num_classes) fixed by `seed`."""
@@ -197,15 +174,12 @@ def run_order(config: Any, ds: data_lib.ArrayDataset, method: str, num_steps: in
 
 def run_continual(config: Any, workdir: str) -> dict[str, Any]:
     """main.py --mode=continual: every method x step setting x class order; continual.json/.md/.png."""
-    methods = parse_methods(config.continual.methods)
-    step_settings = _ints(config.continual.num_steps, "continual.num_steps")
-    seeds = _ints(config.continual.class_order_seeds, "continual.class_order_seeds")
-    ipc = int(config.continual.ipc)
-    if ipc < 1:
-        raise ValueError(f"continual.ipc must be >= 1, got {ipc}")
-    if int(config.continual.partition_factor) < 1:
-        raise ValueError(f"continual.partition_factor must be >= 1, got {config.continual.partition_factor}")
     from idm_jax import config_check  # pylint: disable=g-import-not-at-top
+    config_check.validate(config)  # the continual section included
+    methods = presets.name_list(config.continual.methods, "continual.methods", presets.CONTINUAL_METHODS)
+    step_settings = presets.int_list(config.continual.num_steps, "continual.num_steps")
+    seeds = presets.int_list(config.continual.class_order_seeds, "continual.class_order_seeds")
+    ipc = int(config.continual.ipc)
     for m in methods:
         if m != "random":
             config_check.validate(method_config(config, m))

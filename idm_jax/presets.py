@@ -11,6 +11,8 @@ import difflib
 from typing import Any
 
 METHODS = ("idm", "dm")
+# How --mode=continual builds each step's memory: condensed by a method, or random real images.
+CONTINUAL_METHODS = METHODS + ("random",)
 
 # DM (Zhao & Bilen 2023, docs/RELEASE.md#dm): a fresh random net each iteration, no queue, no
 # partition, no regularizer, synthetic lr 1.0, one step on the summed class losses.
@@ -68,6 +70,29 @@ def section_iterations(config: Any, section: str) -> int:
     """The condensation iterations of a mode's section (config.continual / config.sweep):
     its own `iterations`, where 0 means config.idm.iterations."""
     return int(config[section].iterations or config.idm.iterations)
+
+
+def int_list(text: Any, what: str) -> list[int]:
+    """"5,10" (or a list) -> [5, 10]; a ValueError naming `what` (the config field) otherwise."""
+    items = [p.strip() for p in text.split(",") if p.strip()] if isinstance(text, str) else list(text)
+    try:
+        out = [int(p) for p in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not out:
+        raise ValueError(f"{what} is empty ({text!r})")
+    return out
+
+
+def name_list(text: Any, what: str, valid: tuple[str, ...]) -> list[str]:
+    """"idm,dm" (or a list) -> ["idm", "dm"], each one of `valid`; a ValueError naming `what` otherwise."""
+    items = [p.strip() for p in text.split(",") if p.strip()] if isinstance(text, str) else list(text)
+    for name in items:
+        if name not in valid:
+            raise ValueError(f"{what} names unknown method {name!r}; valid: {', '.join(valid)}")
+    if not items:
+        raise ValueError(f"{what} is empty ({text!r})")
+    return items
 
 
 def apply_method(config: Any, method: str) -> None:

@@ -167,6 +167,19 @@ def test_dm_and_idm_presets_differ_only_where_they_should():
     ("idm.keep_lowest_ce_real", -5, "idm.keep_lowest_ce_real must be an integer >= 0 .* got -5"),
     ("data.class_sampling", "sorted", "data.class_sampling must be one of .* got 'sorted'"),
     ("data.train_sampling", "epochs", "data.train_sampling must be one of .* got 'epochs'"),
+    # Every mode's section is checked here too, not by the mode.
+    ("continual.methods", "idm,dsa", "continual.methods names unknown method 'dsa'"),
+    ("continual.num_steps", "five", "continual.num_steps must be comma-separated integers, got 'five'"),
+    ("continual.num_steps", "5,0", "continual.num_steps must all be >= 1, got '5,0'"),
+    ("continual.class_order_seeds", "", "continual.class_order_seeds is empty"),
+    ("continual.ipc", 0, "continual.ipc must be an integer >= 1, got 0"),
+    ("continual.iterations", -1, r"continual.iterations must be an integer >= 0 \(0 = idm.iterations\), got -1"),
+    ("consistency.max_k", 0, "consistency.max_k must be an integer >= 1, got 0"),
+    ("consistency.sets", " ", "consistency.sets must name a sweep"),
+    ("sweep.iterations", -5, "sweep.iterations must be an integer >= 0 .* got -5"),
+    ("sweep.name", "", "sweep.name must name a sweep"),
+    ("baseline.method", "kcenter", "baseline.method must be one of .*'whole'.* got 'kcenter'"),
+    ("baseline.train_epochs", 0, "baseline.train_epochs must be an integer >= 1, got 0"),
 ])
 def test_bad_values_are_named(field, value, message):
     c = _get("cifar10", "10")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import quick
-from idm_jax import continual, data as data_lib
+from idm_jax import continual, data as data_lib, presets
 
 
 def test_class_orders_are_permutations_fixed_by_seed():
@@ -25,11 +25,17 @@ def test_class_orders_are_permutations_fixed_by_seed():
         continual.split_steps(orders[0], 3)
 
 
-def test_option_errors_are_named():
-    with pytest.raises(ValueError, match="unknown method 'dsa'"):
-        continual.parse_methods("idm,dsa")
+def test_option_errors_are_named_before_any_compute(tmp_path):
+    c = quick.get_config("1")
+    c.continual.methods = "idm,dsa"
+    with pytest.raises(ValueError, match="continual.methods names unknown method 'dsa'"):
+        continual.run_continual(c, str(tmp_path / "w"))
+    c.continual.methods, c.continual.num_steps = "random", "five"
     with pytest.raises(ValueError, match="continual.num_steps must be comma-separated integers.*'five'"):
-        continual._ints("five", "continual.num_steps")
+        continual.run_continual(c, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+    assert presets.int_list("5, 10", "continual.num_steps") == [5, 10]
+    assert presets.name_list(["dm", "random"], "continual.methods", presets.CONTINUAL_METHODS) == ["dm", "random"]
 
 
 def test_class_subset_keeps_only_those_classes_relabelled_in_order():
