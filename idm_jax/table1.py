@@ -447,7 +447,7 @@ def cell_row(cell: Cell, cell_dir: str, iterations: int, skipped: str | None) ->
                                            train_arch=results.get("train_arch", arch))
         row.update(mean=r["mean"], std=r["std"], networks=len(r.get("accuracies", [])), arch=arch,
                    dataset=results["dataset"], paper=list(found[:2]) if found else None,
-                   scores=results.get("scores"))
+                   scores=(results.get("scores") or {}).get(arch))
     return row
 
 
@@ -458,11 +458,14 @@ def table(cells: list[Cell], workdir: str, iterations: int, tuning: dict[str, An
             "rows": rows, "tuning": tuning}
 
 
+SCORE_TEXT = (("ior_pp", "IOR {:+.2f} pp"), ("hlr_pp", "HLR {:.2f} pp"), ("lrs", "LRS {:.4f}"))
+
+
 def _score_text(scores: dict[str, Any] | None) -> str:
-    if not scores:
-        return "—"
-    keys = [k for k in ("IOR", "HLR", "LRS", "ior", "hlr", "lrs") if isinstance(scores.get(k), (int, float))]
-    return ", ".join(f"{k} {scores[k]:.4g}" for k in keys) or "—"
+    """DD-Ranking's scores of a row (references.py's keys), "—" where none were measured."""
+    parts = [fmt.format(scores[key]) for key, fmt in SCORE_TEXT
+             if isinstance((scores or {}).get(key), (int, float))]
+    return ", ".join(parts) or "—"
 
 
 def markdown(record: dict[str, Any]) -> str:

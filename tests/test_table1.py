@@ -58,8 +58,9 @@ class StandIns:
     def _condense(self, config, workdir, **_):
         self.calls.append((config.method, os.path.basename(workdir), {
             k: config.idm[k] for k in ("queue_train_impl", "conv_impl", "class_batch", "steps_per_dispatch")}))
-        return {"results": self._write(config, workdir, config.method, iterations=config.idm.iterations),
-                "interrupted": False}
+        scores = {config.model: {"ior_pp": 5.0, "hlr_pp": 20.0, "lrs": 0.3}} if config.method == "idm" else None
+        return {"results": self._write(config, workdir, config.method, iterations=config.idm.iterations,
+                                       scores=scores), "interrupted": False}
 
     def _baseline(self, config, workdir):
         self.calls.append(("random", os.path.basename(workdir), None))
@@ -107,7 +108,9 @@ def test_cells_run_cheapest_first_the_table_reads_their_results_and_a_rerun_does
                            "--config.data.source=digits --config.eval.epochs=3 --config.idm.iterations=4")
     assert "--mode=baseline --config.baseline.method=random" in saved["rows"][0]["command"]
     md = open(os.path.join(out, "table1.md")).read()
-    assert "| quick:1 | dm | 62.00 ± 1.63 | 3 | — |" in md and os.path.exists(os.path.join(out, "table1.png"))
+    assert "| quick:1 | dm | 62.00 ± 1.63 | 3 | — | — |" in md and os.path.exists(os.path.join(out, "table1.png"))
+    assert saved["rows"][2]["scores"] == {"ior_pp": 5.0, "hlr_pp": 20.0, "lrs": 0.3}
+    assert "| quick:1 | idm | 70.50 ± 0.50 | 2 | — | IOR +5.00 pp, HLR 20.00 pp, LRS 0.3000 |" in md
     assert record == saved
     # Nothing left to do: no cell runs, each says so, the table is the same.
     stand_ins.calls.clear()
