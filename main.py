@@ -25,6 +25,17 @@ import os
 import signal
 import sys
 
+
+def _interrupted_while_starting(signum, frame):
+    """Ctrl-C while the modules below load or the flags are read (seconds): one line, not a traceback."""
+    del frame
+    print("error: interrupted (Ctrl-C) while starting; nothing was written", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
+if __name__ == "__main__":  # not when imported (tests); main() hands Ctrl-C back to Python
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -33,6 +44,7 @@ from ml_collections import config_flags
 
 from idm_jax import backend
 from idm_jax import baselines
+from idm_jax import checkpoints
 from idm_jax import compile_cache
 from idm_jax import config_check
 from idm_jax import config_files
@@ -95,6 +107,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt, caught below
     backend.use_cpu_memory_scheduler()  # before JAX starts its backends (idm_jax/backend.py)
     run_io.quiet_library_logs()
     try:
@@ -144,6 +157,27 @@ def main(argv):
         # Bad input (or a full disk): one clear line, not a traceback from deep inside JAX.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # the condensation loop checkpoints on Ctrl-C itself; elsewhere, this
+        print(f"error: {interrupted_line(_MODE.value, _WORKDIR.value, config.runs)}", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+
+
+def interrupted_line(mode: str, workdir_path: str, runs: int = 1) -> str:
+    """What a Ctrl-C outside the condensation loop (data loading, initialising, compiling, evaluating)
+    leaves in the workdir and how to go on, in one line. Every output is written whole (temporary
+    file, then rename), so what is there is intact."""
+    if mode == "condense" and runs > 1:
+        return (f"interrupted (Ctrl-C); finished runs and the checkpoints under {workdir_path}/run_* are kept: "
+                "rerun the same command to resume")
+    if mode == "condense":
+        latest = checkpoints.latest_checkpoint(workdir_path) if os.path.isdir(workdir_path) else None
+        if latest is None:
+            return (f"interrupted (Ctrl-C) before the first checkpoint in {workdir_path}: nothing to resume "
+                    "from; rerun the same command to start again")
+        return (f"interrupted (Ctrl-C); the checkpoint at iteration {latest} in {workdir_path} is kept: "
+                "rerun the same command to resume from it")
+    return (f"interrupted (Ctrl-C); the files already in {workdir_path} are whole and nothing half-written "
+            f"is left: rerun the same command to finish --mode={mode}")
 
 
 def _exit_on_sigterm(signum, frame):

@@ -306,6 +306,60 @@ def test_synthetic_images_that_diverge_stop_the_run_without_saving_them(tmp_path
     assert checkpoint_steps(workdir) == []
 
 
+def _interrupt(args, phrase=None, delay=0.3, env=None) -> tuple[int, str]:
+    """(returncode, stderr) of main.py sent SIGINT (Ctrl-C) `delay` s after it starts, or once a
+    stderr line holds `phrase`."""
+    proc = subprocess.Popen([sys.executable, "main.py", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    if phrase is None:
+        time.sleep(delay)
+    else:
+        for line in proc.stderr:
+            seen.append(line)
+            if phrase in line:
+                break
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=300)
+    return proc.returncode, "".join(seen) + rest
+
+
+def test_ctrl_c_while_starting_is_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    code, stderr = _interrupt([*TINY_FLAGS, f"--workdir={workdir}"])
+    assert code == 128 + signal.SIGINT and "Traceback" not in stderr, stderr[-3000:]
+    (line,) = error_lines(stderr)
+    assert line.startswith("error: interrupted (Ctrl-C)"), stderr[-3000:]
+    assert not workdir.exists() or os.listdir(workdir) == []  # nothing written (the lock released)
+
+
+def test_ctrl_c_while_restoring_or_compiling_says_what_is_kept(tmp_path):
+    env = compile_cache_env(tmp_path / "compile_cache")
+    workdir = str(tmp_path / "run")
+    first = run_main(*TINY_FLAGS, "--config.idm.iterations=2", f"--workdir={workdir}", env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = snapshot(os.path.join(workdir, "checkpoints"))
+    code, stderr = _interrupt([*TINY_FLAGS, f"--workdir={workdir}"], phrase="restoring the checkpoint at iteration 2",
+                              env=env)
+    assert code == 128 + signal.SIGINT and "Traceback" not in stderr, stderr[-3000:]
+    assert error_lines(stderr) == [f"error: interrupted (Ctrl-C); the checkpoint at iteration 2 in {workdir} is "
+                                   "kept: rerun the same command to resume from it"]
+    assert snapshot(os.path.join(workdir, "checkpoints")) == before
+    assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK))
+
+
+def test_the_interrupt_line_of_every_mode(tmp_path):
+    import main
+    assert main.interrupted_line("condense", str(tmp_path)) == (
+        f"interrupted (Ctrl-C) before the first checkpoint in {tmp_path}: nothing to resume from; rerun the "
+        "same command to start again")
+    assert main.interrupted_line("condense", str(tmp_path), runs=3).endswith(
+        f"checkpoints under {tmp_path}/run_* are kept: rerun the same command to resume")
+    assert main.interrupted_line("export", str(tmp_path)) == (
+        f"interrupted (Ctrl-C); the files already in {tmp_path} are whole and nothing half-written is left: "
+        "rerun the same command to finish --mode=export")
+
+
 # --------------------------------------------------------------------------- #
 # 3. A full disk
 # --------------------------------------------------------------------------- #
