@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idm_jax import augment
+from idm_jax import augment, defaults
 
 
 def images_per_second(
@@ -56,7 +56,7 @@ def main() -> None:
           f"batch {shape}, median of {args.repeats} x {args.calls} calls")
     print(f"{'strategy':<38} {'siamese img/s':>14} {'per-image img/s':>16} {'siamese fwd+bwd img/s':>22}")
 
-    for strategy in (*augment.FAMILIES, augment.DEFAULT_STRATEGY):
+    for strategy in (*augment.FAMILIES, defaults.DSA_STRATEGY):
         siamese = jax.jit(lambda x, k, s=strategy: augment.dsa(x, k, s))
         per_image = jax.jit(lambda x, k, s=strategy: augment.dsa(x, k, s, per_image=True))
         # Gradient of a scalar through the augmentation, as in the synthetic-image update.

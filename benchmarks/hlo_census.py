@@ -67,7 +67,7 @@ def lowered_programs(config, ds=None) -> dict:
     switches. ds: the dataset (default: as the config says)."""
     import jax  # pylint: disable=g-import-not-at-top
 
-    from idm_jax import augment, condense, models, trainer  # pylint: disable=g-import-not-at-top
+    from idm_jax import condense, defaults, models, trainer  # pylint: disable=g-import-not-at-top
     from idm_jax import queue as queue_lib  # pylint: disable=g-import-not-at-top
 
     setup = condense.step_from_config(config, ds)
@@ -88,7 +88,7 @@ def lowered_programs(config, ds=None) -> dict:
     images_per_class = int(config.ipc) * int(config.idm.partition_factor) ** 2
     programs["evaluation_step"] = trainer.lowered_train_step(
         model, ds.image_shape, num_seeds=int(ev.num_seeds), num_examples=images_per_class * ds.num_classes,
-        batch_size=int(ev.batch_size), dsa_strategy=augment.DEFAULT_STRATEGY if ev.dsa else "",
+        batch_size=int(ev.batch_size), dsa_strategy=defaults.DSA_STRATEGY if ev.dsa else "",
         seed_parallel=str(ev.seed_parallel)).as_text()
     choices = {"idm.queue_train_impl": s.queue_train_impl, "idm.conv_impl": s.conv_impl,
                "idm.class_batch": s.class_batch, "unroll_loops": s.unroll_loops,

@@ -10,7 +10,8 @@ import os
 
 import ml_collections
 
-from idm_jax.presets import METHODS, apply_method, set_dotted  # JAX-free: a config is data
+from idm_jax import defaults  # JAX-free, as presets: a config is data
+from idm_jax.presets import METHODS, apply_method, set_dotted
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -68,13 +69,13 @@ def get_config() -> ml_collections.ConfigDict:
   # zero fill is then black, and the final evaluation trains on those [0, 1] images while
   # the test set is normalized, as the release does). Off: a release bug.
   c.idm.unnormalized = False
-  c.idm.dsa_strategy = "color_crop_cutout_flip_scale_rotate"
+  c.idm.dsa_strategy = defaults.DSA_STRATEGY
   # What the loss matches: "last_block" = flattened output of the last block
   # (2048 values on CIFAR; the published commands' --embed_last 1000);
   # "before_last_pool" = the last block before its pooling (8192 values; the
   # release script's default --embed_last -1). ConvNet only.
   c.idm.embedding = "last_block"
-  c.idm.partition_factor = 2  # l in the paper; 1 = no partition/expansion
+  c.idm.partition_factor = defaults.PARTITION_FACTOR  # l in the paper; 1 = no partition/expansion
   c.idm.batch_real = 256  # real images per class per iteration
   c.idm.lr_img = 0.2  # SGD on synthetic images (DM: 1.0)
   c.idm.momentum_img = 0.5
@@ -85,7 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
   # The release multiplies it by the matching net's training accuracy in
   # percent (0-100): torchnet's meter returns (1 - errors/seen) * 100, so a
   # net at 0 % gives 0, and a net never trained yet also gives 0.
-  c.idm.ce_weight = 0.5
+  c.idm.ce_weight = defaults.CE_WEIGHT
   c.idm.use_ce = True  # ablation switch for the CE regularizer
   # Only with partition_factor 1: the release's CIFAR-10 IPC-1 branch without --aug
   # (IDM_cifar10.py, `ipc == 1 and not aug`) matches the keep_lowest_ce_real (2560) real
@@ -127,7 +128,7 @@ def get_config() -> ml_collections.ConfigDict:
   # How the condensation step's convs are computed (models.CONV_IMPLS, values unchanged): "xla",
   # "matmul" (im2col weight gradient), "taps" (matmuls only); "auto": "matmul" on CPU, else "xla".
   c.idm.conv_impl = "auto"
-  c.idm.real_chunk_size = 1024  # real images per forward chunk (memory)
+  c.idm.real_chunk_size = defaults.REAL_CHUNK_SIZE  # real images per forward chunk (memory)
   c.idm.class_batch = 0  # classes vectorised together; 0 = auto (condense.auto_class_batch)
   # Pre-trained pool (paper Fig. 3; idm_jax/pool.py): E > 0 with use_queue=False matches in a
   # network drawn from pool_size nets trained E epochs on the real data (built once, cached).
@@ -136,14 +137,14 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.archs = "ConvNet"  # comma-separated, e.g. "ConvNet,AlexNet,VGG11,ResNet18"
-  c.eval.num_seeds = 5  # independently initialised nets, trained together
-  c.eval.epochs = 1000  # lr x0.1 at epochs // 2
-  c.eval.batch_size = 256
-  c.eval.lr = 0.01
-  c.eval.momentum = 0.9
-  c.eval.weight_decay = 5e-4
+  c.eval.num_seeds = defaults.EVAL_NUM_SEEDS  # independently initialised nets, trained together
+  c.eval.epochs = defaults.EVAL_EPOCHS  # lr x0.1 at epochs // 2
+  c.eval.batch_size = defaults.EVAL_BATCH_SIZE
+  c.eval.lr = defaults.EVAL_LR
+  c.eval.momentum = defaults.EVAL_MOMENTUM
+  c.eval.weight_decay = defaults.EVAL_WEIGHT_DECAY
   c.eval.dsa = True  # per-image DSA while training evaluation nets
-  c.eval.test_batch_size = 1000
+  c.eval.test_batch_size = defaults.EVAL_TEST_BATCH_SIZE
   c.eval.interval = 0  # evaluate during condensation every N its (0 = off)
   c.eval.interval_epochs = 300  # epochs for those periodic evaluations
   c.eval.at_end = True  # full evaluation of the final synthetic set
@@ -174,7 +175,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.loop = "auto"
   # "release": epochs+1 passes, lr x0.1 and a fresh optimizer after pass
   # epochs//2+1 (what the release runs); "paper": epochs passes, drop at half.
-  c.eval.schedule = "release"
+  c.eval.schedule = defaults.EVAL_SCHEDULE
 
   c.baseline = ml_collections.ConfigDict()
   c.baseline.method = "random"  # "random" | "herding" | "forgetting" | "whole"

@@ -30,8 +30,9 @@ import jax
 import jax.numpy as jnp
 from jax.scipy import ndimage
 
+from idm_jax import defaults
+
 FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
-DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,7 +300,7 @@ _RANDOM_FAMILY: dict[str, Callable] = {
 def dsa(
     images: jax.Array,
     key: jax.Array,
-    strategy: str = DEFAULT_STRATEGY,
+    strategy: str = defaults.DSA_STRATEGY,
     *,
     per_image: bool = False,
     params: DSAParams = DSAParams(),
@@ -441,7 +442,6 @@ def init_from_real(real_images: jax.Array, factor: int = 2) -> jax.Array:
 
 
 __all__ = (
-    "DEFAULT_STRATEGY",
     "DSAParams",
     "FAMILIES",
     "affine_sample",

@@ -19,16 +19,18 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from idm_jax import augment, backend, distributed, measure, models, trainer
+from idm_jax import augment, backend, defaults, distributed, measure, models, trainer
 
 
 def train_and_evaluate(images: Any, labels: Any, test_images: Any, test_labels: Any, *, mean: Any,
-                       std: Any, arch: str, num_classes: int, key: jax.Array, num_seeds: int = 5,
-                       epochs: int = 1000, batch_size: int = 256, lr: float = 0.01,
-                       momentum: float = 0.9, weight_decay: float = 5e-4,
-                       dsa_strategy: str = augment.DEFAULT_STRATEGY, test_batch_size: int = 1000,
+                       std: Any, arch: str, num_classes: int, key: jax.Array,
+                       num_seeds: int = defaults.EVAL_NUM_SEEDS, epochs: int = defaults.EVAL_EPOCHS,
+                       batch_size: int = defaults.EVAL_BATCH_SIZE, lr: float = defaults.EVAL_LR,
+                       momentum: float = defaults.EVAL_MOMENTUM, weight_decay: float = defaults.EVAL_WEIGHT_DECAY,
+                       dsa_strategy: str = defaults.DSA_STRATEGY,
+                       test_batch_size: int = defaults.EVAL_TEST_BATCH_SIZE,
                        seed_parallel: str = "auto", loop: str = "auto", conv_impl: str = "auto",
-                       schedule: str = "release", log_every: int = 50,
+                       schedule: str = defaults.EVAL_SCHEDULE, log_every: int = 50,
                        seed_indices: Sequence[int] | None = None) -> dict[str, Any]:
     """The paper's protocol: train `num_seeds` fresh `arch` networks on (images, labels), test them.
 
@@ -103,7 +105,7 @@ def evaluate_archs(images: Any, labels: Any, dataset: Any, eval_cfg: Any, *,
                               partition_factor=partition_factor, epochs=epochs, seeds_of=mine)
         return merge_evaluations(distributed.gather_objects(part), seeds_per_process, archs)
     images, labels = training_set(images, labels, partition_factor)
-    strategy = augment.DEFAULT_STRATEGY if eval_cfg.dsa else ""
+    strategy = defaults.DSA_STRATEGY if eval_cfg.dsa else ""
     results = {}
     for i, arch in enumerate(archs):
         seeds = None if seeds_of is None else list(seeds_of.get(arch, []))

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from idm_jax import augment
+from idm_jax import augment, defaults
 
 Array = jax.Array
 ApplyFn = Callable[[object, Array], tuple[Array, Array]]
@@ -38,11 +38,11 @@ ApplyFn = Callable[[object, Array], tuple[Array, Array]]
 class LossOptions:
     """Static options of the matching loss (hashable: safe as a jit static)."""
 
-    partition_factor: int = 2  # l: each image -> l*l pieces; 1 = off
-    dsa_strategy: str = augment.DEFAULT_STRATEGY  # "" = no augmentation
-    ce_weight: float = 0.5  # lambda_reg; multiplied by accuracy in percent
+    partition_factor: int = defaults.PARTITION_FACTOR  # l: each image -> l*l pieces; 1 = off
+    dsa_strategy: str = defaults.DSA_STRATEGY  # "" = no augmentation
+    ce_weight: float = defaults.CE_WEIGHT  # lambda_reg; multiplied by accuracy in percent
     use_ce: bool = True
-    real_chunk_size: int = 1024  # real images per forward pass
+    real_chunk_size: int = defaults.REAL_CHUNK_SIZE  # real images per forward pass
     dsa_params: augment.DSAParams = augment.DSAParams()
     # The release's CIFAR-10 IPC-1 branch without partition (IDM_cifar10.py, `if args.ipc == 1
     # and not args.aug`): match only the k real images of the (augmented) batch whose CE under

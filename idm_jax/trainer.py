@@ -45,7 +45,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from idm_jax import augment, backend, models, progress
+from idm_jax import augment, backend, defaults, models, progress
 from idm_jax import data as data_lib
 
 SCHEDULES = ("release", "paper")
@@ -242,9 +242,10 @@ def _host_fns(spec: _Spec):
 
 
 def lowered_train_step(model: nn.Module, image_shape: tuple[int, int, int], *, num_seeds: int,
-                       num_examples: int, batch_size: int = 256,
-                       dsa_strategy: str = augment.DEFAULT_STRATEGY, momentum: float = 0.9,
-                       weight_decay: float = 5e-4, seed_parallel: str = "auto") -> jax.stages.Lowered:
+                       num_examples: int, batch_size: int = defaults.EVAL_BATCH_SIZE,
+                       dsa_strategy: str = defaults.DSA_STRATEGY, momentum: float = defaults.EVAL_MOMENTUM,
+                       weight_decay: float = defaults.EVAL_WEIGHT_DECAY,
+                       seed_parallel: str = "auto") -> jax.stages.Lowered:
     """One SGD step of `num_seeds` networks trained together, lowered (not compiled, not run):
     the program `train_networks` runs for every batch, for inspecting what XLA is given
     (benchmarks/hlo_census.py). Shapes only; "auto" resolves as `idm_jax.backend` says."""
@@ -341,11 +342,13 @@ def _stack(trees: Sequence[Any]) -> Any:
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *trees)
 
 
-def train_networks(model: nn.Module, images: Any, labels: Any, *, key: jax.Array, num_seeds: int = 5,
-                   epochs: int = 1000, batch_size: int = 256, lr: float = 0.01, momentum: float = 0.9,
-                   weight_decay: float = 5e-4, dsa_strategy: str = augment.DEFAULT_STRATEGY,
-                   mean: Any = None, std: Any = None, seed_parallel: str = "auto",
-                   loop: str = "auto", schedule: str = "release", log_every: int = 50,
+def train_networks(model: nn.Module, images: Any, labels: Any, *, key: jax.Array,
+                   num_seeds: int = defaults.EVAL_NUM_SEEDS, epochs: int = defaults.EVAL_EPOCHS,
+                   batch_size: int = defaults.EVAL_BATCH_SIZE, lr: float = defaults.EVAL_LR,
+                   momentum: float = defaults.EVAL_MOMENTUM, weight_decay: float = defaults.EVAL_WEIGHT_DECAY,
+                   dsa_strategy: str = defaults.DSA_STRATEGY, mean: Any = None, std: Any = None,
+                   seed_parallel: str = "auto", loop: str = "auto", schedule: str = defaults.EVAL_SCHEDULE,
+                   log_every: int = 50,
                    name: str = "", seed_indices: Sequence[int] | None = None) -> TrainedNets:
     """Trains `num_seeds` freshly initialised copies of `model` on (images, labels).
 

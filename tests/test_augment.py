@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from idm_jax import augment
+from idm_jax import augment, defaults
 
 REFERENCE = pathlib.Path(__file__).parent / "data" / "grid_sample_reference.npz"
 SINGLE_FAMILIES = augment.FAMILIES
@@ -59,7 +59,7 @@ def reference():
 
 def test_parse_strategy():
     assert augment.parse_strategy("color_crop_flip") == ("color", "crop", "flip")
-    assert augment.parse_strategy(augment.DEFAULT_STRATEGY) == (
+    assert augment.parse_strategy(defaults.DSA_STRATEGY) == (
         "color", "crop", "cutout", "flip", "scale", "rotate")
     assert augment.parse_strategy("") == ()
     assert augment.parse_strategy("none") == ()
@@ -174,8 +174,8 @@ def test_affine_matches_torch_grid_sample(reference):
 
 def test_siamese_same_transform_for_batches_of_different_sizes(probe):
     both = jnp.concatenate([probe, probe[::-1]])  # 8 images, the first 4 are the probe
-    out_probe = _dsa_over_keys(augment.DEFAULT_STRATEGY)(probe, KEYS)
-    out_both = _dsa_over_keys(augment.DEFAULT_STRATEGY)(both, KEYS)
+    out_probe = _dsa_over_keys(defaults.DSA_STRATEGY)(probe, KEYS)
+    out_both = _dsa_over_keys(defaults.DSA_STRATEGY)(both, KEYS)
     np.testing.assert_allclose(out_both[:, :4], out_probe, atol=1e-6)
     changed = jnp.abs(out_probe - probe).max(axis=(1, 2, 3, 4)) > 1e-3
     assert int(changed.sum()) >= 0.8 * NUM_KEYS  # the test would be vacuous for identities
@@ -193,7 +193,7 @@ def test_siamese_shares_and_per_image_draws_parameters(family, probe):
 
 
 def test_family_drawn_uniformly_from_strategy(probe):
-    full = _dsa_over_keys(augment.DEFAULT_STRATEGY)(probe, KEYS)
+    full = _dsa_over_keys(defaults.DSA_STRATEGY)(probe, KEYS)
     counts = {}
     for family in SINGLE_FAMILIES:
         single = _dsa_over_keys(family)(probe, KEYS)

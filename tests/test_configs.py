@@ -297,3 +297,25 @@ def test_benchmarks_take_config_overrides_as_main_py_does():
     with pytest.raises(SystemExit, match="--config.idm.class_batch: expected --config.idm.class_batch=<value>"):
         common.split_config_overrides(["--config.idm.class_batch"])
     assert c.idm.class_batch == 3
+
+
+def test_release_defaults_are_written_once_for_configs_and_signatures():
+    import inspect
+
+    from idm_jax import defaults, evaluate, loss, trainer
+
+    c = base.get_config()
+    ev = {f: c.eval[f] for f in ("num_seeds", "epochs", "batch_size", "lr", "momentum", "weight_decay",
+                                 "schedule")}
+    assert ev == {"num_seeds": 5, "epochs": 1000, "batch_size": 256, "lr": 0.01, "momentum": 0.9,
+                  "weight_decay": 5e-4, "schedule": "release"}  # the release's
+    for fn in (trainer.train_networks, evaluate.train_and_evaluate):
+        params = inspect.signature(fn).parameters
+        assert {f: params[f].default for f in ev} == ev, fn.__name__
+        assert params["dsa_strategy"].default == c.idm.dsa_strategy == defaults.DSA_STRATEGY
+    assert inspect.signature(evaluate.train_and_evaluate).parameters["test_batch_size"].default == \
+        c.eval.test_batch_size == 1000
+    opts = loss.LossOptions()  # idm_loss's documented default options: the IDM config's
+    assert (opts.partition_factor, opts.ce_weight, opts.real_chunk_size, opts.dsa_strategy) == (
+        c.idm.partition_factor, c.idm.ce_weight, c.idm.real_chunk_size, c.idm.dsa_strategy) == (
+        2, 0.5, 1024, "color_crop_cutout_flip_scale_rotate")
