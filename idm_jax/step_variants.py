@@ -8,7 +8,8 @@ machine, so Table 1's mode times them at its first cell's settings before runnin
 
 The search is greedy, one field at a time from the config's own choices: each field's other
 values are timed with the best of the fields before, and a value is kept only when it is faster.
-It stops when its time is spent; the table says what was timed. Variants whose resolved step
+A variant starts only when, as long as the longest one before it, it would end within the
+search's time; the table says what was timed. Variants whose resolved step
 settings equal one already timed are the same program and are not timed again.
 """
 
@@ -130,6 +131,7 @@ def tune(config, ds: data_lib.ArrayDataset, budget_s: float, *, time_fn: TimeFn 
     values = field_values(config, ds.num_classes)
     best: dict[str, Any] = {}
     best_s = None
+    longest = 0.0  # seconds of the longest variant timed so far
     queue: list[dict[str, Any]] = [{}]  # the config as given, then each field's values in turn
     fields = list(values)
     while queue or fields:
@@ -148,14 +150,18 @@ def tune(config, ds: data_lib.ArrayDataset, budget_s: float, *, time_fn: TimeFn 
         if key in seen:
             continue
         seen.add(key)
-        if clock() - start >= budget_s:
+        # A variant starts only when it would end in time, judged by the longest one so far.
+        if clock() - start + longest > budget_s:
             table.append(Timing(overrides, None, None, "not timed: the tuning time was spent"))
             continue
+        began = clock()
         try:
             compile_s, s_per_it = time_fn(c, ds)
         except Exception as e:  # pylint: disable=broad-except  (a variant this backend cannot run)
             table.append(Timing(overrides, None, None, f"failed: {str(e).splitlines()[0][:160]}"))
             continue
+        finally:
+            longest = max(longest, clock() - began)
         table.append(Timing(overrides, compile_s, s_per_it))
         if best_s is None or s_per_it < best_s:
             best, best_s = overrides, s_per_it

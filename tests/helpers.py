@@ -131,7 +131,7 @@ def launch(commands, timeout):
 
 
 # --------------------------------------------------------------------------- #
-# Device commands (benchmarks/gpu_check.sh, paper_cells.sh)
+# GPU jobs (benchmarks/gpu_check.sh)
 # --------------------------------------------------------------------------- #
 
 OUT_NAME = re.compile(r"[A-Za-z0-9._-]+")  # what the device tool brings back by name

@@ -194,7 +194,7 @@ def test_the_tuner_times_each_field_keeps_what_is_faster_and_stops_when_its_time
     def slow_fn(config, ds):
         now[0] += 30.0
         return time_fn(config, ds)
-    cut = step_variants.tune(c, digits, 50.0, time_fn=slow_fn, clock=lambda: now[0])
+    cut = step_variants.tune(c, digits, 65.0, time_fn=slow_fn, clock=lambda: now[0])  # 30 s each
     assert [t.s_per_it is not None for t in cut] == [True, True] + [False] * 4
     assert cut[2].note == "not timed: the tuning time was spent"
     dm = config_files.load_config_file(QUICK, "1,dm")  # no queue: its form is not a field
