@@ -109,11 +109,11 @@ def main(argv):
     config = _CONFIG.value
     signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt, caught below
     backend.use_cpu_memory_scheduler()  # before JAX starts its backends (idm_jax/backend.py)
+    compile_cache.enable()  # before anything compiles: programs shared with every later run here
     run_io.quiet_library_logs()
     try:
         config_check.validate(config)
         workdir.check_writable(_WORKDIR.value)  # before any compute
-        compile_cache.enable()  # compiled programs shared with every later run on this machine
         several = distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                                          _PROCESS_ID.value, _DIST_TIMEOUT.value)
         # One run per workdir (every mode), before anything is written; released at exit, so
