@@ -26,6 +26,7 @@ idm_jax reads (benchmarks/ddranking_score.py).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -302,7 +303,24 @@ def write_torchvision_cifar(root: str, train_images: np.ndarray, train_labels: n
     return out
 
 
+class _PortablePickler(pickle.Pickler):
+    """Pickles arrays as numpy.ndarray(shape, dtype, bytes): numpy 2 pickles them naming
+    numpy._core, which the numpy 1 of a torch environment cannot load; this loads under both."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, np.ndarray):
+            return np.ndarray, (obj.shape, obj.dtype.str, np.ascontiguousarray(obj).tobytes())
+        return NotImplemented
+
+
+def portable_pickle(obj: Any) -> bytes:
+    """`obj` pickled (protocol 2, as CIFAR's own files) with its arrays readable by numpy 1 and 2."""
+    buffer = io.BytesIO()
+    _PortablePickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue()
+
+
 def _write_pickle(path: str, obj: Any) -> None:
-    blob = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    blob = portable_pickle(obj)
     with workdir_lib.atomic_file(path, needed_bytes=len(blob)) as f:
         f.write(blob)

@@ -227,6 +227,8 @@ def test_torchvision_cifar_layout_reads_back_the_same_images(tmp_path, classes):
     assert labels == test_labels.tolist()
     import pickle
     assert pickle.load(open(os.path.join(folder, meta), "rb"), encoding="latin1")[names_key] == names
+    # numpy 2 pickles arrays naming numpy._core, which numpy 1 (torch environments) lacks
+    assert b"_core" not in open(os.path.join(folder, test_file), "rb").read()
     # one image's row: its red plane first, as CIFAR stores it
     assert set_formats.cifar_rows(train[:1])[0, :1024].tolist() == train[0, :, :, 0].ravel().tolist()
     with pytest.raises(ValueError, match="10 or 100 classes, not 7"):
