@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -45,6 +46,8 @@ DDRANKING_DSA = {"flip": DSA_PARAMS["prob_flip"], "scale": DSA_PARAMS["ratio_sca
                  "cutout": DSA_PARAMS["ratio_cutout"], "brightness": DSA_PARAMS["brightness"],
                  "saturation": DSA_PARAMS["saturation"], "contrast": DSA_PARAMS["contrast"]}
 MIN_EPOCHS = 10  # DD-Ranking tests every 10 epochs; fewer never test and report 0 %
+# The accuracies compute_metrics logs (it returns only HLR, IOR and LRS), one of each per evaluation.
+ACCURACY_LINE = re.compile(r"^(Syn|Full|Random) data hard label acc: ([0-9.]+)%")
 
 
 def write_cifar(args) -> None:
@@ -74,6 +77,16 @@ def lrs_of_fractions(hlr_pp: float, ior_pp: float, w: float = 0.5) -> float:
     return (math.exp(a) - math.exp(-1.0)) / (math.e - math.exp(-1.0))
 
 
+def accuracies_of(lines) -> dict[str, list[float]]:
+    """{"syn", "full", "random": [accuracy (%) per evaluation]} from DD-Ranking's log lines."""
+    found: dict[str, list[float]] = {"syn": [], "full": [], "random": []}
+    for line in lines:
+        match = ACCURACY_LINE.match(str(line))
+        if match:
+            found[match[1].lower()].append(float(match[2]))
+    return found
+
+
 def score(args) -> dict:
     """Step 2 (DD-Ranking's environment): its LabelRobustScoreHard on the export."""
     import numpy as np  # pylint: disable=g-import-not-at-top
@@ -91,6 +104,8 @@ def score(args) -> dict:
     cifar.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath)  # our pickles are not the originals
     hard_label.save_results = lambda results, path: misc.save_results(
         {**results, "lrs": results["lrs"][::2]}, path)  # it appends each LRS twice
+    logged = []
+    hard_label.logging = lambda message: (logged.append(message), misc.logging(message))  # keep the accuracies
     torch.set_num_threads(args.threads)
 
     images = torch.from_numpy(np.load(os.path.join(args.export, "ddranking", "images.npy")))
@@ -110,8 +125,10 @@ def score(args) -> dict:
     got = {k: float(v) for k, v in got.items()}
     record = {
         "ddranking": got,
+        "accuracies": accuracies_of(logged),
         "lrs_of_fractions": lrs_of_fractions(got["hard_label_recovery_mean"], got["improvement_over_random_mean"]),
-        "units": {"hard_label_recovery_*, improvement_over_random_*": "percentage points",
+        "units": {"accuracies": "percent (best of the tests every 10 epochs)",
+                  "hard_label_recovery_*, improvement_over_random_*": "percentage points",
                   "label_robust_score_*": "DD-Ranking's code: LRS of the percentages (floor -0.1565)",
                   "lrs_of_fractions": "LRS of the mean HLR and IOR as fractions, as idm_jax reports it"},
         "settings": {"dataset": args.dataset, "ipc": args.ipc, "images": int(images.shape[0]),

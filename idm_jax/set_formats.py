@@ -145,6 +145,7 @@ def write_imagefolder(folder: str, images_uint8: np.ndarray, labels: np.ndarray,
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}.")
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the export from a shared group
     counts: dict[str, int] = {}
     try:
         for c, name in enumerate(class_names):
@@ -158,10 +159,23 @@ def write_imagefolder(folder: str, images_uint8: np.ndarray, labels: np.ndarray,
             pil.save(os.path.join(tmp, sub, f"{int(label):03d}_{i:05d}.png"), format="PNG")
             counts[sub] += 1
         _replace_dir(tmp, folder)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and workdir_lib.is_disk_full(e):
+            needed = imagefolder_bytes(images_uint8, len(class_names))
+            kept = (f"the previous {os.path.basename(folder)}/ is intact" if os.path.isdir(folder)
+                    else "no PNG was left behind")
+            raise workdir_lib.no_space(f"the {len(images_uint8)} PNGs of {os.path.basename(folder)}/", folder,
+                                       needed, kept=kept) from None
         raise
     return counts
+
+
+def imagefolder_bytes(images_uint8: np.ndarray, num_classes: int, block: int = 4096) -> int:
+    """About what write_imagefolder needs on disk: PNG compresses, but a synthetic image may not, so
+    each file's raw pixels and header, rounded up to whole blocks, plus a block per class folder."""
+    per_file = -(-(images_uint8[0].nbytes + 200) // block) * block if len(images_uint8) else 0
+    return per_file * len(images_uint8) + block * num_classes
 
 
 def read_imagefolder(folder: str) -> tuple[np.ndarray, np.ndarray, list[str]]:

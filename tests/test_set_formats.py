@@ -233,3 +233,80 @@ def test_torchvision_cifar_layout_reads_back_the_same_images(tmp_path, classes):
     assert set_formats.cifar_rows(train[:1])[0, :1024].tolist() == train[0, :, :, 0].ravel().tolist()
     with pytest.raises(ValueError, match="10 or 100 classes, not 7"):
         set_formats.write_torchvision_cifar(str(tmp_path), train, train_labels, test, test_labels, names[:7])
+
+
+def _ddranking_python() -> str | None:
+    """A Python that imports ddranking: this one, else $IDM_DDRANKING_PYTHON (a separate torch venv)."""
+    import importlib.util
+    import subprocess
+    if importlib.util.find_spec("ddranking") is not None:
+        return sys.executable
+    other = os.environ.get("IDM_DDRANKING_PYTHON", "")
+    if other and subprocess.run([other, "-c", "import ddranking"], capture_output=True).returncode == 0:
+        return other
+    return None
+
+
+@pytest.mark.slow
+def test_ddrankings_own_evaluator_scores_an_export(tmp_path):
+    """DD-Ranking's LabelRobustScoreHard (its code, unchanged but for the two workarounds of
+    benchmarks/ddranking_score.py) scores a --mode=export of one real CIFAR-10 image per class, at the
+    smallest setting it accepts: 10 epochs, one evaluation, 20 train and 20 test images per class."""
+    import subprocess
+    python = _ddranking_python()
+    if python is None:
+        pytest.skip("ddranking is not importable here and $IDM_DDRANKING_PYTHON names no Python that imports it")
+    if not os.environ.get("IDM_CIFAR10"):
+        pytest.skip("$IDM_CIFAR10 (the CIFAR-10 archive) is not set")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(repo, "benchmarks", "ddranking_score.py")
+    from configs import cifar10
+    config = cifar10.get_config("1")
+    ds = data.load_config_dataset(config)
+    out = subprocess.run([sys.executable, script, "cifar", "--config=configs/cifar10.py", f"--out={tmp_path / 'data'}",
+                          "--train_per_class=20", "--test_per_class=20"], cwd=repo, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    idx = np.asarray([np.flatnonzero(ds.train_labels == c)[0] for c in range(10)])
+    npz = export.save_synthetic(str(tmp_path / "real1.npz"), np.asarray(data.normalize(ds.train_images[idx], ds.mean,
+                                ds.std)), ds.train_labels[idx], mean=ds.mean, std=ds.std,
+                                class_names=ds.class_names, partition_factor=1, method="random", dataset=ds.name)
+    set_formats.run_export(config, str(tmp_path / "export"), npz)
+    out = subprocess.run([python, script, "score", f"--export={tmp_path / 'export'}", f"--data={tmp_path / 'data'}",
+                          "--ipc=1", "--epochs=10", "--num_eval=1", "--real_batch_size=64",
+                          f"--out={tmp_path / 'scores'}"], cwd=tmp_path, capture_output=True, text=True, timeout=3600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    record = json.load(open(tmp_path / "scores" / "scores.json"))
+    acc, got = record["accuracies"], record["ddranking"]
+    assert all(len(v) == 1 and 0.0 <= v[0] <= 100.0 for v in acc.values()), acc
+    # its HLR and IOR are differences of the accuracies it logged, in percentage points
+    assert got["hard_label_recovery_mean"] == pytest.approx(acc["full"][0] - acc["syn"][0])
+    assert got["improvement_over_random_mean"] == pytest.approx(acc["syn"][0] - acc["random"][0])
+    # its LRS is the formula on those points; ours on fractions is the same formula on points / 100
+    hlr, ior = got["hard_label_recovery_mean"], got["improvement_over_random_mean"]
+    from idm_jax import yardstick
+    assert got["label_robust_score_mean"] == pytest.approx(yardstick.lrs_ddranking_code(ior, hlr))
+    assert record["lrs_of_fractions"] == pytest.approx(yardstick.lrs(ior / 100, hlr / 100))
+    assert record["settings"]["normalization"].startswith("DD-Ranking's normalization of CIFAR10")
+    rows = open(tmp_path / "scores" / "obj_scores.csv").read().splitlines()
+    assert rows[0] == "hard_label_recovery,improvement_over_random,lrs" and len(rows) == 2  # saved despite its bug
+
+
+def test_a_full_disk_while_writing_the_pngs_names_the_folder_and_the_space(tmp_path, monkeypatch):
+    import errno
+    from PIL import Image
+    from idm_jax import workdir as workdir_lib
+    images = np.zeros((10, 32, 32, 3), np.uint8)
+    folder = str(tmp_path / "imagefolder")
+    set_formats.write_imagefolder(folder, images[:2], np.arange(2), [str(k) for k in range(10)])
+    before = sorted(os.listdir(folder))
+
+    def full(self, fp, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(workdir_lib.NoSpaceError) as e:
+        set_formats.write_imagefolder(folder, images, np.arange(10), [str(k) for k in range(10)])
+    # 10 files of 3072 pixels + header in one 4096-byte block each, and 10 class folders: 81.9 kB
+    assert str(e.value).startswith(f"no space left on the device to write the 10 PNGs of imagefolder/ in {tmp_path} "
+                                   "(needs about 81.9 kB, ")
+    assert "; the previous imagefolder/ is intact. Free some space" in str(e.value)
+    assert sorted(os.listdir(folder)) == before and sorted(os.listdir(tmp_path)) == ["imagefolder"]
