@@ -202,7 +202,7 @@ def test_gpu_table1_runs_the_mode_within_what_is_left_of_its_limit(tmp_path):
     budget = int(flags.pop("budget_s"))
     assert 565 <= budget <= 570  # 600 - 30, less the seconds the script took to get there
     assert flags == {"cells": "cifar10:10,cifar10:1,cifar10:50", "methods": "random,dm,idm",
-                     "order": "cifar10:10:idm", "iterations": "20000", "tune_s": "90",
+                     "order": "cifar10:10:idm", "iterations": "20000", "tune_s": "90", "pace": "",
                      "export_dir": str(tmp_path / "back"), "export_max_files": "8", "export_max_mb": "16"}
     assert "--workdir=runs/table1" in words
 
