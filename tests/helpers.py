@@ -15,6 +15,7 @@ import sys
 import numpy as np
 
 from configs import quick
+from idm_jax import presets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,31 +24,35 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --------------------------------------------------------------------------- #
 
 
-def tiny_config(iterations=4, arg="1"):
-    c = quick.get_config(arg)
-    c.idm.iterations = iterations
-    c.idm.batch_real = 8
-    c.idm.batch_train = 16
-    c.idm.model_train_steps = 2
-    c.idm.net_num = 4
-    c.idm.net_generate_interval = 2
-    c.idm.meter_reset_interval = 3
-    c.log_every = 1
-    c.checkpoint_every = 2
-    c.eval.epochs = 2
-    c.eval.num_seeds = 2
-    c.eval.test_batch_size = 364
-    c.eval.compare_random = False  # the quick demo's Random line is tested in test_integration.py
-    c.eval.scores = False  # DD-Ranking's references and scores are tested in test_yardstick.py
-    return c
+# The tiny digits setting (configs/quick.py made small): ConvNet-D2 on 16x16 digits, small
+# batches, a 2-epoch evaluation of 2 networks. Its step compiles in seconds, once for every test
+# file that uses it (make_step is cached per settings).
+TINY = {
+    "idm.batch_real": 8,
+    "idm.batch_train": 16,
+    "idm.model_train_steps": 2,
+    "idm.net_num": 4,
+    "idm.net_generate_interval": 2,
+    "idm.meter_reset_interval": 3,
+    "log_every": 1,
+    "checkpoint_every": 2,
+    "eval.epochs": 2,
+    "eval.num_seeds": 2,
+    "eval.test_batch_size": 364,
+    "eval.compare_random": False,  # the quick demo's Random line is tested in test_integration.py
+    "eval.scores": False,  # DD-Ranking's references and scores are tested in test_yardstick.py
+}
+NO_FINAL_EVAL = {"eval.at_end": False}  # for runs whose final evaluation is not what a test is about
 
-def fast_config(iterations=4, **fields):
-    """tiny_config without the final evaluation (not what these tests are about)."""
-    c = tiny_config(iterations)
-    c.eval.at_end = False
+
+def tiny_config(iterations=4, arg="1", sets=None):
+    """The one config builder of the tests: configs/quick.py:<arg> with TINY, idm.iterations =
+    `iterations` (None: quick's own), then `sets` ({"eval.at_end": False, ...}), each applied by
+    presets.set_dotted, the one dotted-key setter (a misspelt key fails)."""
+    c = quick.get_config(arg)
+    fields = {**TINY, **({} if iterations is None else {"idm.iterations": iterations}), **(sets or {})}
     for key, value in fields.items():
-        section, _, leaf = key.rpartition("__")
-        (c[section] if section else c)[leaf] = value
+        presets.set_dotted(c, key, value)
     return c
 
 

@@ -7,23 +7,13 @@ import jax
 import numpy as np
 import pytest
 
-from configs import base
+from helpers import tiny_config
 from idm_jax import baselines, data, evaluate, evaluate_set, export
 
 
-def _digits_config(tmp_method="random", ipc=2):
-    c = base.get_config()
-    c.data.source = "digits"
-    c.model = "ConvNetD2"
-    c.ipc = ipc
-    c.baseline.method = tmp_method
-    c.baseline.train_epochs = 2
-    c.eval.archs = "ConvNetD2"
-    c.eval.epochs = 2
-    c.eval.num_seeds = 2
-    c.eval.dsa = False  # plumbing test: skip DSA's compile time
-    c.eval.scores = False  # no reference evaluations (test_yardstick.py)
-    return c
+def _digits_config(method="random", ipc=2):
+    return tiny_config(arg=str(ipc), sets={"baseline.method": method, "baseline.train_epochs": 2,
+                                           "eval.dsa": False})  # plumbing test: skip DSA's compile time
 
 
 def test_run_baseline_random_then_run_evaluation(tmp_path):

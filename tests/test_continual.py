@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs import quick
+from helpers import tiny_config
 from idm_jax import continual, data as data_lib, presets
 
 
@@ -56,22 +57,10 @@ def test_new_class_memory_holds_the_budget_of_the_new_classes_only():
     np.testing.assert_array_equal(np.sort(labels), [4, 4, 4, 9, 9, 9])
 
 
-def tiny_config(methods="random"):
-    c = quick.get_config("1")
-    c.idm.batch_real = 8
-    c.idm.batch_train = 16
-    c.idm.model_train_steps = 2
-    c.idm.net_num = 4
-    c.idm.net_generate_interval = 2
-    c.continual.methods = methods
-    c.continual.num_steps = "2"
-    c.continual.class_order_seeds = "0"
-    c.continual.ipc = 2
-    c.continual.iterations = 2
-    c.eval.epochs = 2
-    c.eval.num_seeds = 1
-    c.eval.dsa = False
-    return c
+def _continual_config(methods):
+    return tiny_config(sets={"continual.methods": methods, "continual.num_steps": "2",
+                             "continual.class_order_seeds": "0", "continual.ipc": 2, "continual.iterations": 2,
+                             "eval.num_seeds": 1, "eval.dsa": False})
 
 
 def _check_memories(out, workdir, methods):
@@ -90,7 +79,7 @@ def _check_memories(out, workdir, methods):
 
 
 def test_continual_random_end_to_end_on_digits_and_resume(tmp_path):
-    c = tiny_config("random")
+    c = _continual_config("random")
     workdir = str(tmp_path)
     out = continual.run_continual(c, workdir)
     for name in ("continual.json", "continual.md", "continual.png"):
@@ -105,7 +94,7 @@ def test_continual_random_end_to_end_on_digits_and_resume(tmp_path):
 
 @pytest.mark.slow
 def test_continual_idm_and_dm_end_to_end_on_digits(tmp_path):
-    c = tiny_config("idm,dm")
+    c = _continual_config("idm,dm")
     out = continual.run_continual(c, str(tmp_path))
     _check_memories(out, str(tmp_path), ["idm", "dm"])
     md = open(tmp_path / "continual.md").read()

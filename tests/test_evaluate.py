@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from configs import base
+from helpers import tiny_config
 from idm_jax import augment, data, evaluate, evaluate_set, measure, models, trainer
 
 H = 16
@@ -238,17 +239,6 @@ def test_renormalize_keeps_pixels():
     np.testing.assert_allclose(data.renormalize(x, 0.0, 1.0, [0.5], [0.25]), (x - 0.5) / 0.25, rtol=1e-6)
 
 
-def _digits_eval_config():
-    from configs import base  # the digits: no download, 16x16x1, 10 classes
-    c = base.get_config()
-    c.data.source = "digits"
-    c.model = "ConvNetD2"
-    c.eval.archs = "ConvNetD2"
-    c.eval.epochs = 2
-    c.eval.num_seeds = 2
-    c.eval.dsa = False  # plumbing test: skip DSA's compile time
-    c.eval.scores = False  # no reference evaluations (test_yardstick.py)
-    return c
 
 
 def test_run_evaluation_scores_a_bare_torch_layout_set_like_its_own_format(tmp_path):
@@ -256,7 +246,7 @@ def test_run_evaluation_scores_a_bare_torch_layout_set_like_its_own_format(tmp_p
     labels) scores exactly as the same set in idm_jax's synthetic.npz."""
     from idm_jax import export
 
-    c = _digits_eval_config()
+    c = tiny_config(sets={"eval.dsa": False})  # the digits; plumbing test: skip DSA's compile time
     ds = data.load_config_dataset(c)
     idx = np.concatenate([np.flatnonzero(ds.train_labels == k)[:2] for k in range(10)])
     normalized = np.asarray(data.normalize(ds.train_images[idx], ds.mean, ds.std), np.float32)

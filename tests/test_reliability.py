@@ -27,7 +27,8 @@ from idm_jax import results as results_lib
 from idm_jax import runner
 from idm_jax import workdir as workdir_lib
 from idm_jax import workdir_lock
-from helpers import TINY_FLAGS, compile_cache_env, fast_config, metric_steps, run_main, snapshot, synthetic_images
+from helpers import (NO_FINAL_EVAL, TINY_FLAGS, compile_cache_env, metric_steps, run_main, snapshot, synthetic_images,
+                     tiny_config)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -207,7 +208,8 @@ def truncate_arrays(step_folder):
 
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_an_older_one(tmp_path, warnings):
     workdir = str(tmp_path / "run")
-    config = fast_config(checkpoint_every=1, checkpoint_every_minutes=0.0, keep_checkpoints=2)
+    config = tiny_config(sets={**NO_FINAL_EVAL, "checkpoint_every": 1, "checkpoint_every_minutes": 0.0,
+                               "keep_checkpoints": 2})
     runner.run_condensation(config, workdir, max_steps=2)
     straight = synthetic_images(workdir)  # the set at iteration 2
     truncate_arrays(os.path.join(workdir, "checkpoints", "2"))
@@ -262,7 +264,7 @@ def test_a_checkpoint_with_non_finite_images_is_refused_in_one_line_writing_noth
     naming it, and the workdir is left exactly as it was (no config row, nothing moved)."""
     import jax.numpy as jnp
     workdir = str(tmp_path / "run")
-    config = fast_config(checkpoint_every=2, checkpoint_every_minutes=0.0)
+    config = tiny_config(sets={**NO_FINAL_EVAL, "checkpoint_every": 2, "checkpoint_every_minutes": 0.0})
     real_save = checkpoints.save_state
 
     def poisoned(mngr, state):
@@ -292,7 +294,7 @@ def test_synthetic_images_that_diverge_stop_the_run_without_saving_them(tmp_path
     """idm.lr_img=1e30 keeps the images finite (about 1e30 normalized): the range check stops the run
     before the first checkpoint, and no set is written."""
     workdir = str(tmp_path / "run")
-    config = fast_config(checkpoint_every=2, checkpoint_every_minutes=0.0)
+    config = tiny_config(sets={**NO_FINAL_EVAL, "checkpoint_every": 2, "checkpoint_every_minutes": 0.0})
     config.idm.lr_img = 1e30
     with pytest.raises(runner.DivergedError) as e:
         runner.run_condensation(config, workdir, max_steps=2)
@@ -373,7 +375,7 @@ def test_a_full_disk_during_a_checkpoint_stops_in_one_line_and_the_next_run_resu
     """orbax reports TensorStore's ENOSPC as a ValueError (message as on a full 9 MB tmpfs), from
     its save thread after leaving <step>.orbax-checkpoint-tmp; the real tmpfs is a slow test."""
     workdir = str(tmp_path / "run")
-    config = fast_config(checkpoint_every=1, checkpoint_every_minutes=0.0)
+    config = tiny_config(sets={**NO_FINAL_EVAL, "checkpoint_every": 1, "checkpoint_every_minutes": 0.0})
     real_save, sizes = ocp.CheckpointManager.save, []
 
     def save(self, step, *args, **kwargs):

@@ -10,7 +10,7 @@ import pytest
 
 from configs import cifar10, cifar100, quick
 from idm_jax import cell_status, condense, config_check, data as data_lib, pool, sweeps
-from helpers import tiny_config as condense_tiny_config
+from helpers import tiny_config
 
 
 def test_every_cell_of_every_sweep_is_a_valid_config():
@@ -69,16 +69,12 @@ def test_bad_sweep_names_cells_and_keys_are_named():
         sweeps.run_sweep(bad, "/nonexistent")
 
 
-def tiny_config():
-    """The tiny digits setting of tests/test_condense.py (its compiled step is shared)."""
-    c = condense_tiny_config(iterations=quick.get_config("1").idm.iterations)
-    c.eval.dsa = False
-    return c
+NO_DSA = {"eval.dsa": False}  # the evaluation's DSA is not what these tests are about
 
 
 @pytest.mark.slow
 def test_sweep_end_to_end_on_digits_and_a_rerun_skips_done_cells(tmp_path):
-    c = tiny_config()
+    c = tiny_config(iterations=None, sets=NO_DSA)  # quick's iterations
     c.sweep.name = "table2"
     c.sweep.iterations = 2
     c.sweep.cells = "DM,IDM (all three)"
@@ -105,7 +101,7 @@ def test_sweep_end_to_end_on_digits_and_a_rerun_skips_done_cells(tmp_path):
 
 
 def _pool_config(tmp_path):
-    c = tiny_config()
+    c = tiny_config(iterations=None, sets=NO_DSA)  # quick's iterations
     c.method = "dm"
     c.idm.use_queue, c.idm.partition_factor, c.idm.use_ce = False, 1, False
     c.idm.pool_epochs, c.idm.pool_size = 1, 2

@@ -22,7 +22,7 @@ from idm_jax import data as data_lib
 from idm_jax import evaluate
 from idm_jax import runner
 from idm_jax import workdir as workdir_lib
-from helpers import (REPO, TINY_FLAGS, compile_cache_env, fast_config, metric_steps, run_main, snapshot,
+from helpers import (NO_FINAL_EVAL, REPO, TINY_FLAGS, compile_cache_env, metric_steps, run_main, snapshot,
                      synthetic_images, tiny_config)
 
 
@@ -39,10 +39,10 @@ def test_bad_workdirs_are_named_before_any_compute(tmp_path, monkeypatch):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     with pytest.raises(workdir_lib.WorkdirError, match=f"workdir {a_file} exists and is a file"):
-        runner.run_condensation(fast_config(), str(a_file))
+        runner.run_condensation(tiny_config(sets=NO_FINAL_EVAL), str(a_file))
     with pytest.raises(workdir_lib.WorkdirError,
                        match=f"cannot create workdir {a_file}/run: {a_file} is a file, not a folder"):
-        runner.run_condensation(fast_config(), str(a_file / "run"))
+        runner.run_condensation(tiny_config(sets=NO_FINAL_EVAL), str(a_file / "run"))
 
     # Read-only places. Root ignores permission bits, so simulate what a read-only
     # mount answers (EROFS) where the real thing cannot be arranged.
@@ -63,10 +63,10 @@ def test_bad_workdirs_are_named_before_any_compute(tmp_path, monkeypatch):
     monkeypatch.setattr(workdir_lib.os, "makedirs", makedirs)
     monkeypatch.setattr(workdir_lib.tempfile, "mkstemp", mkstemp)
     with pytest.raises(workdir_lib.WorkdirError, match=f"workdir {read_only} is not writable: Read-only"):
-        runner.run_condensation(fast_config(), str(read_only))
+        runner.run_condensation(tiny_config(sets=NO_FINAL_EVAL), str(read_only))
     with pytest.raises(workdir_lib.WorkdirError,
                        match=f"cannot create workdir {read_only}/a/b: read-only file system in {read_only}"):
-        runner.run_condensation(fast_config(), str(read_only / "a" / "b"))
+        runner.run_condensation(tiny_config(sets=NO_FINAL_EVAL), str(read_only / "a" / "b"))
     assert os.listdir(read_only) == []
 
 
@@ -100,11 +100,11 @@ def test_cli_prints_one_line_per_error(tmp_path):
 
 def test_shape_changing_rerun_leaves_every_file_unchanged(tmp_path):
     workdir = str(tmp_path / "run")
-    runner.run_condensation(fast_config(), workdir, max_steps=2)
+    runner.run_condensation(tiny_config(sets=NO_FINAL_EVAL), workdir, max_steps=2)
     before = snapshot(workdir)
     assert "checkpoints/2/" in before and "config.json" in before
 
-    other = fast_config()
+    other = tiny_config(sets=NO_FINAL_EVAL)
     other.ipc = 2
     other.model = "ConvNet"
     with pytest.raises(workdir_lib.WorkdirError) as e:
@@ -126,8 +126,8 @@ def test_shape_changing_rerun_leaves_every_file_unchanged(tmp_path):
 
 def test_state_preserving_changes_resume_and_are_recorded(tmp_path):
     workdir = str(tmp_path / "run")
-    runner.run_condensation(fast_config(), workdir, max_steps=2)
-    changed = fast_config(eval__epochs=3, log_every=2)
+    runner.run_condensation(tiny_config(sets=NO_FINAL_EVAL), workdir, max_steps=2)
+    changed = tiny_config(sets={**NO_FINAL_EVAL, "eval.epochs": 3, "log_every": 2})
     summary = runner.run_condensation(changed, workdir, max_steps=1)
     assert summary["start_step"] == 2 and summary["step"] == 3
     history = [json.loads(line) for line in open(os.path.join(workdir, workdir_lib.HISTORY))]
@@ -138,7 +138,7 @@ def test_state_preserving_changes_resume_and_are_recorded(tmp_path):
     assert json.load(open(os.path.join(workdir, "config.json")))["log_every"] == 2
 
     # --restart: the run's outputs go, the history stays, the new config starts at 0.
-    other = fast_config()
+    other = tiny_config(sets=NO_FINAL_EVAL)
     other.seed = 1
     with pytest.raises(workdir_lib.WorkdirError, match="seed: 0 -> 1"):
         runner.run_condensation(other, workdir)
@@ -168,18 +168,18 @@ def checkpoint_steps(workdir):
 def test_checkpoint_cadence_by_time_and_by_iteration(tmp_path):
     # Time only, with a tiny interval: every iteration is saved.
     timed = str(tmp_path / "timed")
-    runner.run_condensation(fast_config(checkpoint_every=0, checkpoint_every_minutes=1e-6,
-                                        keep_checkpoints=10), timed)
+    runner.run_condensation(tiny_config(sets={**NO_FINAL_EVAL, "checkpoint_every": 0, "checkpoint_every_minutes": 1e-6,
+                                              "keep_checkpoints": 10}), timed)
     assert checkpoint_steps(timed) == [1, 2, 3, 4]
     # Iterations only: every 3rd, and the last.
     counted = str(tmp_path / "counted")
-    runner.run_condensation(fast_config(checkpoint_every=3, checkpoint_every_minutes=0.0,
-                                        keep_checkpoints=10), counted)
+    runner.run_condensation(tiny_config(sets={**NO_FINAL_EVAL, "checkpoint_every": 3, "checkpoint_every_minutes": 0.0,
+                                              "keep_checkpoints": 10}), counted)
     assert checkpoint_steps(counted) == [3, 4]
     # Both, with an hour: the first iteration (no checkpoint yet), every 3rd, the last.
     both = str(tmp_path / "both")
-    runner.run_condensation(fast_config(checkpoint_every=3, checkpoint_every_minutes=60.0,
-                                        keep_checkpoints=10), both)
+    runner.run_condensation(tiny_config(sets={**NO_FINAL_EVAL, "checkpoint_every": 3, "checkpoint_every_minutes": 60.0,
+                                              "keep_checkpoints": 10}), both)
     assert checkpoint_steps(both) == [1, 3, 4]
     np.testing.assert_array_equal(synthetic_images(timed), synthetic_images(counted))
 
@@ -196,15 +196,15 @@ def test_resume_drops_metrics_rows_beyond_the_checkpoint(tmp_path, monkeypatch):
     import types  # pylint: disable=import-outside-toplevel
     monkeypatch.setattr(tb_writer, "time", types.SimpleNamespace(time=lambda: 1_700_000_000.0))
     workdir = str(tmp_path / "run")
-    runner.run_condensation(fast_config(checkpoint_every=2, checkpoint_every_minutes=0.0), workdir,
-                            max_steps=3)
+    runner.run_condensation(tiny_config(sets={**NO_FINAL_EVAL, "checkpoint_every": 2, "checkpoint_every_minutes": 0.0}),
+                            workdir, max_steps=3)
     # As if killed after logging iteration 3, before its checkpoint, mid-way through a row.
     import shutil  # pylint: disable=import-outside-toplevel
     shutil.rmtree(os.path.join(workdir, "checkpoints", "3"))
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
         f.write('{"step": 4, "loss": 1.')
     assert metric_steps_lenient(workdir) == [1, 2, 3]
-    summary = runner.run_condensation(fast_config(checkpoint_every=2), workdir)
+    summary = runner.run_condensation(tiny_config(sets={**NO_FINAL_EVAL, "checkpoint_every": 2}), workdir)
     assert summary["start_step"] == 2
     assert metric_steps(workdir) == [1, 2, 3, 4]
 
