@@ -46,15 +46,27 @@ class MetricsWriter:
 
     def write(self, step: int, row: dict[str, Any]) -> None:
         row = {"step": int(step), **{k: _plain(v) for k, v in row.items()}}
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
+        line = json.dumps(row) + "\n"
+        try:
+            self._jsonl.write(line)
+            self._jsonl.flush()
+        except OSError as e:
+            if workdir_lib.is_disk_full(e):  # one line naming the file, not a bare "[Errno 28]"
+                raise workdir_lib.no_space(f"the row of iteration {int(step)} of {workdir_lib.METRICS}",
+                                           self._jsonl.name, len(line),
+                                           kept="the earlier rows and the checkpoints are intact") from None
+            raise
         if self._tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
-        self._jsonl.close()
+        try:
+            self._jsonl.close()
+        except OSError as e:  # flushing a row that a full disk refused: `write` has said so
+            if not workdir_lib.is_disk_full(e):
+                raise
         if self._tb is not None:
             self._tb.close()
 

@@ -484,6 +484,38 @@ def test_a_full_disk_appending_the_config_history_is_one_line(tmp_path, monkeypa
         workdir_lib.record_config(str(tmp_path), "{}", start_step=0, diff={})
 
 
+def test_a_full_disk_writing_a_metrics_row_is_one_line(tmp_path, monkeypatch):
+    from idm_jax import run_io
+    real_open = open
+
+    class Full:
+        def __init__(self, f):
+            self._f, self.name = f, f.name
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            self._f.flush()
+
+        def close(self):  # the buffered row would fail again
+            self._f.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def full_open(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        return Full(f) if str(path).endswith(workdir_lib.METRICS) else f
+    monkeypatch.setattr("builtins.open", full_open)
+    writer = run_io.MetricsWriter(str(tmp_path))
+    with pytest.raises(workdir_lib.NoSpaceError) as e:
+        writer.write(3, {"loss": 1.5})
+    row = json.dumps({"step": 3, "loss": 1.5}) + "\n"  # 25 bytes
+    assert str(e.value).startswith(f"no space left on the device to write the row of iteration 3 of metrics.jsonl "
+                                   f"in {tmp_path} (needs about {len(row)} bytes, ")
+    assert "; the earlier rows and the checkpoints are intact. Free some space" in str(e.value)
+    writer.close()  # the failed row is not reported twice
+
+
 def test_disk_full_is_told_apart_from_out_of_memory():
     assert workdir_lib.is_disk_full(OSError(errno.ENOSPC, "x"))
     assert workdir_lib.is_disk_full(OSError(errno.EDQUOT, "x"))
