@@ -25,7 +25,7 @@ from typing import Any
 
 from absl import logging
 
-from idm_jax.workdir import WorkdirError
+from idm_jax.workdir import WorkdirError, is_disk_full, no_space
 
 LOCK = "workdir.lock"
 
@@ -115,10 +115,21 @@ def _flock_works(folder: str) -> bool:
         os.unlink(probe)
 
 
-def _write_holder(fd: int, holder: dict[str, Any]) -> None:
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-    os.fsync(fd)
+def _write_holder(fd: int, holder: dict[str, Any], path: str) -> None:
+    """Writes the holder record into the lock file this process holds; on a full disk the lock is
+    dropped (fd closed, file removed) and NoSpaceError names the file."""
+    data = (json.dumps(holder) + "\n").encode()
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise no_space(f"the lock file {LOCK}", path, len(data), kept="nothing else was written") from None
 
 
 def _took_over(workdir: str, stale: dict[str, Any] | None) -> None:
@@ -149,7 +160,7 @@ def _lock_with_flock(workdir: str, path: str, holder: dict[str, Any]) -> int:
                 _took_over(workdir, json.loads(stale))
             except ValueError:
                 _took_over(workdir, None)
-        _write_holder(fd, holder)
+        _write_holder(fd, holder, path)
         return fd
 
 
@@ -168,7 +179,7 @@ def _lock_with_file(workdir: str, path: str, holder: dict[str, Any]) -> int:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             continue
-        _write_holder(fd, holder)
+        _write_holder(fd, holder, path)
         return fd
     raise _busy(workdir, read_holder(workdir))
 

@@ -516,6 +516,21 @@ def test_a_full_disk_writing_a_metrics_row_is_one_line(tmp_path, monkeypatch):
     writer.close()  # the failed row is not reported twice
 
 
+def test_a_full_disk_taking_the_lock_is_one_line_and_leaves_no_lock(tmp_path, monkeypatch):
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(workdir_lib.NoSpaceError) as e:
+        workdir_lock.acquire_lock(str(tmp_path))
+    assert str(e.value).startswith(f"no space left on the device to write the lock file {workdir_lock.LOCK} in "
+                                   f"{tmp_path} (needs about ")
+    assert "; nothing else was written. Free some space" in str(e.value)
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    workdir_lock.acquire_lock(str(tmp_path))  # not left half-held
+    workdir_lock.release_lock(str(tmp_path))
+
+
 def test_disk_full_is_told_apart_from_out_of_memory():
     assert workdir_lib.is_disk_full(OSError(errno.ENOSPC, "x"))
     assert workdir_lib.is_disk_full(OSError(errno.EDQUOT, "x"))
