@@ -6,8 +6,11 @@ convolutions' form (idm.conv_impl), how many classes are updated together (idm.c
 how many iterations run per jitted call (idm.steps_per_dispatch). Which is fastest depends on the
 machine, so Table 1's mode times them at its first cell's settings before running any cell.
 
-The search is greedy, one field at a time from the config's own choices: each field's other
-values are timed with the best of the fields before, and a value is kept only when it is faster.
+The search is greedy, one choice at a time from the config's own: each choice's other values are
+timed with the best of the choices before, and a value is kept only when it is faster. The queue's
+form and the convolutions' form are one choice, their pairs timed together: batched members are
+fast only with convolutions written as matmuls ("taps"; with XLA's convolution, vmap makes them
+grouped convolutions), so neither half alone says which pair wins.
 A variant starts only when, as long as the longest one before it, it would end within the
 search's time; the table says what was timed. Variants whose resolved step
 settings equal one already timed are the same program and are not timed again.
@@ -28,8 +31,13 @@ from idm_jax import config_check
 from idm_jax import data as data_lib
 from idm_jax import presets
 
-# The fields a variant may set, in the order the search visits them (the likely largest gain first).
-FIELDS = ("idm.queue_train_impl", "idm.conv_impl", "idm.class_batch", "idm.steps_per_dispatch")
+# The choices the search visits, in order (the likely largest gain first), and the fields they set.
+CHOICES = {"forms": ("idm.queue_train_impl", "idm.conv_impl"), "class chunks": ("idm.class_batch",),
+           "dispatch": ("idm.steps_per_dispatch",)}
+# The (queue training, convolution) pairs, the accelerator default and the batched form without
+# grouped convolutions first: the search may run out of time before the last.
+FORM_PAIRS = (("map", "xla"), ("vmap", "taps"), ("map", "taps"), ("map", "matmul"), ("vmap", "xla"),
+              ("vmap", "matmul"))
 MAX_STEPS_PER_DISPATCH = 10
 TIMED_CALLS = 3  # calls of the compiled step after the first, their median is the figure
 
@@ -67,18 +75,20 @@ def dispatch_size(config, cap: int = MAX_STEPS_PER_DISPATCH) -> int:
     return max(k for k in range(1, cap + 1) if common % k == 0)
 
 
-def field_values(config, num_classes: int) -> dict[str, list[Any]]:
-    """{field: values to try} for the fields this config has and its method uses (class chunks:
-    auto, one class, all `num_classes`)."""
-    values: dict[str, list[Any]] = {}
+def choice_values(config, num_classes: int) -> dict[str, list[dict[str, Any]]]:
+    """{choice: the overrides of each of its values} for what this config's method uses (no queue:
+    the convolutions' form alone; class chunks: auto, one class, all `num_classes`)."""
+    values: dict[str, list[dict[str, Any]]] = {}
     if config.idm.use_queue:
-        values["idm.queue_train_impl"] = [v for v in backend.QUEUE_TRAIN_IMPLS if v != "auto"]
-    values["idm.conv_impl"] = [v for v in backend.CONV_IMPLS if v != "auto"]
-    values["idm.class_batch"] = [0, 1, int(num_classes)]
+        values["forms"] = [{"idm.queue_train_impl": q, "idm.conv_impl": c} for q, c in FORM_PAIRS]
+    else:
+        values["forms"] = [{"idm.conv_impl": c} for c in backend.CONV_IMPLS if c != "auto"]
+    values["class chunks"] = [{"idm.class_batch": v} for v in (0, 1, int(num_classes))]
     k = dispatch_size(config)
     if k > 1:
-        values["idm.steps_per_dispatch"] = [1, k]
-    return {f: v for f, v in values.items() if presets.field_problem(config, f) is None}
+        values["dispatch"] = [{"idm.steps_per_dispatch": v} for v in (1, k)]
+    return {name: v for name, v in values.items()
+            if all(presets.field_problem(config, f) is None for f in CHOICES[name])}
 
 
 def with_overrides(config, overrides: dict[str, Any]):
@@ -128,16 +138,15 @@ def tune(config, ds: data_lib.ArrayDataset, budget_s: float, *, time_fn: TimeFn 
     start = clock()
     table: list[Timing] = []
     seen: set = set()
-    values = field_values(config, ds.num_classes)
+    values = choice_values(config, ds.num_classes)
     best: dict[str, Any] = {}
     best_s = None
     longest = 0.0  # seconds of the longest variant timed so far
-    queue: list[dict[str, Any]] = [{}]  # the config as given, then each field's values in turn
-    fields = list(values)
-    while queue or fields:
+    queue: list[dict[str, Any]] = [{}]  # the config as given, then each choice's values in turn
+    choices = list(values)
+    while queue or choices:
         if not queue:
-            field = fields.pop(0)
-            queue = [{**best, field: v} for v in values[field]]
+            queue = [{**best, **v} for v in values[choices.pop(0)]]
             continue
         overrides = queue.pop(0)
         c = with_overrides(config, overrides)

@@ -175,18 +175,21 @@ def _fake_timings(fast):
     return time_fn, seen
 
 
-def test_the_tuner_times_each_field_keeps_what_is_faster_and_stops_when_its_time_is_spent(digits):
+def test_the_tuner_times_each_choice_keeps_what_is_faster_and_stops_when_its_time_is_spent(digits):
     c = config_files.load_config_file(QUICK, "1")
     time_fn, _ = _fake_timings({"idm.conv_impl": "taps", "idm.class_batch": 1})
     table = step_variants.tune(c, digits, 1000.0, time_fn=time_fn)
     labels = [t.label for t in table]
     # On the CPU "auto" is map and matmul, and the digits' auto class chunk is all 10 classes: those
-    # values are the configured program and are not timed again.
-    assert labels == ["as configured", "idm.queue_train_impl=vmap", "idm.conv_impl=xla", "idm.conv_impl=taps",
-                      "idm.conv_impl=taps, idm.class_batch=1",
-                      "idm.conv_impl=taps, idm.class_batch=1, idm.steps_per_dispatch=10"]
-    assert [t.s_per_it for t in table] == pytest.approx([1.0, 1.0, 1.0, 0.9, 0.8, 0.8])
-    assert step_variants.fastest(table).overrides == {"idm.conv_impl": "taps", "idm.class_batch": 1}
+    # values are the configured program and are not timed again. The forms are timed in pairs.
+    vmap_taps = "idm.queue_train_impl=vmap, idm.conv_impl=taps"
+    assert labels == ["as configured", "idm.queue_train_impl=map, idm.conv_impl=xla", vmap_taps,
+                      "idm.queue_train_impl=map, idm.conv_impl=taps", "idm.queue_train_impl=vmap, idm.conv_impl=xla",
+                      "idm.queue_train_impl=vmap, idm.conv_impl=matmul", f"{vmap_taps}, idm.class_batch=1",
+                      f"{vmap_taps}, idm.class_batch=1, idm.steps_per_dispatch=10"]
+    assert [t.s_per_it for t in table] == pytest.approx([1.0, 1.0, 0.9, 0.9, 1.0, 1.0, 0.8, 0.8])
+    assert step_variants.fastest(table).overrides == {"idm.queue_train_impl": "vmap", "idm.conv_impl": "taps",
+                                                      "idm.class_batch": 1}
     assert table[0].row() == {"variant": "as configured", "overrides": {}, "compile_s": 2.0, "s_per_it": 1.0,
                               "note": ""}
     now = [0.0]
@@ -195,33 +198,35 @@ def test_the_tuner_times_each_field_keeps_what_is_faster_and_stops_when_its_time
         now[0] += 30.0
         return time_fn(config, ds)
     cut = step_variants.tune(c, digits, 65.0, time_fn=slow_fn, clock=lambda: now[0])  # 30 s each
-    assert [t.s_per_it is not None for t in cut] == [True, True] + [False] * 4
+    assert [t.s_per_it is not None for t in cut] == [True, True] + [False] * 6
     assert cut[2].note == "not timed: the tuning time was spent"
-    dm = config_files.load_config_file(QUICK, "1,dm")  # no queue: its form is not a field
-    assert "idm.queue_train_impl" not in step_variants.field_values(dm, 10)
+    dm = config_files.load_config_file(QUICK, "1,dm")  # no queue: the convolutions' form alone
+    assert step_variants.choice_values(dm, 10)["forms"] == [{"idm.conv_impl": c} for c in ("xla", "matmul", "taps")]
     assert step_variants.dispatch_size(c) == 10 and step_variants.variant_label({}) == "as configured"
 
 
 def test_the_pick_runs_every_later_cell_and_a_started_cell_keeps_its_variant(tmp_path, monkeypatch):
     stand_ins = StandIns(monkeypatch)
     out = str(tmp_path / "t1")
-    time_fn, _ = _fake_timings({"idm.conv_impl": "taps"})
+    time_fn, _ = _fake_timings({"idm.queue_train_impl": "map", "idm.conv_impl": "taps"})
     os.makedirs(os.path.join(out, "digits_ipc1_dm"))
     with open(os.path.join(out, "digits_ipc1_dm", "cell.json"), "w") as f:  # started before with its own
         json.dump({"variant": {"idm.class_batch": 1}}, f)
     table1.run_table1(_config(tune_s=60.0), out, time_fn=time_fn)
     tuning = json.load(open(os.path.join(out, table1.TUNING)))
-    assert tuning["idm"]["cell"] == "quick:1:idm" and tuning["idm"]["pick"] == {"idm.conv_impl": "taps"}
+    picked = {"idm.queue_train_impl": "map", "idm.conv_impl": "taps"}
+    assert tuning["idm"]["cell"] == "quick:1:idm" and tuning["idm"]["pick"] == picked
     assert tuning["dm"]["cell"] == "quick:1:dm"
     by_method = {m: impls for m, _, impls in stand_ins.calls}
     assert by_method["idm"]["conv_impl"] == "taps" and by_method["dm"]["class_batch"] == 1
     rows = {r["method"]: r for r in json.load(open(os.path.join(out, "table1.json")))["rows"]}
-    assert rows["idm"]["variant"] == "idm.conv_impl=taps" and rows["idm"]["command"].endswith(
-        "--config.idm.iterations=4 --config.idm.conv_impl=taps")
+    label = "idm.queue_train_impl=map, idm.conv_impl=taps"
+    assert rows["idm"]["variant"] == label and rows["idm"]["command"].endswith(
+        "--config.idm.iterations=4 --config.idm.queue_train_impl=map --config.idm.conv_impl=taps")
     assert rows["dm"]["variant"] == "idm.class_batch=1"
     md = open(os.path.join(out, "table1.md")).read()
-    assert "Step variants timed at quick:1:idm (idm; picked: idm.conv_impl=taps)" in md
-    assert "| idm.conv_impl=taps | 2.0 | 0.9000 |" in md
+    assert f"Step variants timed at quick:1:idm (idm; picked: {label})" in md
+    assert f"| {label} | 2.0 | 0.8000 |" in md
     # A rerun reads the table back: nothing is timed again.
     calls = []
     table1.run_table1(_config(tune_s=60.0), out, time_fn=lambda *a: calls.append(a))
