@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any
 
 import flax.serialization
@@ -28,6 +27,7 @@ from idm_jax import data as data_lib
 from idm_jax.data import cache as data_cache
 from idm_jax import trainer
 from idm_jax import models
+from idm_jax import workdir as workdir_lib
 
 
 def pool_fingerprint(ds: data_lib.ArrayDataset, model_name: str, epochs: int, size: int, seed: int,
@@ -80,10 +80,8 @@ def load_or_build(ds: data_lib.ArrayDataset, model_name: str, *, epochs: int, si
         return params
     params = build_pool(ds, model_name, epochs=epochs, size=size, seed=seed, lr=lr, momentum=momentum,
                         weight_decay=weight_decay, batch_size=batch_size)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(flax.serialization.msgpack_serialize(params))
-    os.replace(tmp, path)
+    blob = flax.serialization.msgpack_serialize(params)
+    with workdir_lib.atomic_file(path, needed_bytes=len(blob)) as f:  # a full disk: one line naming it
+        f.write(blob)
     logging.info("pre-trained pool cached at %s", path)
     return params

@@ -531,6 +531,25 @@ def test_a_full_disk_taking_the_lock_is_one_line_and_leaves_no_lock(tmp_path, mo
     workdir_lock.release_lock(str(tmp_path))
 
 
+def test_a_full_disk_caching_a_pretrained_pool_is_one_line(tmp_path, monkeypatch):
+    from configs import quick
+    from idm_jax import data, pool
+    ds = data.load_config_dataset(quick.get_config("1"))
+    params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    monkeypatch.setattr(pool, "build_pool", lambda *a, **k: params)
+    args = dict(epochs=1, size=2, seed=0, lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=8,
+                cache_dir=str(tmp_path))
+    _full_disk(monkeypatch)
+    with pytest.raises(workdir_lib.NoSpaceError, match=r"no space left on the device to write .*\.msgpack in "
+                                                       r".*\(needs about \d+ bytes, "):
+        pool.load_or_build(ds, "ConvNetD2", **args)
+    monkeypatch.undo()
+    monkeypatch.setattr(pool, "build_pool", lambda *a, **k: params)
+    np.testing.assert_array_equal(pool.load_or_build(ds, "ConvNetD2", **args)["w"], params["w"])  # written
+    monkeypatch.setattr(pool, "build_pool", lambda *a, **k: 1 / 0)
+    np.testing.assert_array_equal(pool.load_or_build(ds, "ConvNetD2", **args)["w"], params["w"])  # and read back
+
+
 def test_disk_full_is_told_apart_from_out_of_memory():
     assert workdir_lib.is_disk_full(OSError(errno.ENOSPC, "x"))
     assert workdir_lib.is_disk_full(OSError(errno.EDQUOT, "x"))
