@@ -29,8 +29,10 @@ import sys
 def _interrupted_while_starting(signum, frame):
     """Ctrl-C while the modules below load or the flags are read (seconds): one line, not a traceback."""
     del frame
-    print("error: interrupted (Ctrl-C) while starting; nothing was written", file=sys.stderr)
-    sys.exit(128 + signum)
+    print("error: interrupted (Ctrl-C) while starting; nothing was written", file=sys.stderr, flush=True)
+    # os._exit, not sys.exit: a SystemExit raised inside a native module's import (jaxlib's) aborts
+    # the process with a C++ error instead of exiting; nothing is open or written yet.
+    os._exit(128 + signum)
 
 
 if __name__ == "__main__":  # not when imported (tests); main() hands Ctrl-C back to Python
