@@ -43,8 +43,9 @@ RUN_OUTPUTS = ("checkpoints", DAMAGED, METRICS, "tensorboard", "synthetic.npz", 
 # Dotted config keys (or prefixes ending in ".") that do not change the condensed state.
 RESUMABLE = ("eval.", "baseline.", "data.cache_dir", "log_every", "checkpoint_every",
              "checkpoint_every_minutes", "keep_checkpoints", "mesh_devices", "idm.iterations",
-             "idm.queue_train_impl", "idm.conv_impl", "idm.class_batch", "idm.real_chunk_size", "idm.max_unrolled_queue_steps",
-             "idm.steps_per_dispatch")  # how iterations are dispatched, not what they compute
+             "idm.queue_train_impl", "idm.conv_impl", "idm.class_batch", "idm.real_chunk_size",
+             "idm.max_unrolled_queue_steps",
+             "idm.steps_per_dispatch")  # how iterations are computed and dispatched, not what they compute
 
 
 class WorkdirError(ValueError):
