@@ -58,7 +58,7 @@ from idm_jax import evaluate_set
 from idm_jax import presets
 from idm_jax import run_io
 from idm_jax import runner
-from idm_jax import set_formats
+from idm_jax import export
 from idm_jax import sweeps
 from idm_jax import table1
 from idm_jax import workdir
@@ -137,10 +137,10 @@ def main(argv):
             evaluate_set.run_evaluation(config, _WORKDIR.value, _SYNTHETIC.value, space=_SYN_SPACE.value,
                                         layout=_SYN_LAYOUT.value, partition_factor=_SYN_PARTITION.value,
                                         method=_SYN_METHOD.value)
-        elif _MODE.value == "export":  # the set in other tools' layouts (idm_jax/set_formats.py)
+        elif _MODE.value == "export":  # the set in other tools' layouts (idm_jax/export.py)
             if not _SYNTHETIC.value:
                 raise ValueError("--mode=export needs --synthetic=<path to the set's .npz>")
-            set_formats.run_export(config, _WORKDIR.value, _SYNTHETIC.value, space=_SYN_SPACE.value,
+            export.run_export(config, _WORKDIR.value, _SYNTHETIC.value, space=_SYN_SPACE.value,
                                    layout=_SYN_LAYOUT.value, partition_factor=_SYN_PARTITION.value,
                                    method=_SYN_METHOD.value)
         elif _MODE.value == "baseline":

@@ -54,7 +54,7 @@ def write_cifar(args) -> None:
     """Step 1 (idm_jax's environment): config.data's CIFAR-10/100 in torchvision's layout."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import numpy as np  # pylint: disable=g-import-not-at-top
-    from idm_jax import config_files, data, set_formats  # pylint: disable=g-import-not-at-top
+    from idm_jax import config_files, data, export  # pylint: disable=g-import-not-at-top
 
     ds = data.load_config_dataset(config_files.load_config_file(*config_files.split_config_value(args.config)))
 
@@ -65,7 +65,7 @@ def write_cifar(args) -> None:
 
     train = subset(ds.train_labels, args.train_per_class)
     test = subset(ds.test_labels, args.test_per_class)
-    folder = set_formats.write_torchvision_cifar(args.out, np.asarray(ds.train_images[train]),
+    folder = export.write_torchvision_cifar(args.out, np.asarray(ds.train_images[train]),
                                                  ds.train_labels[train], np.asarray(ds.test_images[test]),
                                                  ds.test_labels[test], ds.class_names)
     print(f"wrote {len(train)} train and {len(test)} test images of {ds.name} to {folder}")

@@ -3,7 +3,7 @@
 * random, herding, forgetting: the coreset chosen by `idm_jax.coresets` (see there);
 * whole:      the evaluation network trained on the whole training set (results only).
 
-Each coreset is written with `export.save_synthetic(..., partition_factor=1, method=<name>)`, so
+Each coreset is written with `synthetic_file.save_synthetic(..., partition_factor=1, method=<name>)`, so
 the evaluator scores it exactly like a condensed set.
 """
 
@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from idm_jax import config_check, coresets, data, evaluate, export, models
+from idm_jax import config_check, coresets, data, evaluate, models, synthetic_file
 from idm_jax import results as results_lib
 
 
@@ -46,13 +46,13 @@ def run_baseline(config: Any, workdir: str) -> dict[str, Any]:
         ipc, num_images = int(config.ipc), len(idx)
         labels = dataset.train_labels[idx].astype(np.int32)
         images = np.asarray(data.normalize(dataset.train_images[idx], dataset.mean, dataset.std))
-        path = export.save_synthetic(
+        path = synthetic_file.save_synthetic(
             os.path.join(workdir, "synthetic.npz"), images, labels, mean=dataset.mean,
             std=dataset.std, class_names=dataset.class_names, partition_factor=1, method=method,
-            dataset=dataset.name, config_json=export.config_json(config))
-        export.save_grid_png(os.path.join(workdir, "synthetic.png"),
-                             dataset.train_images[idx].astype(np.float32) / 255.0, labels,
-                             dataset.num_classes)
+            dataset=dataset.name, config_json=synthetic_file.config_json(config))
+        synthetic_file.save_grid_png(os.path.join(workdir, "synthetic.png"),
+                                     dataset.train_images[idx].astype(np.float32) / 255.0, labels,
+                                     dataset.num_classes)
         logging.info("%s coreset: %d images per class -> %s (%.1f s)", method, config.ipc, path,
                      time.perf_counter() - t)
         extra = dict(synthetic=os.path.abspath(path), selected_indices=idx.tolist(),

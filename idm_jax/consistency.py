@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from idm_jax import augment, config_check, data, export, measure, models, presets, trainer
+from idm_jax import augment, config_check, data, measure, models, presets, synthetic_file, trainer
 from idm_jax import results as results_lib
 
 
@@ -104,8 +104,8 @@ def feature_network(config: Any, dataset: Any, key: jax.Array) -> tuple[Any, Any
 
 def synthetic_features(model, variables, path: str, dataset: Any) -> tuple[np.ndarray, np.ndarray, dict]:
     """Features f32[S, D] and labels of a synthetic.npz (cut into its l x l pieces), plus facts."""
-    synset = export.load_synthetic(path, action="evaluate")
-    export.check_compatible(synset, dataset)
+    synset = synthetic_file.load_synthetic(path, action="evaluate")
+    synthetic_file.check_compatible(synset, dataset)
     images = data.renormalize(synset.images_normalized, synset.mean, synset.std, dataset.mean, dataset.std)
     labels = np.asarray(synset.labels)
     if synset.partition_factor > 1:

@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from idm_jax import condense, coresets, evaluate, export, models
+from idm_jax import condense, coresets, evaluate, models, synthetic_file
 from idm_jax import data as data_lib
 from idm_jax import presets
 from idm_jax import results as results_lib
@@ -139,14 +139,14 @@ def run_order(config: Any, ds: data_lib.ArrayDataset, method: str, num_steps: in
         seen = np.concatenate(groups[:t + 1])
         npz, record_path = os.path.join(folder, f"step{t}.npz"), os.path.join(folder, f"step{t}.json")
         if os.path.exists(npz):
-            saved = export.load_synthetic(npz, action="resume")
+            saved = synthetic_file.load_synthetic(npz, action="resume")
             images, labels, factor = saved.images_normalized, saved.labels, saved.partition_factor
         else:
             t0 = time.perf_counter()
             images, labels, factor = new_class_memory(method, config, ds, new,
                                                       int(config.seed) + 1000 * order_seed + t)
-            export.save_synthetic(npz, images, labels, mean=ds.mean, std=ds.std, class_names=ds.class_names,
-                                  partition_factor=factor, method=method, dataset=ds.name)
+            synthetic_file.save_synthetic(npz, images, labels, mean=ds.mean, std=ds.std, class_names=ds.class_names,
+                                          partition_factor=factor, method=method, dataset=ds.name)
             logging.info("continual %s, %d steps, order %d, step %d: memory for %d new classes in %.1f s",
                          method, num_steps, order_seed, t + 1, len(new), time.perf_counter() - t0)
         mem_images.append(np.asarray(images, np.float32))

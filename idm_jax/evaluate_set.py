@@ -1,6 +1,6 @@
 """`main.py --mode=evaluate`: score any images+labels set with the paper's evaluation protocol.
 
-A mode above the library: it reads a set file (idm_jax.export), loads its dataset, runs
+A mode above the library: it reads a set file (idm_jax.synthetic_file), loads its dataset, runs
 `evaluate.evaluate_archs` and writes results.json / results.md (idm_jax.results).
 """
 
@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from idm_jax import data, export, models, references
+from idm_jax import data, models, references, synthetic_file
 from idm_jax import results as results_lib
 from idm_jax.evaluate import evaluate_archs
 
@@ -25,16 +25,16 @@ def run_evaluation(config: Any, workdir: str, synthetic_path: str, *, space: str
 
     synthetic_path: a synthetic.npz of idm_jax, or any .npz holding `images` and `labels` (a set
     made by the authors' release or by DM); what such a file lacks comes from config.data's
-    dataset (see export.synthetic_from_arrays for space, layout, partition_factor and method).
+    dataset (see synthetic_file.synthetic_from_arrays for space, layout, partition_factor and method).
     Checks that the set fits the dataset, trains and tests, writes workdir/results.json and
     results.md, and returns the results dict.
     """
     archs = models.parse_archs(config.eval.archs)
-    arrays = export.read_npz(synthetic_path)  # a missing or broken file fails before the data loads
+    arrays = synthetic_file.read_npz(synthetic_path)  # a missing or broken file fails before the data loads
     dataset = data.load_config_dataset(config)
-    synset = export.synthetic_from_arrays(arrays, synthetic_path, dataset, space=space, layout=layout,
-                                          partition_factor=partition_factor, method=method, action="evaluate")
-    export.check_compatible(synset, dataset)
+    synset = synthetic_file.synthetic_from_arrays(arrays, synthetic_path, dataset, space=space, layout=layout,
+                                                  partition_factor=partition_factor, method=method, action="evaluate")
+    synthetic_file.check_compatible(synset, dataset)
     if synset.filled_from_dataset:
         logging.info("%s has no %s: taken from dataset %s (mean %s, std %s, partition factor %d, "
                      "method %r)", synthetic_path, ", ".join(synset.filled_from_dataset), dataset.name,

@@ -1,404 +1,340 @@
-"""The synthetic-set files: synthetic.npz (save, load, check; bare images+labels files) and synthetic.png.
+"""A set in the layouts other tools read: `main.py --mode=export` (docs/EVALUATE_ANY_SET.md).
 
-`synthetic.npz` is the one format every part shares (condensation, coreset baselines,
-evaluation). Its keys:
+From any set `main.py --mode=evaluate` scores (idm_jax's synthetic.npz, or an images+labels .npz
+with the --synthetic_* flags) it writes, into the workdir, the images the evaluator trains on
+(partitioned sets expanded: an IPC-10 CIFAR-10 set with l = 2 gives 400 images):
 
-* ``images``            f32[N, H, W, C] pixel space, denormalized and clipped to [0, 1]
-                        (for viewing and for other tools);
-* ``images_normalized`` f32[N, H, W, C] the exact values the evaluator trains on
-                        (synthetic images may leave [0, 1], so ``images`` alone would lose them);
-* ``labels``            int32[N];
-* ``mean``, ``std``     f32[C], the normalization of ``images_normalized``;
-* ``class_names``       str[K];
-* ``partition_factor``  int, l of the paper: the evaluator cuts each image into l x l pieces
-                        (1 = use the images as they are; coresets);
-* ``method``, ``dataset``  str;
-* ``config_json``       str, the config that made the set as one flat JSON object
-                        ({"idm.iterations": 20000, "ipc": 10, ...}; `config_json`, `recorded_config`).
+* ``imagefolder/<label:03d>_<class name>/<label:03d>_<index:05d>.png``: 8-bit PNGs of the pixels
+  round(255 * clip(x, 0, 1)), x = the denormalized image; folder names sort in label order, so
+  torchvision's ImageFolder (and DD-Ranking's ``image_path``) gives back the labels;
+* ``ddranking/images.npy``: f32[N, C, H, W], the evaluator's input normalized as DD-Ranking
+  normalizes the dataset's real images (`ddranking_normalization`: its CIFAR-10 statistics for
+  CIFAR-10 and CIFAR-100, ImageNet's for TinyImageNet and ImageNet subsets; a dataset it does not
+  know keeps the evaluator's), and ``ddranking/labels.npy``: int64[N] hard labels (DD-Ranking's
+  ``image_tensor`` and ``hard_labels``); ``images.pt`` / ``labels.pt`` too when torch is installed
+  (torch stays optional);
+* ``export.json``: what was written, the normalizations, and what 8-bit rounding changes
+  (`rounding_change`: values clipped, largest change in pixel levels and in normalized units).
 
-`load_synthetic(path, dataset)` also reads a set made by another tool (the authors' release, DM):
-an .npz of only ``images`` and ``labels``, pixel or normalized, NHWC or NCHW; the dataset supplies
-the rest (docs/EVALUATE_ANY_SET.md). A published set (synthetic_sets/) may lack the derived
-``images``, which is then recomputed from ``images_normalized``.
+A set stored with other statistics than the dataset's (the ImageNet subset's condensed unnormalized:
+mean 0, std 1) is first renormalized to the dataset's, as --mode=evaluate does.
 
-Files are written atomically (workdir.atomic_file: a temporary file in the same folder, then
-`os.replace`), so a reader never sees a half-written file. results.json / results.md and the
-paper's numbers live in idm_jax/results.py.
+`write_torchvision_cifar` writes a CIFAR-10 / CIFAR-100 dataset in the layout torchvision's
+CIFAR10 / CIFAR100 read (python pickle batches), so DD-Ranking can run offline on the same images
+idm_jax reads (benchmarks/ddranking_score.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import io
 import json
-import math
 import os
-import zipfile
-from collections.abc import Mapping, Sequence
+import pickle
+import re
+import shutil
+import tempfile
 from typing import Any
 
 import numpy as np
+from absl import logging
 
-from idm_jax import data
+from idm_jax import data, evaluate, synthetic_file
 from idm_jax import workdir as workdir_lib
 
-REQUIRED_KEYS = ("images", "labels", "mean", "std", "class_names", "partition_factor",
-                 "method", "dataset")
+IMAGEFOLDER, DDRANKING = "imagefolder", "ddranking"
+
+# How DD-Ranking (pip ddranking 0.2.0, ddranking/utils/data.py get_dataset) normalizes each dataset's
+# real images, keyed by data.infer_normalization's key: its name there, mean, std. It gives CIFAR-100
+# CIFAR-10's statistics, not CIFAR-100's own, so a CIFAR-100 export is renormalized to those.
+_CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+_IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+DDRANKING_DATASETS = {
+    "cifar10": ("CIFAR10", *_CIFAR10_STATS),
+    "cifar100": ("CIFAR100", *_CIFAR10_STATS),
+    "tinyimagenet": ("TinyImageNet", *_IMAGENET_STATS),
+    "imagenet": ("ImageNet1K / ImageNette-style subsets", *_IMAGENET_STATS),
+}
 
 
-@dataclasses.dataclass(frozen=True)
-class SyntheticSet:
-    """A labelled image set as stored in synthetic.npz (see the module docstring).
+def evaluator_normalization(synset: synthetic_file.SyntheticSet, config: Any = None,
+                            dataset: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """The (mean, std) the evaluator feeds the network with: the dataset's, as --mode=evaluate
+    renormalizes to. From `dataset` when loaded; else the statistics config.data.normalization
+    names or the set's dataset name implies (data.NORMALIZATION); else (statistics computed from
+    the train images) the set's own, which is how idm_jax stores them."""
+    if dataset is not None:
+        return np.asarray(dataset.mean, np.float32), np.asarray(dataset.std, np.float32)
+    named = config.data.normalization if config is not None else ""
+    key = named or data.infer_normalization(synset.dataset)
+    if key in data.NORMALIZATION and len(data.NORMALIZATION[key][0]) == synset.image_shape[-1]:
+        mean, std = data.NORMALIZATION[key]
+        return np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    return np.asarray(synset.mean, np.float32), np.asarray(synset.std, np.float32)
 
-    images: f32[N, H, W, C] in [0, 1]; images_normalized: f32[N, H, W, C]; labels: int32[N];
-    mean, std: f32[C].
+
+def ddranking_normalization(dataset_name: str, channels: int, fallback: tuple[Any, Any]) -> dict[str, Any]:
+    """{mean, std, source} of the ddranking/ arrays: DD-Ranking's statistics for the dataset
+    (DDRANKING_DATASETS), else `fallback` (the evaluator's: DD-Ranking has no such dataset)."""
+    key = data.infer_normalization(dataset_name)
+    if key in DDRANKING_DATASETS and len(DDRANKING_DATASETS[key][1]) == channels:
+        name, mean, std = DDRANKING_DATASETS[key]
+        return {"mean": list(mean), "std": list(std),
+                "source": f"DD-Ranking's normalization of {name} (ddranking 0.2.0, utils/data.py)"}
+    return {"mean": np.asarray(fallback[0]).tolist(), "std": np.asarray(fallback[1]).tolist(),
+            "source": f"the evaluator's (DD-Ranking has no dataset like {dataset_name!r})"}
+
+
+def evaluator_inputs(synset: synthetic_file.SyntheticSet, mean: Any = None,
+                     std: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """What the evaluator trains on: (f32[N * l * l, H, W, C] normalized, int32[N * l * l] labels),
+    the set's images renormalized to (mean, std) (default: the set's own) and cut into l x l
+    pieces, each resized back (`evaluate.training_set`), as --mode=evaluate does."""
+    images = synset.images_normalized
+    if mean is not None:
+        images = data.renormalize(images, synset.mean, synset.std, mean, std)
+    images, labels = evaluate.training_set(images, synset.labels, synset.partition_factor)
+    return np.asarray(images, np.float32), np.asarray(labels, np.int32)
+
+
+def to_uint8(images_normalized: np.ndarray, mean: Any, std: Any) -> np.ndarray:
+    """Normalized images -> uint8 pixels round(255 * clip(x, 0, 1)), x the denormalized image."""
+    pixels = data.renormalize(np.asarray(images_normalized, np.float32), mean, std, 0.0, 1.0)
+    return np.round(np.clip(pixels, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def rounding_change(images_normalized: np.ndarray, images_uint8: np.ndarray, mean: Any, std: Any) -> dict[str, Any]:
+    """What storing `images_normalized` as `images_uint8` (to_uint8) changes, measured.
+
+    Returns the fraction of values outside [0, 1] (clipped), the largest and mean change in pixel
+    levels (1/255), and the largest change in normalized units.
     """
-
-    images: np.ndarray
-    images_normalized: np.ndarray
-    labels: np.ndarray
-    mean: np.ndarray
-    std: np.ndarray
-    class_names: tuple[str, ...]
-    partition_factor: int
-    method: str
-    dataset: str
-    config_json: str = "{}"
-    path: str = ""
-    # METADATA_KEYS the file lacked, taken from the dataset it is scored on (a bare images+labels file)
-    filled_from_dataset: tuple[str, ...] = ()
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])
-
-    @property
-    def ipc(self) -> int:
-        """Images per class (the largest class count; the sets we write are balanced)."""
-        return int(np.bincount(self.labels, minlength=self.num_classes).max()) if len(self.labels) else 0
+    pixels = data.renormalize(np.asarray(images_normalized, np.float32), mean, std, 0.0, 1.0)
+    back = images_uint8.astype(np.float32) / 255.0
+    diff = np.abs(back - pixels) * 255.0
+    back_normalized = data.renormalize(back, 0.0, 1.0, mean, std)
+    clipped = (pixels < 0.0) | (pixels > 1.0)
+    return {"values": int(pixels.size), "clipped_fraction": float(clipped.mean()),
+            "max_change_levels": float(diff.max(initial=0.0)), "mean_change_levels": float(diff.mean()),
+            "max_change_levels_unclipped": float(diff[~clipped].max(initial=0.0)),
+            "max_change_normalized": float(np.abs(back_normalized - images_normalized).max(initial=0.0))}
 
 
-# ----------------------------------------------------------------------------------------------
-# synthetic.npz
+def class_folder(label: int, name: str, num_classes: int) -> str:
+    """'<label, zero-padded>_<name>': the names sort in label order (ImageFolder assigns labels by
+    sorted folder name)."""
+    width = max(3, len(str(num_classes - 1)))
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("._") or "class"
+    return f"{label:0{width}d}_{safe}"
 
 
-def _check_set(where: str, images: np.ndarray, labels: np.ndarray, mean: np.ndarray,
-               std: np.ndarray, num_classes: int, partition_factor: int) -> None:
-    """Raises ValueError naming `where` (a file or function) when the arrays do not form a set."""
-    if images.ndim != 4:
-        raise ValueError(f"{where}: images must be 4-D [N, H, W, C], got shape {images.shape}")
-    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-        raise ValueError(f"{where}: labels must be 1-D with one label per image; got labels shape "
-                         f"{labels.shape} for {images.shape[0]} images")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{where}: labels must be integers, got dtype {labels.dtype}")
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"{where}: labels must lie in [0, {num_classes}) ({num_classes} class "
-                         f"names), got range [{labels.min()}, {labels.max()}]")
-    channels = images.shape[-1]
-    if mean.shape != (channels,) or std.shape != (channels,):
-        raise ValueError(f"{where}: mean and std must have one value per channel ({channels}), "
-                         f"got shapes {mean.shape} and {std.shape}")
-    if not np.all(std > 0):
-        raise ValueError(f"{where}: std must be positive, got {std.tolist()}")
-    if partition_factor < 1:
-        raise ValueError(f"{where}: partition_factor must be >= 1, got {partition_factor}")
+def _replace_dir(tmp: str, final: str) -> None:
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
 
 
-def config_json(config: Any) -> str:
-    """The ``config_json`` a synthetic.npz records, whichever mode wrote it: the config flat,
-    {"idm.iterations": 20000, "ipc": 10, ...}."""
-    return json.dumps(workdir_lib.flat(config))
+def write_imagefolder(folder: str, images_uint8: np.ndarray, labels: np.ndarray,
+                      class_names: Any) -> dict[str, int]:
+    """One PNG per image under folder/<class_folder>/ (the folder is replaced whole); {folder: count}.
 
-
-def recorded_config(text: str) -> dict[str, Any]:
-    """A set's ``config_json`` read back as the flat dict `config_json` writes. Coreset sets written
-    before the layout was one hold the config nested ({"idm": {"iterations": ..}}): flattened
-    here. {} when the text is no JSON object."""
-    try:
-        config = json.loads(text)
-    except ValueError:
-        return {}
-    return workdir_lib.flat(config) if isinstance(config, Mapping) else {}
-
-
-def save_synthetic(path: str, images_normalized: Any, labels: Any, *, mean: Sequence[float],
-                   std: Sequence[float], class_names: Sequence[str], partition_factor: int,
-                   method: str, dataset: str, config_json: str = "{}") -> str:
-    """Writes a synthetic (or coreset) image set to `path` (.npz) atomically; returns `path`.
-
-    images_normalized: f32[N, H, W, C] in the normalized space the evaluator uses;
-    labels: int[N]; mean, std: [C]; class_names: K names; partition_factor: l >= 1.
-    """
-    images_normalized = np.asarray(images_normalized, np.float32)
-    labels = np.asarray(labels)
-    mean = np.asarray(mean, np.float32).reshape(-1)
-    std = np.asarray(std, np.float32).reshape(-1)
-    class_names = [str(n) for n in class_names]
-    _check_set(f"save_synthetic({path!r})", images_normalized, labels, mean, std,
-               len(class_names), int(partition_factor))
-    pixels = np.clip(data.renormalize(images_normalized, mean, std, 0.0, 1.0), 0.0, 1.0)
-    arrays = {
-        "images": pixels,
-        "images_normalized": images_normalized,
-        "labels": labels.astype(np.int32),
-        "mean": mean,
-        "std": std,
-        "class_names": np.asarray(class_names, dtype=str),
-        "partition_factor": np.asarray(int(partition_factor), np.int64),
-        "method": np.asarray(str(method)),
-        "dataset": np.asarray(str(dataset)),
-        "config_json": np.asarray(str(config_json)),
-    }
-    with workdir_lib.atomic_file(path, needed_bytes=sum(a.nbytes for a in arrays.values())) as f:
-        np.savez(f, **arrays)
-    return path
-
-
-def read_npz(path: str) -> dict[str, np.ndarray]:
-    """All arrays of an .npz file, with errors that name the file."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"synthetic set {path!r} does not exist")
-    if os.path.isdir(path):
-        raise ValueError(f"synthetic set {path!r} is a directory, expected an .npz file")
-    try:
-        npz = np.load(path, allow_pickle=False)
-        if not isinstance(npz, np.lib.npyio.NpzFile):
-            raise ValueError("it holds a single .npy array, not an .npz archive")
-        with npz:
-            return {k: npz[k] for k in npz.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
-        raise ValueError(f"synthetic set {path!r} is not a readable .npz file (corrupted or "
-                         f"another format): {type(e).__name__}: {e}") from e
-    except Exception as e:  # zlib.error and friends from a damaged member
-        raise ValueError(f"synthetic set {path!r} is corrupted: {type(e).__name__}: {e}") from e
-
-
-def _scalar(path: str, arrays: Mapping[str, np.ndarray], key: str, kind: type) -> Any:
-    value = arrays[key]
-    if value.ndim != 0:
-        raise ValueError(f"synthetic set {path!r}: key {key!r} must be a scalar, got shape {value.shape}")
-    try:
-        return kind(value.item())
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"synthetic set {path!r}: key {key!r} must be {kind.__name__}, "
-                         f"got {value.item()!r}") from e
-
-
-# A set made by another tool (the authors' release, DM, ...) may hold only `images` and `labels`:
-# the dataset it is scored on supplies these keys (see docs/EVALUATE_ANY_SET.md).
-METADATA_KEYS = ("mean", "std", "class_names", "partition_factor", "method", "dataset")
-IMAGE_SPACES = ("pixel", "normalized")  # what a file's `images` array holds
-LAYOUTS = ("auto", "NHWC", "NCHW")  # torch saves [N, C, H, W]
-EXTERNAL_METHOD = "external"  # the method of a set whose file does not say
-# Pixel images may overshoot [0, 1] a little (unclipped synthetic images); normalized CIFAR images
-# reach about -2.4 and 0-255 values reach 255, so this is wide enough to tell them apart.
-PIXEL_SLACK = 0.5
-
-
-def _guess_layout(shape: tuple[int, ...], expected_hwc: tuple[int, int, int] | None, where: str) -> str:
-    """NHWC or NCHW for images of `shape`, by the dataset's (H, W, C) when known, else by which
-    axis holds 1 or 3 channels. Images fitting neither layout stay NHWC (the shape check names them)."""
-    _, a, b, c = shape
-    if expected_hwc is None:
-        return "NCHW" if a in (1, 3) and c not in (1, 3) else "NHWC"
-    fits_nhwc, fits_nchw = (a, b, c) == expected_hwc, (b, c, a) == expected_hwc
-    if fits_nhwc and fits_nchw:  # a cube, H = W = C: the two orders differ in content, not in shape
-        raise ValueError(f"{where}: images of shape {shape} fit both [N, H, W, C] and [N, C, H, W]; "
-                         "say which (main.py --synthetic_layout=NHWC or NCHW)")
-    return "NCHW" if fits_nchw and not fits_nhwc else "NHWC"
-
-
-def _to_nhwc(images: np.ndarray, layout: str, expected_hwc: tuple[int, int, int] | None, where: str) -> np.ndarray:
-    if images.ndim != 4:
-        raise ValueError(f"{where}: images must be 4-D [N, H, W, C] (or [N, C, H, W]), got shape {images.shape}")
-    if layout == "auto":
-        layout = _guess_layout(images.shape, expected_hwc, where)
-    return np.ascontiguousarray(np.transpose(images, (0, 2, 3, 1))) if layout == "NCHW" else images
-
-
-def _pixels(images: np.ndarray, where: str) -> np.ndarray:
-    """[0, 1] pixels from uint8 (0-255) or float images, refusing floats that are not pixels."""
-    if images.dtype == np.uint8:
-        return images.astype(np.float32) / 255.0
-    images = np.asarray(images, np.float32)
-    lo, hi = float(images.min(initial=0.0)), float(images.max(initial=0.0))
-    if lo < -PIXEL_SLACK or hi > 1.0 + PIXEL_SLACK:
-        raise ValueError(f"{where}: images span [{lo:.3g}, {hi:.3g}], not pixel values in [0, 1]; if they "
-                         "are normalized with the dataset's mean and std, say so (main.py "
-                         "--synthetic_space=normalized); 0-255 values: store them as uint8")
-    return images
-
-
-def _normalized(images: np.ndarray, where: str) -> np.ndarray:
-    if images.dtype == np.uint8:
-        raise ValueError(f"{where}: uint8 images are pixels, not normalized values; drop "
-                         "--synthetic_space=normalized")
-    images = np.asarray(images, np.float32)
-    if images.size and float(images.min()) >= 0.0:
-        raise ValueError(f"{where}: images said to be normalized lie in [{float(images.min()):.3g}, "
-                         f"{float(images.max()):.3g}] with no negative value: they look like pixel "
-                         "values (drop --synthetic_space=normalized)")
-    return images
-
-
-def load_synthetic(path: str, dataset: Any = None, *, space: str = "pixel", layout: str = "auto",
-                   partition_factor: int | None = None, method: str | None = None,
-                   action: str = "use") -> SyntheticSet:
-    """Reads and validates a synthetic set: a synthetic.npz written by `save_synthetic`, or (given
-    `dataset`) any .npz holding `images` and `labels`. See `synthetic_from_arrays`.
-
-    Raises FileNotFoundError when `path` is missing and ValueError (naming the file and the
-    problem) when it is corrupted, lacks a key, or its arrays are inconsistent.
-    """
-    return synthetic_from_arrays(read_npz(path), path, dataset, space=space, layout=layout,
-                                 partition_factor=partition_factor, method=method, action=action)
-
-
-def synthetic_from_arrays(arrays: Mapping[str, np.ndarray], path: str, dataset: Any = None, *,
-                          space: str = "pixel", layout: str = "auto", partition_factor: int | None = None,
-                          method: str | None = None, action: str = "use") -> SyntheticSet:
-    """A SyntheticSet from an .npz's arrays (`read_npz`); `path` names it in errors.
-
-    dataset: an ArrayDataset (or anything with name, mean, std, class_names, image_shape) that
-    supplies the METADATA_KEYS the file lacks: its mean/std and class names, partition factor 1,
-    method "external", its name. Without it every key of REQUIRED_KEYS must be there.
-    space: what `images` holds when the file has no `images_normalized`: "pixel" ([0, 1] floats, or
-    uint8 0-255) or "normalized" (with the file's mean/std, else the dataset's).
-    layout: "NHWC", "NCHW" or "auto" (by the dataset's image shape, else by the channel axis).
-    partition_factor, method: override the file's (None: the file's, else 1 / "external").
-    When ``images_normalized`` is absent it is computed from ``images`` and vice versa.
-    action: what a set holding NaN or infinite values is refused for, in the error (check_finite).
-    """
-    where = f"synthetic set {path!r}"
-    if space not in IMAGE_SPACES:
-        raise ValueError(f"unknown image space {space!r}; expected one of {IMAGE_SPACES}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown image layout {layout!r}; expected one of {LAYOUTS}")
-    optional = METADATA_KEYS if dataset is not None else ()
-    missing = [k for k in REQUIRED_KEYS if k not in arrays and k not in optional
-               and not (k == "images" and "images_normalized" in arrays)]
-    if missing:
-        hint = ("; a file of only images and labels can be scored with main.py --mode=evaluate, which "
-                "takes the rest from the dataset config" if "labels" not in missing and dataset is None else "")
-        raise ValueError(f"{where} lacks key(s) {missing}; it has {sorted(arrays)}{hint}")
-    filled = tuple(k for k in METADATA_KEYS if k not in arrays)
-    mean = np.asarray(arrays["mean"] if "mean" in arrays else dataset.mean, np.float32).reshape(-1)
-    std = np.asarray(arrays["std"] if "std" in arrays else dataset.std, np.float32).reshape(-1)
-    class_names = tuple(str(n) for n in np.atleast_1d(
-        arrays["class_names"] if "class_names" in arrays else dataset.class_names))
-    if partition_factor is None:
-        partition_factor = _scalar(path, arrays, "partition_factor", int) if "partition_factor" in arrays else 1
-    expected = tuple(int(d) for d in dataset.image_shape) if dataset is not None else None
-    stored = {k: _to_nhwc(np.asarray(arrays[k]), layout, expected, where)
-              for k in ("images", "images_normalized") if k in arrays}
-    labels = np.asarray(arrays["labels"])
-    check_finite(where, {**stored, **{k: np.asarray(arrays[k]) for k in ("mean", "std") if k in arrays}},
-                 action)
-    first = next(iter(stored.values()))
-    if expected is not None and first.shape[1:] != expected:
-        raise ValueError(f"{where} has images of shape {first.shape[1:]} (H, W, C) but dataset "
-                         f"{dataset.name!r} has {expected}")
-    _check_set(where, first, labels, mean, std, len(class_names), int(partition_factor))
-    if "images_normalized" in stored:
-        if space == "normalized" and "images" in stored:
-            raise ValueError(f"{where} holds images_normalized, so its `images` are pixels; drop "
-                             "--synthetic_space=normalized")
-        images_normalized = np.asarray(stored["images_normalized"], np.float32)
-        if "images" in stored and stored["images"].shape != images_normalized.shape:
-            raise ValueError(f"{where}: images_normalized has shape {images_normalized.shape} but "
-                             f"images has {stored['images'].shape}")
-        images = (np.asarray(stored["images"], np.float32) if "images" in stored else
-                  np.clip(data.renormalize(images_normalized, mean, std, 0.0, 1.0), 0.0, 1.0))
-    elif space == "pixel":
-        images = _pixels(stored["images"], where)
-        images_normalized = data.renormalize(images, 0.0, 1.0, mean, std)
-    else:
-        images_normalized = _normalized(stored["images"], where)
-        images = np.clip(data.renormalize(images_normalized, mean, std, 0.0, 1.0), 0.0, 1.0)
-    if method is None:
-        method = _scalar(path, arrays, "method", str) if "method" in arrays else EXTERNAL_METHOD
-    return SyntheticSet(
-        images=images, images_normalized=images_normalized, labels=labels.astype(np.int32),
-        mean=mean, std=std, class_names=class_names, partition_factor=int(partition_factor),
-        method=str(method),
-        dataset=_scalar(path, arrays, "dataset", str) if "dataset" in arrays else str(dataset.name),
-        config_json=_scalar(path, arrays, "config_json", str) if "config_json" in arrays else "{}",
-        path=str(path), filled_from_dataset=filled)
-
-
-def nonfinite_counts(array: Any) -> tuple[int, int]:
-    """(NaN count, infinite count) of an array; (0, 0) for integers and strings."""
-    array = np.asarray(array)
-    if not np.issubdtype(array.dtype, np.inexact):
-        return 0, 0
-    return int(np.isnan(array).sum()), int(np.isinf(array).sum())
-
-
-def check_finite(where: str, arrays: Mapping[str, Any], action: str) -> None:
-    """Raises ValueError naming `where`, every array holding NaN or infinite values with its
-    counts, and the `action` refused (evaluate, export, publish, resume): such a set would train
-    silently to chance accuracy, and a non-finite mean or std makes every image so."""
-    problems = []
-    for name, array in arrays.items():
-        nan, inf = nonfinite_counts(array)
-        if nan or inf:
-            problems.append(f"{nan + inf} of {np.size(array)} values of {name!r} are not finite "
-                            f"({nan} NaN, {inf} infinite)")
-    if problems:
-        raise ValueError(f"{where}: {'; '.join(problems)}; refusing to {action} it")
-
-
-def check_compatible(synset: SyntheticSet, dataset: Any) -> None:
-    """Raises ValueError when `synset` cannot be evaluated on `dataset` (an ArrayDataset).
-
-    Compares image shape (H, W, C) and class count, naming both sides.
-    """
-    where = f"synthetic set {synset.path!r}" if synset.path else "synthetic set"
-    data_shape = tuple(int(d) for d in dataset.image_shape)
-    if synset.image_shape != data_shape:
-        raise ValueError(f"{where} has images of shape {synset.image_shape} (H, W, C) but dataset "
-                         f"{dataset.name!r} has {data_shape}")
-    if synset.num_classes != int(dataset.num_classes):
-        raise ValueError(f"{where} has {synset.num_classes} classes but dataset {dataset.name!r} "
-                         f"has {dataset.num_classes}")
-
-
-# ----------------------------------------------------------------------------------------------
-# synthetic.png
-
-
-def save_grid_png(path: str, images_pixel: Any, labels: Any, num_classes: int, *,
-                  min_cell: int = 64, gap: int = 2) -> str:
-    """Saves a grid with one row per class (images in label order) as a PNG; returns `path`.
-
-    images_pixel: f32[N, H, W, C] in [0, 1] (C = 1 or 3); labels: int[N]. Cells are upscaled by
-    an integer factor (nearest neighbour) to at least `min_cell` pixels so 8x8 digits are visible.
+    images_uint8: uint8[N, H, W, C] (C = 1 or 3); labels: int[N].
     """
     from PIL import Image  # pylint: disable=g-import-not-at-top
 
-    images = np.asarray(images_pixel, np.float32)
-    labels = np.asarray(labels)
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"save_grid_png({path!r}): images must be [N, H, W, 1 or 3], got {images.shape}")
-    if labels.shape != (images.shape[0],):
-        raise ValueError(f"save_grid_png({path!r}): {labels.shape} labels for {images.shape[0]} images")
-    if num_classes < 1 or (labels.size and (labels.min() < 0 or labels.max() >= num_classes)):
-        raise ValueError(f"save_grid_png({path!r}): labels must lie in [0, {num_classes})")
-    _, h, w, c = images.shape
-    scale = max(1, math.ceil(min_cell / max(h, w)))
-    cols = max(1, int(np.bincount(labels, minlength=num_classes).max()) if labels.size else 1)
-    cell_h, cell_w = h * scale + gap, w * scale + gap
-    grid = np.ones((num_classes * cell_h - gap, cols * cell_w - gap, c), np.float32)
-    for k in range(num_classes):
-        for j, i in enumerate(np.flatnonzero(labels == k)):
-            cell = np.repeat(np.repeat(images[i], scale, axis=0), scale, axis=1)
-            grid[k * cell_h:k * cell_h + h * scale, j * cell_w:j * cell_w + w * scale] = cell
-    pixels = np.round(np.clip(grid, 0.0, 1.0) * 255).astype(np.uint8)
-    image = Image.fromarray(pixels[..., 0] if c == 1 else pixels, mode="L" if c == 1 else "RGB")
-    with workdir_lib.atomic_file(path) as f:
-        image.save(f, format="PNG")
-    return path
+    class_names = list(class_names)
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}.")
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the export from a shared group
+    counts: dict[str, int] = {}
+    try:
+        for c, name in enumerate(class_names):
+            sub = class_folder(c, name, len(class_names))
+            os.makedirs(os.path.join(tmp, sub))
+            counts[sub] = 0
+        for i, (image, label) in enumerate(zip(images_uint8, np.asarray(labels))):
+            sub = class_folder(int(label), class_names[int(label)], len(class_names))
+            pil = (Image.fromarray(image[..., 0], mode="L") if image.shape[-1] == 1
+                   else Image.fromarray(image, mode="RGB"))
+            pil.save(os.path.join(tmp, sub, f"{int(label):03d}_{i:05d}.png"), format="PNG")
+            counts[sub] += 1
+        _replace_dir(tmp, folder)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and workdir_lib.is_disk_full(e):
+            needed = imagefolder_bytes(images_uint8, len(class_names))
+            kept = (f"the previous {os.path.basename(folder)}/ is intact" if os.path.isdir(folder)
+                    else "no PNG was left behind")
+            raise workdir_lib.no_space(f"the {len(images_uint8)} PNGs of {os.path.basename(folder)}/", folder,
+                                       needed, kept=kept) from None
+        raise
+    return counts
+
+
+def imagefolder_bytes(images_uint8: np.ndarray, num_classes: int, block: int = 4096) -> int:
+    """About what write_imagefolder needs on disk: PNG compresses, but a synthetic image may not, so
+    each file's raw pixels and header, rounded up to whole blocks, plus a block per class folder."""
+    per_file = -(-(images_uint8[0].nbytes + 200) // block) * block if len(images_uint8) else 0
+    return per_file * len(images_uint8) + block * num_classes
+
+
+def read_imagefolder(folder: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """An ImageFolder back as (uint8[N, H, W, C], int32[N] labels, class folder names), labels by
+    sorted folder name as torchvision assigns them, files in sorted order."""
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+
+    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    images, labels = [], []
+    for label, sub in enumerate(classes):
+        for f in sorted(os.listdir(os.path.join(folder, sub))):
+            with Image.open(os.path.join(folder, sub, f)) as im:
+                a = np.asarray(im)
+            images.append(a[..., None] if a.ndim == 2 else a)
+            labels.append(label)
+    if not images:
+        raise ValueError(f"image folder {folder!r} holds no images")
+    return np.stack(images), np.asarray(labels, np.int32), classes
+
+
+def write_ddranking(folder: str, images_normalized: np.ndarray, labels: np.ndarray) -> list[str]:
+    """DD-Ranking's tensors: images f32[N, C, H, W] (normalized, as given) and labels int64[N] as
+    .npy, and as .pt when torch is installed. Returns the file names written."""
+    nchw = np.ascontiguousarray(np.transpose(np.asarray(images_normalized, np.float32), (0, 3, 1, 2)))
+    labels = np.asarray(labels, np.int64)
+    os.makedirs(folder, exist_ok=True)
+    written = []
+    for name, array in (("images", nchw), ("labels", labels)):
+        with workdir_lib.atomic_file(os.path.join(folder, f"{name}.npy"), needed_bytes=array.nbytes) as f:
+            np.save(f, array)
+        written.append(f"{name}.npy")
+    try:
+        import torch  # pylint: disable=g-import-not-at-top
+    except ImportError:
+        return written
+    for name, array in (("images", nchw), ("labels", labels)):
+        with workdir_lib.atomic_file(os.path.join(folder, f"{name}.pt"), needed_bytes=array.nbytes) as f:
+            torch.save(torch.from_numpy(array.copy()), f)
+        written.append(f"{name}.pt")
+    return written
+
+
+def export_set(synset: synthetic_file.SyntheticSet, out_dir: str, config: Any = None,
+               dataset: Any = None) -> dict[str, Any]:
+    """Writes `synset` in every layout (module docstring) under out_dir; returns export.json's record.
+
+    config / dataset: where the evaluator's normalization comes from (`evaluator_normalization`).
+    """
+    mean, std = evaluator_normalization(synset, config, dataset)
+    images, labels = evaluator_inputs(synset, mean, std)
+    u8 = to_uint8(images, mean, std)
+    theirs = ddranking_normalization(synset.dataset, images.shape[-1], (mean, std))
+    counts = write_imagefolder(os.path.join(out_dir, IMAGEFOLDER), u8, labels, synset.class_names)
+    written = write_ddranking(os.path.join(out_dir, DDRANKING),
+                              data.renormalize(images, mean, std, theirs["mean"], theirs["std"]), labels)
+    record = {
+        "set": synset.path, "method": synset.method, "dataset": synset.dataset,
+        "partition_factor": synset.partition_factor, "stored_images": int(len(synset.labels)),
+        "ipc": synset.ipc, "exported_images": int(len(labels)),
+        "image_shape_nhwc": list(images.shape[1:]), "mean": mean.tolist(), "std": std.tolist(),
+        "stored_mean": np.asarray(synset.mean).tolist(), "stored_std": np.asarray(synset.std).tolist(),
+        "class_names": list(synset.class_names),
+        IMAGEFOLDER: {"folder": IMAGEFOLDER, "images_per_class_folder": counts},
+        DDRANKING: {"folder": DDRANKING, "files": written, "labels": "int64[N]",
+                    "images": "f32[N, C, H, W] normalized with ddranking.mean / ddranking.std",
+                    "mean": theirs["mean"], "std": theirs["std"], "normalization": theirs["source"]},
+        "rounding_change": rounding_change(images, u8, mean, std),
+    }
+    text = json.dumps(record, indent=2).encode() + b"\n"
+    with workdir_lib.atomic_file(os.path.join(out_dir, "export.json"), needed_bytes=len(text)) as f:
+        f.write(text)
+    return record
+
+
+def run_export(config: Any, workdir: str, synthetic_path: str, *, space: str = "pixel",
+               layout: str = "auto", partition_factor: int | None = None,
+               method: str | None = None) -> dict[str, Any]:
+    """main.py --mode=export: reads the set as --mode=evaluate does and writes it with `export_set`.
+
+    The dataset of config.data is loaded only when the file lacks some of synthetic_file.METADATA_KEYS
+    (a bare images+labels file); it then also checks that the set fits it.
+    """
+    arrays = synthetic_file.read_npz(synthetic_path)
+    dataset = None
+    if any(k not in arrays for k in synthetic_file.METADATA_KEYS):
+        dataset = data.load_config_dataset(config)
+    synset = synthetic_file.synthetic_from_arrays(arrays, synthetic_path, dataset, space=space, layout=layout,
+                                                  partition_factor=partition_factor, method=method, action="export")
+    if dataset is not None:
+        synthetic_file.check_compatible(synset, dataset)
+    record = export_set(synset, workdir, config, dataset)
+    r = record["rounding_change"]
+    logging.info("exported %d images (%d stored, partition l=%d) of %s to %s: %s/ (PNGs), %s/ (%s); "
+                 "8-bit PNGs clip %.4f %% of the values and change them by at most %.2f pixel levels "
+                 "(%.2f where not clipped); the %s/ arrays carry %s", record["exported_images"],
+                 record["stored_images"], synset.partition_factor, synthetic_path, workdir, IMAGEFOLDER, DDRANKING,
+                 ", ".join(record[DDRANKING]["files"]), 100 * r["clipped_fraction"], r["max_change_levels"],
+                 r["max_change_levels_unclipped"], DDRANKING, record[DDRANKING]["normalization"])
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
+# A CIFAR dataset in torchvision's offline layout (for DD-Ranking's real images)
+
+TORCHVISION_CIFAR = {  # classes -> (folder, train files, test file, meta file, label key, names key)
+    10: ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "batches.meta",
+         "labels", "label_names"),
+    100: ("cifar-100-python", ["train"], "test", "meta", "fine_labels", "fine_label_names"),
+}
+
+
+def cifar_rows(images_uint8: np.ndarray) -> np.ndarray:
+    """uint8[N, 32, 32, 3] -> uint8[N, 3072]: each row the red plane, then green, then blue (row-major),
+    as CIFAR's python batches store an image."""
+    images = np.asarray(images_uint8)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"CIFAR batches hold uint8 [N, H, W, 3] images, got {images.dtype} {images.shape}")
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(len(images), -1))
+
+
+def write_torchvision_cifar(root: str, train_images: np.ndarray, train_labels: np.ndarray,
+                            test_images: np.ndarray, test_labels: np.ndarray, class_names: Any) -> str:
+    """Writes a 10- or 100-class dataset under root/ as torchvision's CIFAR10 / CIFAR100 read it
+    (pickled dicts of `data` uint8[N, 3072] and labels; CIFAR-10's train split in 5 batches).
+    Returns the folder written. The files are not the originals: torchvision's md5 check fails,
+    so they are read with its integrity check skipped (benchmarks/ddranking_score.py)."""
+    class_names = [str(n) for n in class_names]
+    if len(class_names) not in TORCHVISION_CIFAR:
+        raise ValueError(f"torchvision's CIFAR layouts hold 10 or 100 classes, not {len(class_names)}")
+    folder, train_files, test_file, meta_file, label_key, names_key = TORCHVISION_CIFAR[len(class_names)]
+    out = os.path.join(root, folder)
+    parts = np.array_split(np.arange(len(train_labels)), len(train_files))
+    batches = [(name, train_images[idx], train_labels[idx]) for name, idx in zip(train_files, parts)]
+    batches.append((test_file, test_images, test_labels))
+    for name, images, labels in batches:
+        entry = {"batch_label": name, label_key: [int(k) for k in labels], "data": cifar_rows(images)}
+        _write_pickle(os.path.join(out, name), entry)
+    _write_pickle(os.path.join(out, meta_file), {names_key: class_names})
+    return out
+
+
+class _PortablePickler(pickle.Pickler):
+    """Pickles arrays as numpy.ndarray(shape, dtype, bytes): numpy 2 pickles them naming
+    numpy._core, which the numpy 1 of a torch environment cannot load; this loads under both."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, np.ndarray):
+            return np.ndarray, (obj.shape, obj.dtype.str, np.ascontiguousarray(obj).tobytes())
+        return NotImplemented
+
+
+def portable_pickle(obj: Any) -> bytes:
+    """`obj` pickled (protocol 2, as CIFAR's own files) with its arrays readable by numpy 1 and 2."""
+    buffer = io.BytesIO()
+    _PortablePickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue()
+
+
+def _write_pickle(path: str, obj: Any) -> None:
+    blob = portable_pickle(obj)
+    with workdir_lib.atomic_file(path, needed_bytes=len(blob)) as f:
+        f.write(blob)

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from idm_jax import export
+from idm_jax import synthetic_file
 from idm_jax import results as results_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,8 +61,8 @@ def parse_cell(cell: str) -> dict[str, Any]:
 
 
 def config_iterations(config_json: str) -> int | None:
-    """idm.iterations of a set's config_json (export.recorded_config), None if absent."""
-    value = export.recorded_config(config_json).get("idm.iterations")
+    """idm.iterations of a set's config_json (synthetic_file.recorded_config), None if absent."""
+    value = synthetic_file.recorded_config(config_json).get("idm.iterations")
     return int(value) if isinstance(value, (int, float)) else None
 
 
@@ -93,7 +93,7 @@ def write_published_file(src: str, dst: str, max_bytes: int | None = None) -> st
     if os.path.getsize(src) <= max_bytes:
         how, payload = "copy", None
     else:
-        arrays = export.read_npz(src)
+        arrays = synthetic_file.read_npz(src)
         how, payload = "compressed", _npz_bytes(arrays)
         if len(payload) > max_bytes and "images_normalized" in arrays:
             how, payload = "compressed, no pixel copy", _npz_bytes(
@@ -209,7 +209,7 @@ def publish(workdir: str, cell: str, dest: str = DEFAULT_DEST, *, allow_short: b
     for path in (npz, results_path):
         if not os.path.exists(path):
             raise PublishError(f"{path} does not exist: publish a finished run's workdir")
-    synset = export.load_synthetic(npz, action="publish")
+    synset = synthetic_file.load_synthetic(npz, action="publish")
     iterations = config_iterations(synset.config_json)
     if iterations != PAPER_ITERATIONS and not allow_short:
         raise PublishError(f"refusing to publish {npz}: its config says idm.iterations={iterations}, not the "
@@ -235,7 +235,7 @@ def publish(workdir: str, cell: str, dest: str = DEFAULT_DEST, *, allow_short: b
 
     dst = os.path.join(dest, f"{cell}.npz")
     how = write_published_file(npz, dst)
-    export.load_synthetic(dst, action="publish")  # the published file reads back
+    synthetic_file.load_synthetic(dst, action="publish")  # the published file reads back
     row = {"cell": cell, "accuracy (%)": accuracy, "command": f"`{command}`", "date": date,
            "sha256": sha256_file(dst)}
     upsert_row(os.path.join(dest, README), row)

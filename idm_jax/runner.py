@@ -35,7 +35,7 @@ from idm_jax import condense
 from idm_jax import data as data_lib
 from idm_jax import distributed
 from idm_jax import evaluate
-from idm_jax import export
+from idm_jax import synthetic_file
 from idm_jax import models
 from idm_jax import progress
 from idm_jax import references
@@ -66,12 +66,12 @@ def export_synthetic(workdir: str, state, ds, s: condense.StepSettings, config) 
         return path
     # The pixel space the set was condensed in: (0, 1) under idm.unnormalized.
     mean, std = condense.pixel_stats(s, ds.mean, ds.std)
-    export.save_synthetic(path, images, labels, mean=mean, std=std,
-                          class_names=ds.class_names, partition_factor=s.loss.partition_factor,
-                          method=config.method, dataset=ds.name,
-                          config_json=export.config_json(config))
+    synthetic_file.save_synthetic(path, images, labels, mean=mean, std=std,
+                                  class_names=ds.class_names, partition_factor=s.loss.partition_factor,
+                                  method=config.method, dataset=ds.name,
+                          config_json=synthetic_file.config_json(config))
     pixels = np.clip(np.asarray(data_lib.denormalize(images, mean, std)), 0.0, 1.0)
-    export.save_grid_png(os.path.join(workdir, "synthetic.png"), pixels, labels, ds.num_classes)
+    synthetic_file.save_grid_png(os.path.join(workdir, "synthetic.png"), pixels, labels, ds.num_classes)
     return path
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import tiny_config
-from idm_jax import baselines, data, evaluate, evaluate_set, export
+from idm_jax import baselines, data, evaluate, evaluate_set, synthetic_file
 
 
 def _digits_config(method="random", ipc=2):
@@ -21,7 +21,7 @@ def test_run_baseline_random_then_run_evaluation(tmp_path):
     res = baselines.run_baseline(c, str(tmp_path / "random"))
     files = sorted(os.listdir(tmp_path / "random"))
     assert files == ["results.json", "results.md", "synthetic.npz", "synthetic.png"]
-    syn = export.load_synthetic(str(tmp_path / "random" / "synthetic.npz"))
+    syn = synthetic_file.load_synthetic(str(tmp_path / "random" / "synthetic.npz"))
     assert syn.images.shape == (20, 16, 16, 1) and syn.partition_factor == 1 and syn.method == "random"
     np.testing.assert_array_equal(np.bincount(syn.labels), [2] * 10)
     recorded = json.loads(syn.config_json)  # flat, as a condensation's set records it
@@ -44,9 +44,9 @@ def test_run_baseline_random_then_run_evaluation(tmp_path):
 
 
 def test_run_evaluation_rejects_a_set_of_another_shape(tmp_path):
-    path = export.save_synthetic(str(tmp_path / "s.npz"), np.zeros((2, 32, 32, 3)), [0, 1],
-                                 mean=[0.5] * 3, std=[0.5] * 3, class_names=[str(i) for i in range(10)],
-                                 partition_factor=2, method="idm", dataset="cifar10")
+    path = synthetic_file.save_synthetic(str(tmp_path / "s.npz"), np.zeros((2, 32, 32, 3)), [0, 1],
+                                         mean=[0.5] * 3, std=[0.5] * 3, class_names=[str(i) for i in range(10)],
+                                         partition_factor=2, method="idm", dataset="cifar10")
     with pytest.raises(ValueError, match=r"\(32, 32, 3\).*'digits' has \(16, 16, 1\)"):
         evaluate_set.run_evaluation(_digits_config(), str(tmp_path / "w"), path)
     with pytest.raises(ValueError, match="baseline.method must be one of .* got 'kcenter'"):
@@ -67,6 +67,6 @@ def test_run_baseline_end_to_end_on_digits(tmp_path, method):
         assert res["ipc"] is None and res["archs"]["ConvNetD2"]["num_train_images"] > 1000
         assert not os.path.exists(tmp_path / "synthetic.npz")
     else:
-        syn = export.load_synthetic(str(tmp_path / "synthetic.npz"))
+        syn = synthetic_file.load_synthetic(str(tmp_path / "synthetic.npz"))
         np.testing.assert_array_equal(np.bincount(syn.labels), [10] * 10)
         assert res["feature_net_train_accuracy"] > 50.0

@@ -18,7 +18,7 @@ import pytest
 from helpers import tiny_config
 from idm_jax import condense
 from idm_jax import data as data_lib
-from idm_jax import export
+from idm_jax import synthetic_file
 from idm_jax import runner
 from idm_jax import checkpoints
 
@@ -296,7 +296,7 @@ def test_run_end_to_end_outputs_and_resume_equals_uninterrupted(tmp_path):
     assert all(tag in tb for tag in (b"loss", b"mmd", b"it_per_s"))
     assert summary["step"] == 4
 
-    synset = export.load_synthetic(os.path.join(full_dir, "synthetic.npz"))
+    synset = synthetic_file.load_synthetic(os.path.join(full_dir, "synthetic.npz"))
     assert synset.images_normalized.shape == (10, 16, 16, 1) and synset.partition_factor == 2
     np.testing.assert_array_equal(synset.labels, np.arange(10))
     assert synset.images.min() >= 0.0 and synset.images.max() <= 1.0

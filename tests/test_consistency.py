@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import quick
-from idm_jax import consistency, data as data_lib, export
+from idm_jax import consistency, data as data_lib, synthetic_file
 
 
 def test_well_separated_clusters_give_one_at_every_k():
@@ -48,8 +48,8 @@ def test_bad_inputs_are_named():
 
 def _save_set(path, ds, idx, labels):
     images = np.asarray(data_lib.normalize(ds.train_images[idx], ds.mean, ds.std))
-    return export.save_synthetic(path, images, labels, mean=ds.mean, std=ds.std, class_names=ds.class_names,
-                                 partition_factor=1, method="random", dataset=ds.name)
+    return synthetic_file.save_synthetic(path, images, labels, mean=ds.mean, std=ds.std, class_names=ds.class_names,
+                                         partition_factor=1, method="random", dataset=ds.name)
 
 
 @pytest.mark.slow  # ~40 s on 2 busy cores: the feature net's compile

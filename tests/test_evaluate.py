@@ -235,7 +235,7 @@ def test_renormalize_keeps_pixels():
     y = data.renormalize(x, [0.5], [0.25], [0.1], [0.5])
     np.testing.assert_allclose(y * 0.5 + 0.1, x * 0.25 + 0.5, atol=1e-6)
     np.testing.assert_array_equal(data.renormalize(x, [0.5], [0.25], [0.5], [0.25]), x)  # same stats: as is
-    # (0, 1) <-> (mean, std) is the pixel <-> normalized conversion of export's npz.
+    # (0, 1) <-> (mean, std) is the pixel <-> normalized conversion of synthetic_file's npz.
     np.testing.assert_allclose(data.renormalize(x, 0.0, 1.0, [0.5], [0.25]), (x - 0.5) / 0.25, rtol=1e-6)
 
 
@@ -244,15 +244,15 @@ def test_renormalize_keeps_pixels():
 def test_run_evaluation_scores_a_bare_torch_layout_set_like_its_own_format(tmp_path):
     """A set saved as the authors' release saves it (normalized, [N, C, H, W], only images and
     labels) scores exactly as the same set in idm_jax's synthetic.npz."""
-    from idm_jax import export
+    from idm_jax import synthetic_file
 
     c = tiny_config(sets={"eval.dsa": False})  # the digits; plumbing test: skip DSA's compile time
     ds = data.load_config_dataset(c)
     idx = np.concatenate([np.flatnonzero(ds.train_labels == k)[:2] for k in range(10)])
     normalized = np.asarray(data.normalize(ds.train_images[idx], ds.mean, ds.std), np.float32)
     labels = ds.train_labels[idx]
-    full = export.save_synthetic(str(tmp_path / "full.npz"), normalized, labels, mean=ds.mean, std=ds.std,
-                                 class_names=ds.class_names, partition_factor=1, method="dm", dataset=ds.name)
+    full = synthetic_file.save_synthetic(str(tmp_path / "full.npz"), normalized, labels, mean=ds.mean, std=ds.std,
+                                         class_names=ds.class_names, partition_factor=1, method="dm", dataset=ds.name)
     bare = tmp_path / "release.npz"
     np.savez(bare, images=np.transpose(normalized, (0, 3, 1, 2)), labels=labels.astype(np.int64))
     ours = evaluate_set.run_evaluation(c, str(tmp_path / "ours"), full)

@@ -1,426 +1,313 @@
-"""synthetic.npz format, PNG grid, results.json / results.md and the paper's numbers."""
+"""--mode=export: an ImageFolder of PNGs and DD-Ranking's NCHW arrays of what the evaluator trains on."""
 
 import json
 import os
+import sys
 import types
 
+import jax
 import numpy as np
 import pytest
-from PIL import Image
 
-from idm_jax import export
-from idm_jax import results as results_lib
-
-MEAN = np.array([0.5, 0.25, 0.125], np.float32)
-STD = np.array([0.25, 0.5, 0.5], np.float32)
-NAMES = ("cat", "dog")
+from configs import quick
+from idm_jax import augment, coresets, data, evaluate, export, synthetic_file
 
 
-def _set(n=4, h=5, w=6, c=3, seed=0):
-    rng = np.random.default_rng(seed)
-    images = rng.normal(0, 2.0, (n, h, w, c)).astype(np.float32)  # leaves [0, 1] after denorm
-    labels = np.arange(n, dtype=np.int32) % 2
-    return images, labels
+@pytest.fixture(scope="module")
+def digits():
+    return data.load_config_dataset(quick.get_config("2"))
 
 
-def _save(path, images, labels, **kw):
-    args = dict(mean=MEAN, std=STD, class_names=NAMES, partition_factor=2, method="idm",
-                dataset="cifar10", config_json='{"ipc": 2}')
-    args.update(kw)
-    return export.save_synthetic(str(path), images, labels, **args)
+@pytest.fixture(scope="module")
+def digit_set(digits, tmp_path_factory):
+    """A partitioned set as IDM initialises one (l = 2): each of 2 images per class packs 4 real
+    digits downscaled to 8x8 (80 images to train on), two pixels pushed outside [0, 1] as synthetic
+    images may be."""
+    idx = coresets.select_random(jax.random.PRNGKey(3), digits.train_labels, digits.num_classes, 8)
+    real = np.asarray(data.normalize(digits.train_images[idx], digits.mean, digits.std))
+    small = real.reshape(20, 4, 8, 2, 8, 2, 1).mean(axis=(3, 5))  # [stored image, quadrant, 8, 8, 1]
+    images = np.concatenate([np.concatenate([small[:, 0], small[:, 1]], 2),
+                             np.concatenate([small[:, 2], small[:, 3]], 2)], 1)
+    idx = idx[::4]
+    images[0, 0, 0, 0] = (1.2 - digits.mean[0]) / digits.std[0]
+    images[1, 0, 0, 0] = (-0.1 - digits.mean[0]) / digits.std[0]
+    path = synthetic_file.save_synthetic(str(tmp_path_factory.mktemp("set") / "synthetic.npz"), images,
+                                         digits.train_labels[idx], mean=digits.mean, std=digits.std,
+                                         class_names=digits.class_names, partition_factor=2, method="random",
+                                         dataset=digits.name)
+    return synthetic_file.load_synthetic(path)
 
 
-def test_round_trip_is_exact(tmp_path):
-    images, labels = _set()
-    path = _save(tmp_path / "synthetic.npz", images, labels)
-    s = export.load_synthetic(path)
-    np.testing.assert_array_equal(s.images_normalized, images)
-    np.testing.assert_array_equal(s.labels, labels)
-    assert s.labels.dtype == np.int32
-    np.testing.assert_array_equal(s.mean, MEAN)
-    np.testing.assert_array_equal(s.std, STD)
-    # Pixel-space copy: denormalized then clipped to [0, 1].
-    np.testing.assert_allclose(s.images, np.clip(images * STD + MEAN, 0, 1), rtol=0, atol=1e-7)
-    assert s.images.min() == 0.0 and s.images.max() == 1.0  # the N(0, 2) values really were clipped
-    assert s.class_names == NAMES
-    assert (s.partition_factor, s.method, s.dataset, s.config_json) == (2, "idm", "cifar10", '{"ipc": 2}')
-    assert s.image_shape == (5, 6, 3) and s.num_classes == 2 and s.ipc == 2
+@pytest.fixture(scope="module")
+def exported(digit_set, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("export"))
+    return out, export.export_set(digit_set, out)
 
 
-def test_the_recorded_config_is_flat_and_older_nested_ones_read_flat(tmp_path):
-    from configs import quick
+def test_imagefolder_has_every_expanded_image_in_label_order(digit_set, exported):
+    out, record = exported
+    folder = os.path.join(out, "imagefolder")
+    classes = sorted(os.listdir(folder))
+    assert classes == [export.class_folder(c, n, 10) for c, n in enumerate(digit_set.class_names)]
+    assert classes[0] == "000_0" and classes[9] == "009_9"
+    assert [len(os.listdir(os.path.join(folder, c))) for c in classes] == [8] * 10  # 2 images x 2 x 2 pieces
+    assert record["exported_images"] == 80 and record["stored_images"] == 20
+    assert record["imagefolder"]["images_per_class_folder"] == dict.fromkeys(classes, 8)
 
+
+def test_png_values_are_the_rounded_pixels_of_the_evaluator_input(digit_set, exported):
+    out, record = exported
+    images, labels = export.evaluator_inputs(digit_set)
+    expected = np.asarray(augment.partition_expand(digit_set.images_normalized, None, 2)[0])
+    np.testing.assert_array_equal(images, expected)
+    u8, png_labels, _ = export.read_imagefolder(os.path.join(out, "imagefolder"))
+    order = np.lexsort((np.arange(len(labels)), labels))  # files are sorted by class, then index
+    np.testing.assert_array_equal(png_labels, labels[order])
+    pixels = images * digit_set.std + digit_set.mean
+    np.testing.assert_array_equal(u8, np.round(255 * np.clip(pixels, 0, 1)).astype(np.uint8)[order])
+    r = record["rounding_change"]
+    assert r["clipped_fraction"] > 0 and r["max_change_levels_unclipped"] <= 0.5 + 1e-3
+    assert r["max_change_levels"] == pytest.approx(0.2 * 255, abs=0.01)  # the pixel pushed to 1.2
+    assert json.load(open(os.path.join(out, "export.json")))["rounding_change"] == r
+
+
+def test_ddranking_arrays_are_nchw_normalized_evaluator_input(digit_set, exported):
+    out, record = exported
+    images, labels = export.evaluator_inputs(digit_set)
+    x = np.load(os.path.join(out, "ddranking", "images.npy"))
+    y = np.load(os.path.join(out, "ddranking", "labels.npy"))
+    assert x.dtype == np.float32 and x.shape == (80, 1, 16, 16) and y.dtype == np.int64
+    np.testing.assert_array_equal(x, images.transpose(0, 3, 1, 2))
+    np.testing.assert_array_equal(y, labels)
+    assert record["ddranking"]["files"] == ["images.npy", "labels.npy"]  # no torch here
+
+
+def test_pt_files_when_torch_is_installed(monkeypatch, tmp_path):
+    tensors = []
+    fake = types.SimpleNamespace(from_numpy=lambda a: ("tensor", a),
+                                 save=lambda obj, f: (tensors.append(obj[1]), f.write(b"pt")))
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    written = export.write_ddranking(str(tmp_path), np.zeros((3, 4, 4, 2), np.float32), np.arange(3))
+    assert written == ["images.npy", "labels.npy", "images.pt", "labels.pt"]
+    assert (tmp_path / "images.pt").read_bytes() == b"pt"
+    assert tensors[0].shape == (3, 2, 4, 4) and tensors[1].dtype == np.int64
+
+
+def test_export_mode_of_a_bare_images_labels_file(digits, tmp_path):
+    x = np.random.default_rng(0).random((20, 16, 16, 1)).astype(np.float32)
+    np.savez(tmp_path / "bare.npz", images=x, labels=np.repeat(np.arange(10), 2))
     c = quick.get_config("2")
-    text = export.config_json(c)
-    flat = json.loads(text)  # one layout for every mode: {"idm.iterations": ..., "ipc": 2, ...}
-    assert flat["ipc"] == 2 and flat["idm.iterations"] == c.idm.iterations and "idm" not in flat
-    assert export.recorded_config(text) == flat
-    s = export.load_synthetic(_save(tmp_path / "s.npz", *_set(), config_json=text))
-    assert export.recorded_config(s.config_json)["data.source"] == "digits"
-    # A coreset set written before the layout was one: the config nested.
-    assert export.recorded_config('{"idm": {"iterations": 200}, "ipc": 1}') == {"idm.iterations": 200, "ipc": 1}
-    assert export.recorded_config("not json") == {} and export.recorded_config("[1]") == {}
+    record = export.run_export(c, str(tmp_path / "out"), str(tmp_path / "bare.npz"))
+    assert record["exported_images"] == 20 and record["partition_factor"] == 1
+    assert record["rounding_change"]["clipped_fraction"] == 0.0
+    assert record["rounding_change"]["max_change_levels"] <= 0.5 + 1e-3
+    u8, labels, _ = export.read_imagefolder(str(tmp_path / "out" / "imagefolder"))
+    np.testing.assert_array_equal(u8, np.round(x * 255).astype(np.uint8))
 
 
-def test_images_normalized_falls_back_to_normalized_pixels(tmp_path):
-    images, labels = _set()
-    path = _save(tmp_path / "s.npz", images, labels)
-    with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files if k != "images_normalized"}
-    np.savez(tmp_path / "old.npz", **arrays)
-    s = export.load_synthetic(str(tmp_path / "old.npz"))
-    pixels = np.clip(images * STD + MEAN, 0, 1)
-    np.testing.assert_allclose(s.images_normalized, (pixels - MEAN) / STD, atol=1e-6)
+@pytest.mark.slow
+def test_round_trip_scores_the_same(digits, digit_set, exported):
+    """Score the set, its .npy export and its PNG export with the same evaluator and keys."""
+    out, _ = exported
+    cfg = quick.get_config("2").eval
+    cfg.epochs, cfg.num_seeds = 30, 2
+    key = jax.random.PRNGKey(0)
+
+    def score(images, labels, factor):
+        return evaluate.evaluate_archs(images, labels, digits, cfg, archs=["ConvNetD2"], key=key,
+                                       partition_factor=factor)["ConvNetD2"]
+
+    original = score(digit_set.images_normalized, digit_set.labels, 2)
+    x = np.load(os.path.join(out, "ddranking", "images.npy")).transpose(0, 2, 3, 1)
+    npy = score(x, np.load(os.path.join(out, "ddranking", "labels.npy")).astype(np.int32), 1)
+    u8, labels, _ = export.read_imagefolder(os.path.join(out, "imagefolder"))
+    png = score(np.asarray(data.normalize(u8, digits.mean, digits.std)), labels, 1)
+    print(f"round trip: set {original['mean']:.2f} ± {original['std']:.2f}, .npy {npy['mean']:.2f} ± "
+          f"{npy['std']:.2f}, PNG {png['mean']:.2f} ± {png['std']:.2f}")
+    assert npy["accuracies"] == pytest.approx(original["accuracies"], abs=1e-6)  # the same input
+    spread = max(original["std"], png["std"], 1.0)
+    assert abs(png["mean"] - original["mean"]) <= 3 * spread
 
 
-def test_write_is_atomic_and_leaves_no_temporary_file(tmp_path, monkeypatch):
-    images, labels = _set()
-    path = _save(tmp_path / "synthetic.npz", images, labels)
-    assert sorted(os.listdir(tmp_path)) == ["synthetic.npz"]
-
-    def broken_savez(f, **arrays):
-        f.write(b"PK half an archive")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(np, "savez", broken_savez)
-    with pytest.raises(OSError, match="disk full"):
-        _save(tmp_path / "synthetic.npz", images * 0, labels)
-    # The old file is intact and the half-written temporary is gone.
-    assert sorted(os.listdir(tmp_path)) == ["synthetic.npz"]
-    np.testing.assert_array_equal(export.load_synthetic(path).images_normalized, images)
+def _set(dataset, mean, std, images_normalized, labels=None, classes=10):
+    labels = np.arange(len(images_normalized)) % classes if labels is None else labels
+    return synthetic_file.SyntheticSet(
+        images=np.clip(images_normalized * np.float32(std) + np.float32(mean), 0, 1),
+        images_normalized=np.asarray(images_normalized, np.float32), labels=np.asarray(labels, np.int32),
+        mean=np.asarray(mean, np.float32), std=np.asarray(std, np.float32),
+        class_names=tuple(str(k) for k in range(classes)), partition_factor=1, method="idm", dataset=dataset)
 
 
-def test_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.npz"):
-        export.load_synthetic(str(tmp_path / "nope.npz"))
+def test_a_cifar100_export_carries_ddranking_normalization(tmp_path):
+    """DD-Ranking normalizes CIFAR-100 with CIFAR-10's statistics: the arrays are renormalized to
+    those, the PNGs keep the pixels."""
+    c100_mean, c100_std = data.NORMALIZATION["cifar100"]
+    pixels = np.full((100, 4, 4, 3), 0.5, np.float32)
+    pixels[0, 0, 0] = (0.0, 0.25, 1.0)
+    synset = _set("cifar100-jpeg", c100_mean, c100_std, (pixels - c100_mean) / np.float32(c100_std), classes=100)
+    record = export.export_set(synset, str(tmp_path))
+    x = np.load(tmp_path / "ddranking" / "images.npy")
+    # (0.5 - 0.4914) / 0.2023 = 0.042511, (0.0 - 0.4914) / 0.2023 = -2.429066, (1 - 0.4465) / 0.2010 = 2.753731
+    assert x[1, 0, 0, 0] == pytest.approx(0.042511, abs=1e-5)
+    assert x[0, :, 0, 0] == pytest.approx([-2.429066, (0.25 - 0.4822) / 0.1994, 2.753731], abs=1e-5)
+    assert record["ddranking"]["mean"] == [0.4914, 0.4822, 0.4465]
+    assert record["ddranking"]["std"] == [0.2023, 0.1994, 0.2010]
+    assert record["ddranking"]["normalization"] == ("DD-Ranking's normalization of CIFAR100 "
+                                                    "(ddranking 0.2.0, utils/data.py)")
+    assert record["mean"] == pytest.approx(list(c100_mean))  # the evaluator's: CIFAR-100's own
+    saved = json.load(open(tmp_path / "export.json"))
+    assert saved["ddranking"]["normalization"].startswith("DD-Ranking's normalization of CIFAR100")
+    u8, _, _ = export.read_imagefolder(str(tmp_path / "imagefolder"))
+    assert u8[0, 0, 0].tolist() == [0, 64, 255] and u8[1, 0, 0].tolist() == [128, 128, 128]
 
 
-def test_random_bytes_and_truncated_files_are_named(tmp_path):
-    bad = tmp_path / "garbage.npz"
-    bad.write_bytes(np.random.default_rng(0).bytes(1000))
-    with pytest.raises(ValueError, match="garbage.npz.*not a readable .npz"):
-        export.load_synthetic(str(bad))
-    images, labels = _set()
-    good = _save(tmp_path / "good.npz", images, labels)
-    data = open(good, "rb").read()
-    cut = tmp_path / "cut.npz"
-    cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="cut.npz"):
-        export.load_synthetic(str(cut))
+def test_a_set_stored_unnormalized_is_renormalized_as_evaluate_does(tmp_path):
+    """The ImageNet subset condenses [0, 1] images (stored with mean 0, std 1): the evaluator, and so
+    the export, sees them under ImageNet's statistics."""
+    pixels = np.random.default_rng(1).random((10, 4, 4, 3)).astype(np.float32)
+    synset = _set("imagenet_subset", [0, 0, 0], [1, 1, 1], pixels)
+    record = export.export_set(synset, str(tmp_path))
+    mean, std = np.float32([0.485, 0.456, 0.406]), np.float32([0.229, 0.224, 0.225])
+    images, _ = export.evaluator_inputs(synset, mean, std)
+    np.testing.assert_allclose(images, (pixels - mean) / std, atol=1e-5)
+    x = np.load(tmp_path / "ddranking" / "images.npy")
+    np.testing.assert_allclose(x, ((pixels - mean) / std).transpose(0, 3, 1, 2), atol=1e-5)
+    assert record["mean"] == pytest.approx(mean.tolist()) and record["stored_mean"] == [0.0, 0.0, 0.0]
+    assert record["rounding_change"]["max_change_levels"] <= 0.5 + 1e-3  # the PNGs are the same pixels
+    u8, _, _ = export.read_imagefolder(str(tmp_path / "imagefolder"))
+    np.testing.assert_array_equal(np.sort(u8.ravel()), np.sort(np.round(pixels * 255).astype(np.uint8).ravel()))
 
 
-def _rewrite(tmp_path, name, **changes):
-    """A valid file with some arrays replaced (None removes the key)."""
-    images, labels = _set()
-    src = _save(tmp_path / "src.npz", images, labels)
-    with np.load(src) as z:
-        arrays = {k: z[k] for k in z.files}
-    for k, v in changes.items():
-        if v is None:
-            del arrays[k]
-        else:
-            arrays[k] = v
-    path = tmp_path / name
-    np.savez(path, **arrays)
-    return str(path)
+def test_a_dataset_ddranking_lacks_keeps_the_evaluators_normalization(digit_set):
+    theirs = export.ddranking_normalization("digits", 1, (digit_set.mean, digit_set.std))
+    assert theirs["mean"] == pytest.approx(digit_set.mean.tolist())
+    assert "has no dataset like 'digits'" in theirs["source"]
 
 
-def test_missing_key_is_named(tmp_path):
-    path = _rewrite(tmp_path, "nolabels.npz", labels=None)
-    with pytest.raises(ValueError, match=r"nolabels.npz.*\['labels'\]"):
-        export.load_synthetic(path)
+def test_export_of_a_non_finite_set_is_refused_and_writes_nothing(tmp_path):
+    x = np.random.default_rng(0).random((20, 16, 16, 1)).astype(np.float32)
+    x[0, 0, 0, 0], x[1, 1, 1, 0] = np.nan, np.inf
+    np.savez(tmp_path / "bad.npz", images=x, labels=np.repeat(np.arange(10), 2))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ValueError, match=r"2 of 5120 values of 'images' are not finite \(1 NaN, 1 infinite\); "
+                                         r"refusing to export it$"):
+        export.run_export(quick.get_config("2"), str(out), str(tmp_path / "bad.npz"))
+    assert os.listdir(out) == []
 
 
-def test_wrongly_shaped_images(tmp_path):
-    path = _rewrite(tmp_path, "flat.npz", images=np.zeros((4, 5, 6), np.float32),
-                    images_normalized=None)
-    with pytest.raises(ValueError, match=r"flat.npz.*4-D.*\(4, 5, 6\)"):
-        export.load_synthetic(path)
+def _read_like_torchvision(folder, files, label_key):
+    """torchvision's CIFAR10.__init__: pickle.load(latin1), vstack, reshape to NCHW, transpose to NHWC."""
+    import pickle
+    data_rows, targets = [], []
+    for name in files:
+        with open(os.path.join(folder, name), "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        data_rows.append(entry["data"])
+        targets.extend(entry[label_key])
+    return np.vstack(data_rows).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1)), targets
 
 
-def test_label_count_mismatch(tmp_path):
-    path = _rewrite(tmp_path, "labels.npz", labels=np.zeros(3, np.int32))
-    with pytest.raises(ValueError, match=r"labels.npz.*labels shape \(3,\) for 4 images"):
-        export.load_synthetic(path)
+@pytest.mark.parametrize("classes", [10, 100])
+def test_torchvision_cifar_layout_reads_back_the_same_images(tmp_path, classes):
+    rng = np.random.default_rng(classes)
+    train = rng.integers(0, 256, (2 * classes, 32, 32, 3), dtype=np.uint8)
+    test = rng.integers(0, 256, (classes, 32, 32, 3), dtype=np.uint8)
+    train_labels, test_labels = np.arange(2 * classes) % classes, np.arange(classes)[::-1]
+    names = [f"class{k}" for k in range(classes)]
+    folder = export.write_torchvision_cifar(str(tmp_path), train, train_labels, test, test_labels, names)
+    tv_folder, train_files, test_file, meta, label_key, names_key = export.TORCHVISION_CIFAR[classes]
+    assert folder == str(tmp_path / tv_folder)
+    assert sorted(os.listdir(folder)) == sorted(train_files + [test_file, meta])
+    images, labels = _read_like_torchvision(folder, train_files, label_key)
+    np.testing.assert_array_equal(images, train)
+    assert labels == train_labels.tolist()
+    images, labels = _read_like_torchvision(folder, [test_file], label_key)
+    np.testing.assert_array_equal(images, test)
+    assert labels == test_labels.tolist()
+    import pickle
+    assert pickle.load(open(os.path.join(folder, meta), "rb"), encoding="latin1")[names_key] == names
+    # numpy 2 pickles arrays naming numpy._core, which numpy 1 (torch environments) lacks
+    assert b"_core" not in open(os.path.join(folder, test_file), "rb").read()
+    # one image's row: its red plane first, as CIFAR stores it
+    assert export.cifar_rows(train[:1])[0, :1024].tolist() == train[0, :, :, 0].ravel().tolist()
+    with pytest.raises(ValueError, match="10 or 100 classes, not 7"):
+        export.write_torchvision_cifar(str(tmp_path), train, train_labels, test, test_labels, names[:7])
 
 
-def test_label_out_of_range_and_bad_partition(tmp_path):
-    path = _rewrite(tmp_path, "range.npz", labels=np.array([0, 1, 2, 0], np.int32))
-    with pytest.raises(ValueError, match=r"range.npz.*\[0, 2\)"):
-        export.load_synthetic(path)
-    path = _rewrite(tmp_path, "part.npz", partition_factor=np.asarray(0))
-    with pytest.raises(ValueError, match="part.npz.*partition_factor must be >= 1, got 0"):
-        export.load_synthetic(path)
+def _ddranking_python() -> str | None:
+    """A Python that imports ddranking: this one, else $IDM_DDRANKING_PYTHON (a separate torch venv)."""
+    import importlib.util
+    import subprocess
+    if importlib.util.find_spec("ddranking") is not None:
+        return sys.executable
+    other = os.environ.get("IDM_DDRANKING_PYTHON", "")
+    if other and subprocess.run([other, "-c", "import ddranking"], capture_output=True).returncode == 0:
+        return other
+    return None
 
 
-def test_save_rejects_bad_input(tmp_path):
-    images, labels = _set()
-    with pytest.raises(ValueError, match="4-D"):
-        _save(tmp_path / "a.npz", images[0], labels)
-    with pytest.raises(ValueError, match="one label per image"):
-        _save(tmp_path / "a.npz", images, labels[:3])
-    with pytest.raises(ValueError, match="one value per channel"):
-        _save(tmp_path / "a.npz", images, labels, mean=[0.5])
-    with pytest.raises(ValueError, match="partition_factor"):
-        _save(tmp_path / "a.npz", images, labels, partition_factor=0)
-    assert not os.listdir(tmp_path)
+@pytest.mark.slow
+def test_ddrankings_own_evaluator_scores_an_export(tmp_path):
+    """DD-Ranking's LabelRobustScoreHard (its code, unchanged but for the two workarounds of
+    benchmarks/ddranking_score.py) scores a --mode=export of one real CIFAR-10 image per class, at the
+    smallest setting it accepts: 10 epochs, one evaluation, 20 train and 20 test images per class."""
+    import subprocess
+    python = _ddranking_python()
+    if python is None:
+        pytest.skip("ddranking is not importable here and $IDM_DDRANKING_PYTHON names no Python that imports it")
+    if not os.environ.get("IDM_CIFAR10"):
+        pytest.skip("$IDM_CIFAR10 (the CIFAR-10 archive) is not set")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(repo, "benchmarks", "ddranking_score.py")
+    from configs import cifar10
+    config = cifar10.get_config("1")
+    ds = data.load_config_dataset(config)
+    out = subprocess.run([sys.executable, script, "cifar", "--config=configs/cifar10.py", f"--out={tmp_path / 'data'}",
+                          "--train_per_class=20", "--test_per_class=20"], cwd=repo, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    idx = np.asarray([np.flatnonzero(ds.train_labels == c)[0] for c in range(10)])
+    real = np.asarray(data.normalize(ds.train_images[idx], ds.mean, ds.std))
+    npz = synthetic_file.save_synthetic(str(tmp_path / "real1.npz"), real, ds.train_labels[idx], mean=ds.mean,
+                                        std=ds.std, class_names=ds.class_names, partition_factor=1,
+                                        method="random", dataset=ds.name)
+    export.run_export(config, str(tmp_path / "export"), npz)
+    out = subprocess.run([python, script, "score", f"--export={tmp_path / 'export'}", f"--data={tmp_path / 'data'}",
+                          "--ipc=1", "--epochs=10", "--num_eval=1", "--real_batch_size=64",
+                          f"--out={tmp_path / 'scores'}"], cwd=tmp_path, capture_output=True, text=True, timeout=3600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    record = json.load(open(tmp_path / "scores" / "scores.json"))
+    acc, got = record["accuracies"], record["ddranking"]
+    assert all(len(v) == 1 and 0.0 <= v[0] <= 100.0 for v in acc.values()), acc
+    # its HLR and IOR are differences of the accuracies it logged, in percentage points
+    assert got["hard_label_recovery_mean"] == pytest.approx(acc["full"][0] - acc["syn"][0])
+    assert got["improvement_over_random_mean"] == pytest.approx(acc["syn"][0] - acc["random"][0])
+    # its LRS is the formula on those points; ours on fractions is the same formula on points / 100
+    hlr, ior = got["hard_label_recovery_mean"], got["improvement_over_random_mean"]
+    from idm_jax import yardstick
+    assert got["label_robust_score_mean"] == pytest.approx(yardstick.lrs_ddranking_code(ior, hlr))
+    assert record["lrs_of_fractions"] == pytest.approx(yardstick.lrs(ior / 100, hlr / 100))
+    assert record["settings"]["normalization"].startswith("DD-Ranking's normalization of CIFAR10")
+    rows = open(tmp_path / "scores" / "obj_scores.csv").read().splitlines()
+    assert rows[0] == "hard_label_recovery,improvement_over_random,lrs" and len(rows) == 2  # saved despite its bug
 
 
-def test_check_compatible_names_both_sides():
-    images, labels = _set()
-    s = export.SyntheticSet(images=images, images_normalized=images, labels=labels, mean=MEAN,
-                            std=STD, class_names=NAMES, partition_factor=1, method="random",
-                            dataset="x", path="syn.npz")
-    ok = types.SimpleNamespace(name="toy", image_shape=(5, 6, 3), num_classes=2)
-    export.check_compatible(s, ok)
-    wrong_shape = types.SimpleNamespace(name="toy", image_shape=(32, 32, 3), num_classes=2)
-    with pytest.raises(ValueError, match=r"syn.npz.*\(5, 6, 3\).*'toy'.*\(32, 32, 3\)"):
-        export.check_compatible(s, wrong_shape)
-    wrong_classes = types.SimpleNamespace(name="toy", image_shape=(5, 6, 3), num_classes=10)
-    with pytest.raises(ValueError, match=r"2 classes but dataset 'toy' has 10"):
-        export.check_compatible(s, wrong_classes)
+def test_a_full_disk_while_writing_the_pngs_names_the_folder_and_the_space(tmp_path, monkeypatch):
+    import errno
+    from PIL import Image
+    from idm_jax import workdir as workdir_lib
+    images = np.zeros((10, 32, 32, 3), np.uint8)
+    folder = str(tmp_path / "imagefolder")
+    export.write_imagefolder(folder, images[:2], np.arange(2), [str(k) for k in range(10)])
+    before = sorted(os.listdir(folder))
 
-
-def test_grid_png_rows_are_classes(tmp_path):
-    # 3 classes; class 1 has two images, so the grid is 3 rows x 2 columns of 8x8 cells -> 64 px.
-    images = np.zeros((4, 8, 8, 1), np.float32)
-    images[0] = 1.0
-    images[1, :4] = 0.5
-    labels = np.array([1, 1, 0, 2])
-    path = export.save_grid_png(str(tmp_path / "grid.png"), images, labels, 3, min_cell=64, gap=2)
-    grid = np.asarray(Image.open(path))
-    assert grid.shape == (3 * 66 - 2, 2 * 66 - 2)
-    row1 = grid[66:66 + 64]
-    assert np.all(row1[:, :64] == 255)  # image 0: white, first cell of class 1's row
-    assert np.all(row1[:32, 66:130] == 128) and np.all(row1[32:, 66:130] == 0)  # image 1
-    assert np.all(grid[:64, 66:130] == 255)  # class 0 has one image: its 2nd cell is background
-    assert os.listdir(tmp_path) == ["grid.png"]
-    rgb = export.save_grid_png(str(tmp_path / "rgb.png"), np.ones((2, 4, 4, 3)), [0, 1], 2)
-    assert Image.open(rgb).mode == "RGB"
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
-        export.save_grid_png(str(tmp_path / "x.png"), np.ones((2, 4, 4, 3)), [0, 2], 2)
-
-
-def test_write_results_round_trip(tmp_path):
-    results = {"method": "random", "archs": {"ConvNet": {"accuracies": np.array([50.0, 52.0]),
-                                                        "mean": np.float32(51.0),
-                                                        "seconds_per_epoch": float("nan")}}}
-    path = results_lib.write_results(str(tmp_path), results)
-    assert json.load(open(path)) == {"method": "random", "archs": {"ConvNet": {
-        "accuracies": [50.0, 52.0], "mean": 51.0, "seconds_per_epoch": None}}}
-    assert os.listdir(tmp_path) == ["results.json"]
-
-
-def test_paper_numbers_match_reference():
-    assert results_lib.paper_accuracy("cifar10", "idm", 10, "ConvNet", partition_factor=2)[:2] == (58.6, 0.1)
-    assert results_lib.paper_accuracy("cifar100", "idm", 50, "ConvNet")[0] == 50.0
-    assert results_lib.paper_accuracy("tinyimagenet", "dm", 1, "ConvNetD4", partition_factor=1,
-                                  train_arch="ConvNetD4")[0] == 3.9
-    assert results_lib.paper_accuracy("imagenet_subset", "idm", 1, "ConvNetD6", train_arch="ConvNetD6")[0] == 11.2
-    assert results_lib.paper_accuracy("cifar10", "whole", None, "ConvNet")[0] == 84.8
-    assert results_lib.paper_accuracy("cifar10", "random", 1, "ConvNet", partition_factor=1)[:2] == (14.4, 2.0)
-    # Table 5: CIFAR-10 IPC 10 condensed with ConvNet, no partition.
-    table5 = [results_lib.paper_accuracy("cifar10", "idm", 10, a, partition_factor=1)[0]
-              for a in ("ConvNet", "AlexNet", "VGG11", "ResNet18")]
-    assert table5 == [53.0, 44.6, 47.8, 44.6]
-    assert results_lib.paper_accuracy("cifar10", "dm", 10, "AlexNet", partition_factor=1)[0] == 38.8
-    # No number for settings the paper did not run.
-    assert results_lib.paper_accuracy("cifar10", "idm", 10, "AlexNet", partition_factor=2) is None
-    assert results_lib.paper_accuracy("cifar10", "idm", 20, "ConvNet") is None
-    assert results_lib.paper_accuracy("tinyimagenet", "idm", 1, "ConvNetD4", train_arch="AlexNet") is None
-    assert results_lib.paper_accuracy("digits", "idm", 1, "ConvNet") is None
-    assert results_lib.paper_results()["continual"]["idm"] == [39.3, 39.3]
-
-
-@pytest.mark.parametrize("name,key", [("cifar10", "cifar10"), ("tfds:cifar100", "cifar100"),
-                                      ("cifar10-jpeg", "cifar10"),
-                                      ("/data/cifar10-jpeg.tar.gz", "cifar10"),
-                                      ("tiny-imagenet-200", "tinyimagenet"), ("digits", None)])
-def test_paper_dataset_key(name, key):
-    assert results_lib.paper_dataset_key(name) == key
-
-
-def test_results_markdown_puts_paper_beside_measured():
-    results = {"method": "idm", "dataset": "cifar10-jpeg", "ipc": 10, "partition_factor": 2,
-               "train_arch": "ConvNet",
-               "archs": {"ConvNet": {"mean": 57.123, "std": 0.456, "accuracies": [1, 2, 3, 4, 5],
-                                     "num_seeds": 5, "epochs": 1000, "num_train_images": 400},
-                         "AlexNet": {"mean": 40.0, "std": 1.0, "num_seeds": 5, "epochs": 1000,
-                                     "num_train_images": 400}}}
-    md = results_lib.results_markdown(results)
-    lines = md.splitlines()
-    convnet = next(l for l in lines if l.startswith("| ConvNet"))
-    assert "57.12 ± 0.46" in convnet and "58.6 ± 0.1" in convnet and "Table 1" in convnet
-    assert "| 400 |" in convnet and "| 1000 |" in convnet
-    alexnet = next(l for l in lines if l.startswith("| AlexNet"))
-    assert "40.00 ± 1.00" in alexnet and alexnet.endswith("| — | — |")
-
-
-def test_results_markdown_adds_the_random_reference_rows():
-    results = {"method": "idm", "dataset": "cifar10", "ipc": 10, "partition_factor": 2, "train_arch": "ConvNet",
-               "archs": {"ConvNet": {"mean": 57.0, "std": 0.5, "num_seeds": 2, "epochs": 150,
-                                     "num_train_images": 400}},
-               "random_reference": {"ConvNet": {"mean": 25.125, "std": 1.0, "num_seeds": 2, "epochs": 150,
-                                                "num_train_images": 100}}}
-    ref = [l for l in results_lib.results_markdown(results).splitlines() if "Random real images" in l]
-    assert ref == ["| ConvNet, Random real images (reference) | 2 | 150 | 100 | 25.12 ± 1.00 | 26.0 ± 1.2 | "
-                   "Table 1, CIFAR-10 IPC 10 |"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Sets made elsewhere: a bare images + labels .npz, its metadata from the dataset it is scored on
-
-TOY_DATA = types.SimpleNamespace(name="toy", mean=MEAN, std=STD, class_names=NAMES, image_shape=(5, 6, 3))
-
-
-def _bare(tmp_path, name="bare.npz", **arrays):
-    path = tmp_path / name
-    np.savez(path, **arrays)
-    return str(path)
-
-
-def _pixels(n=4, seed=1):
-    return np.random.default_rng(seed).uniform(0, 1, (n, 5, 6, 3)).astype(np.float32)
-
-
-def test_bare_file_without_a_dataset_names_every_missing_key(tmp_path):
-    path = _bare(tmp_path, images=_pixels(), labels=np.array([0, 1, 0, 1]))
-    with pytest.raises(ValueError, match=r"bare.npz' lacks key\(s\) \['mean', 'std', 'class_names', "
-                                         r"'partition_factor', 'method', 'dataset'\].*--mode=evaluate"):
-        export.load_synthetic(path)
-
-
-def test_bare_pixel_file_takes_statistics_and_names_from_the_dataset(tmp_path):
-    pixels = _pixels()
-    path = _bare(tmp_path, images=pixels, labels=np.array([0, 1, 0, 1], np.int64))
-    s = export.load_synthetic(path, TOY_DATA)
-    np.testing.assert_allclose(s.images_normalized, (pixels - MEAN) / STD, rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(s.images, pixels)
-    assert s.labels.dtype == np.int32 and s.labels.tolist() == [0, 1, 0, 1]
-    assert (s.class_names, s.partition_factor, s.method, s.dataset) == (NAMES, 1, "external", "toy")
-    np.testing.assert_array_equal(s.mean, MEAN)
-    assert s.filled_from_dataset == export.METADATA_KEYS
-    # uint8 pixels are 0-255
-    u8 = np.round(pixels * 255).astype(np.uint8)
-    s8 = export.load_synthetic(_bare(tmp_path, "u8.npz", images=u8, labels=[0, 1, 0, 1]), TOY_DATA)
-    np.testing.assert_allclose(s8.images, u8 / 255.0, atol=1e-7)
-
-
-def test_bare_normalized_nchw_file_as_torch_saves_it(tmp_path):
-    normalized = np.random.default_rng(2).normal(0, 1.5, (4, 5, 6, 3)).astype(np.float32)
-    nchw = np.transpose(normalized, (0, 3, 1, 2))  # [N, C, H, W] = (4, 3, 5, 6)
-    path = _bare(tmp_path, images=nchw, labels=[1, 0, 1, 0])
-    for layout in ("auto", "NCHW"):
-        s = export.load_synthetic(path, TOY_DATA, space="normalized", layout=layout, partition_factor=2,
-                                  method="dm")
-        np.testing.assert_array_equal(s.images_normalized, normalized)
-        np.testing.assert_allclose(s.images, np.clip(normalized * STD + MEAN, 0, 1), atol=1e-6)
-        assert (s.partition_factor, s.method, s.image_shape) == (2, "dm", (5, 6, 3))
-    # Read as NHWC it does not fit the dataset: both shapes are named.
-    with pytest.raises(ValueError, match=r"bare.npz' has images of shape \(3, 5, 6\) \(H, W, C\) but "
-                                         r"dataset 'toy' has \(5, 6, 3\)"):
-        export.load_synthetic(path, TOY_DATA, space="normalized", layout="NHWC")
-
-
-def test_layout_guess_without_a_dataset_and_ambiguous_shapes(tmp_path):
-    normalized = np.random.default_rng(3).normal(0, 1, (2, 3, 8, 8)).astype(np.float32)
-    arrays = dict(images=normalized, labels=np.array([0, 1]), mean=MEAN, std=STD,
-                  class_names=np.asarray(NAMES), partition_factor=np.asarray(1), method=np.asarray("dm"),
-                  dataset=np.asarray("x"))
-    s = export.load_synthetic(_bare(tmp_path, "full.npz", **arrays), space="normalized")
-    assert s.image_shape == (8, 8, 3)  # channels on axis 1: NCHW
-    cube = types.SimpleNamespace(**{**vars(TOY_DATA), "image_shape": (3, 3, 3)})
-    path = _bare(tmp_path, "cube.npz", images=np.zeros((2, 3, 3, 3), np.float32), labels=[0, 1])
-    with pytest.raises(ValueError, match=r"cube.npz': images of shape \(2, 3, 3, 3\) fit both .*"
-                                         r"--synthetic_layout"):
-        export.load_synthetic(path, cube)
-    assert export.load_synthetic(path, cube, layout="NHWC").image_shape == (3, 3, 3)
-
-
-def test_pixel_and_normalized_spaces_are_told_apart(tmp_path):
-    normalized = np.random.default_rng(4).normal(0, 1.5, (4, 5, 6, 3)).astype(np.float32)
-    path = _bare(tmp_path, "norm.npz", images=normalized, labels=[0, 1, 0, 1])
-    with pytest.raises(ValueError, match=r"norm.npz': images span \[-[0-9.]+, [0-9.]+\], not pixel values.*"
-                                         r"--synthetic_space=normalized"):
-        export.load_synthetic(path, TOY_DATA)
-    path = _bare(tmp_path, "pix.npz", images=_pixels(), labels=[0, 1, 0, 1])
-    with pytest.raises(ValueError, match=r"pix.npz': images said to be normalized lie in \[0.0.*no negative"):
-        export.load_synthetic(path, TOY_DATA, space="normalized")
-    path = _bare(tmp_path, "255.npz", images=_pixels() * 255, labels=[0, 1, 0, 1])
-    with pytest.raises(ValueError, match=r"255.npz': images span \[.*, 25[0-9.]*\].*uint8"):
-        export.load_synthetic(path, TOY_DATA)
-
-
-def test_bare_file_with_bad_labels_or_size_is_one_clear_line(tmp_path):
-    path = _bare(tmp_path, "labels.npz", images=_pixels(), labels=[0, 1, 5, 1])
-    with pytest.raises(ValueError, match=r"labels.npz': labels must lie in \[0, 2\) \(2 class names\), "
-                                         r"got range \[0, 5\]"):
-        export.load_synthetic(path, TOY_DATA)
-    path = _bare(tmp_path, "float.npz", images=_pixels(), labels=np.array([0.0, 1.0, 0.0, 1.0]))
-    with pytest.raises(ValueError, match="float.npz': labels must be integers, got dtype float64"):
-        export.load_synthetic(path, TOY_DATA)
-    path = _bare(tmp_path, "count.npz", images=_pixels(), labels=[0, 1, 0])
-    with pytest.raises(ValueError, match=r"count.npz': .*labels shape \(3,\) for 4 images"):
-        export.load_synthetic(path, TOY_DATA)
-    big = np.zeros((2, 32, 32, 3), np.float32)
-    path = _bare(tmp_path, "size.npz", images=big, labels=[0, 1])
-    with pytest.raises(ValueError, match=r"size.npz' has images of shape \(32, 32, 3\) \(H, W, C\) but "
-                                         r"dataset 'toy' has \(5, 6, 3\)"):
-        export.load_synthetic(path, TOY_DATA)
-    path = _bare(tmp_path, "nolabels.npz", images=big)
-    with pytest.raises(ValueError, match=r"nolabels.npz' lacks key\(s\) \['labels'\]"):
-        export.load_synthetic(path, TOY_DATA)
-    with pytest.raises(ValueError, match="unknown image space 'rgb'"):
-        export.load_synthetic(path, TOY_DATA, space="rgb")
-    with pytest.raises(ValueError, match="unknown image layout 'CHW'"):
-        export.load_synthetic(path, TOY_DATA, layout="CHW")
-
-
-def test_idm_jax_file_keeps_its_own_metadata_and_overrides_apply(tmp_path):
-    images, labels = _set()
-    path = _save(tmp_path / "s.npz", images, labels)
-    s = export.load_synthetic(path, TOY_DATA)  # the dataset fills nothing: every key is there
-    assert s.filled_from_dataset == () and (s.partition_factor, s.method, s.dataset) == (2, "idm", "cifar10")
-    np.testing.assert_array_equal(s.images_normalized, images)
-    s1 = export.load_synthetic(path, TOY_DATA, partition_factor=1, method="idm_l1")
-    assert (s1.partition_factor, s1.method) == (1, "idm_l1")
-    with pytest.raises(ValueError, match=r"s.npz' holds images_normalized.*drop --synthetic_space=normalized"):
-        export.load_synthetic(path, TOY_DATA, space="normalized")
-    with pytest.raises(ValueError, match="partition_factor must be >= 1, got 0"):
-        export.load_synthetic(path, TOY_DATA, partition_factor=0)
-
-
-def test_file_without_pixel_copy_loads(tmp_path):
-    # A published set may keep only images_normalized (the pixel copy is derived from it).
-    images, labels = _set()
-    path = _rewrite(tmp_path, "compact.npz", images=None)
-    s = export.load_synthetic(path)
-    np.testing.assert_array_equal(s.images_normalized, images)
-    np.testing.assert_allclose(s.images, np.clip(images * STD + MEAN, 0, 1), atol=1e-6)
-
-
-def test_atomic_file_makes_the_folder_and_keeps_the_old_file_on_failure(tmp_path):
-    from idm_jax import workdir
-    path = tmp_path / "new" / "folder" / "out.bin"
-    with workdir.atomic_file(str(path)) as f:
-        f.write(b"first")
-    assert path.read_bytes() == b"first"
-    with pytest.raises(RuntimeError, match="mid-write"):
-        with workdir.atomic_file(str(path), needed_bytes=6) as f:
-            f.write(b"sec")
-            raise RuntimeError("mid-write")
-    assert path.read_bytes() == b"first" and os.listdir(path.parent) == ["out.bin"]
-
-
-@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
-def test_atomic_file_gets_the_mode_open_would_give(tmp_path, umask):
-    """mkstemp makes 0600 files: a results folder shared with a group must stay readable."""
-    from idm_jax import workdir
-    old = os.umask(umask)
-    try:
-        workdir.atomic_write(str(tmp_path / "config.json"), "{}")
-        (tmp_path / "plain.txt").write_text("x")
-    finally:
-        os.umask(old)
-    mode = os.stat(tmp_path / "config.json").st_mode & 0o777
-    assert mode == os.stat(tmp_path / "plain.txt").st_mode & 0o777 == 0o666 & ~umask
+    def full(self, fp, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(workdir_lib.NoSpaceError) as e:
+        export.write_imagefolder(folder, images, np.arange(10), [str(k) for k in range(10)])
+    # 10 files of 3072 pixels + header in one 4096-byte block each, and 10 class folders: 81.9 kB
+    assert str(e.value).startswith(f"no space left on the device to write the 10 PNGs of imagefolder/ in {tmp_path} "
+                                   "(needs about 81.9 kB, ")
+    assert "; the previous imagefolder/ is intact. Free some space" in str(e.value)
+    assert sorted(os.listdir(folder)) == before and sorted(os.listdir(tmp_path)) == ["imagefolder"]

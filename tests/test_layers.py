@@ -16,7 +16,7 @@ PACKAGE = os.path.join(REPO, "idm_jax")
 
 # The modes: what main.py's --mode (and `python -m idm_jax.publish`) runs. Everything else in
 # idm_jax/ is the library, which never imports a mode.
-MODES = {"idm_jax.runner", "idm_jax.evaluate_set", "idm_jax.baselines", "idm_jax.set_formats",
+MODES = {"idm_jax.runner", "idm_jax.evaluate_set", "idm_jax.baselines", "idm_jax.export",
          "idm_jax.continual", "idm_jax.consistency", "idm_jax.sweeps", "idm_jax.table1",
          "idm_jax.publish"}
 

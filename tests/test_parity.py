@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks import release_parity
 from benchmarks.parity import release_side, report
-from idm_jax import export
+from idm_jax import synthetic_file
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
@@ -96,7 +96,7 @@ def test_release_snapshot_converts_to_an_idm_jax_synthetic_set(tmp_path):
     out = report.release_snapshot_to_synthetic(str(tmp_path / "snap_5.npz"), str(tmp_path / "syn.npz"),
                                                mean=MEAN, std=STD, class_names=["a", "b"],
                                                partition_factor=2, dataset="cifar10")
-    synset = export.load_synthetic(out)
+    synset = synthetic_file.load_synthetic(out)
     np.testing.assert_array_equal(synset.images_normalized, nchw.transpose(0, 2, 3, 1))
     expected_pixels = np.clip(nchw.transpose(0, 2, 3, 1) * np.float32(STD) + np.float32(MEAN), 0, 1)
     np.testing.assert_allclose(synset.images, expected_pixels, rtol=1e-6)

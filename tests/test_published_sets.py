@@ -13,7 +13,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from idm_jax import export, publish
+from idm_jax import publish, synthetic_file
 from idm_jax import results as results_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +59,7 @@ def test_published_set(path):
     assert os.path.getsize(path) <= 10_000_000
     sha = hashlib.sha256(open(path, "rb").read()).hexdigest()
     assert _readme_rows(os.path.join(SETS, "README.md"))[cell][4] == sha, f"{cell}: file differs from its row"
-    s = export.load_synthetic(path)
+    s = synthetic_file.load_synthetic(path)
     classes = CLASSES.get(dataset, s.num_classes)
     assert s.method == method and s.num_classes == classes
     l = s.partition_factor
@@ -67,7 +67,7 @@ def test_published_set(path):
     assert s.images_normalized.shape == (classes * ipc, *IMAGE_SHAPE.get(dataset, s.image_shape))
     np.testing.assert_array_equal(np.bincount(s.labels, minlength=classes), [ipc] * classes)
     assert np.all(np.isfinite(s.images_normalized))
-    assert export.recorded_config(s.config_json)["idm.iterations"] == 20000
+    assert synthetic_file.recorded_config(s.config_json)["idm.iterations"] == 20000
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,9 +83,9 @@ def _workdir(tmp_path, name="run", *, iterations=20000, ipc=2, n_classes=3, hw=4
     wd = tmp_path / name
     images = np.random.default_rng(seed).normal(size=(n_classes * ipc, hw, hw, 1)).astype(np.float32)
     labels = np.repeat(np.arange(n_classes), ipc)
-    export.save_synthetic(str(wd / "synthetic.npz"), images, labels, mean=MEAN, std=STD,
-                          class_names=[f"c{k}" for k in range(n_classes)], partition_factor=2, method=method,
-                          dataset="digits", config_json=json.dumps({"idm.iterations": iterations, "ipc": ipc}))
+    synthetic_file.save_synthetic(str(wd / "synthetic.npz"), images, labels, mean=MEAN, std=STD,
+                                  class_names=[f"c{k}" for k in range(n_classes)], partition_factor=2, method=method,
+                                  dataset="digits", config_json=json.dumps({"idm.iterations": iterations, "ipc": ipc}))
     results_lib.write_results(str(wd), {"method": method, "iterations": iterations, "train_arch": "ConvNetD2",
                                    "archs": {"ConvNetD2": {"mean": mean, "std": 1.0, "num_seeds": 3,
                                                            "accuracies": [mean - 1, mean, mean + 1]}}})
@@ -155,13 +155,13 @@ def test_publish_checks_name_results_and_command(tmp_path):
 def test_large_sets_are_compressed_then_lose_the_pixel_copy_then_refused(tmp_path, monkeypatch):
     wd = _workdir(tmp_path, ipc=50, n_classes=4, hw=8)  # 200 images: 2 x 51 KB of float32 + labels
     size = os.path.getsize(os.path.join(wd, "synthetic.npz"))
-    src = export.load_synthetic(os.path.join(wd, "synthetic.npz"))
+    src = synthetic_file.load_synthetic(os.path.join(wd, "synthetic.npz"))
     for limit, how in ((size, "copy"), (size - 1, "compressed"), (int(size * 0.6), "compressed, no pixel copy")):
         monkeypatch.setattr(publish, "MAX_BYTES", limit)
         out = tmp_path / f"sets_{limit}"
         row = publish.publish(wd, "digits_ipc50_idm", str(out))
         assert row["how"] == how and os.path.getsize(row["path"]) <= limit
-        s = export.load_synthetic(row["path"])
+        s = synthetic_file.load_synthetic(row["path"])
         np.testing.assert_array_equal(s.images_normalized, src.images_normalized)  # what the evaluator trains on
         np.testing.assert_allclose(s.images, src.images, atol=1e-6)
         with np.load(row["path"]) as z:
@@ -229,7 +229,7 @@ def test_gpu_table1_dry_run_brings_back_publishable_cells(tmp_path):
                               f"--dest={tmp_path / 'sets'}", "--allow_short"], cwd=ROOT, capture_output=True,
                              text=True, timeout=120)
         assert pub.returncode == 0, pub.stderr
-        s = export.load_synthetic(str(tmp_path / "sets" / f"{cell}.npz"))
+        s = synthetic_file.load_synthetic(str(tmp_path / "sets" / f"{cell}.npz"))
         assert s.method == method and s.images.shape == (10, 16, 16, 1)
     readme = _readme_rows(tmp_path / "sets" / "README.md")
     assert "--config.data.source=digits" in readme["digits_ipc1_idm"][2]

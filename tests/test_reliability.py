@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from idm_jax import export
+from idm_jax import synthetic_file
 from idm_jax import checkpoints
 from idm_jax import results as results_lib
 from idm_jax import runner
@@ -276,7 +276,7 @@ def test_a_checkpoint_with_non_finite_images_is_refused_in_one_line_writing_noth
     monkeypatch.setattr(checkpoints, "save_state", poisoned)
     runner.run_condensation(config, workdir, max_steps=2)
     monkeypatch.undo()
-    saved = export.load_synthetic(os.path.join(workdir, "synthetic.npz"))  # an ordinary run's set
+    saved = synthetic_file.load_synthetic(os.path.join(workdir, "synthetic.npz"))  # an ordinary run's set
     pixels = saved.images_normalized * saved.std + saved.mean  # leaves [0, 1] by far less than the margin
     assert -1.0 < pixels.min() and pixels.max() < 2.0 < 1 + runner.DIVERGED_PIXEL_MARGIN
     before = snapshot(workdir)
@@ -448,7 +448,7 @@ def test_a_full_disk_while_writing_outputs_keeps_the_previous_files(tmp_path, mo
     set_args = dict(mean=[0.5], std=[0.25], class_names=[str(k) for k in range(10)], partition_factor=2,
                     method="idm", dataset="digits")
     npz = str(tmp_path / "synthetic.npz")
-    export.save_synthetic(npz, rng.normal(size=(20, 8, 8, 1)), np.repeat(np.arange(10), 2), **set_args)
+    synthetic_file.save_synthetic(npz, rng.normal(size=(20, 8, 8, 1)), np.repeat(np.arange(10), 2), **set_args)
     results_lib.finish_results(str(tmp_path), {"method": "idm", "dataset": "digits", "ipc": 2, "archs": {}})
     workdir_lib.atomic_write(str(tmp_path / "config.json"), '{"ipc": 2}')
     before = snapshot(tmp_path)
@@ -456,7 +456,7 @@ def test_a_full_disk_while_writing_outputs_keeps_the_previous_files(tmp_path, mo
     _full_disk(monkeypatch)
     bigger = rng.normal(size=(40, 8, 8, 1))
     with pytest.raises(workdir_lib.NoSpaceError) as e:
-        export.save_synthetic(npz, bigger, np.repeat(np.arange(10), 4), **set_args)
+        synthetic_file.save_synthetic(npz, bigger, np.repeat(np.arange(10), 4), **set_args)
     # images and images_normalized (f32, 2 x 10240 bytes), labels and the small keys: 20.7 kB
     assert str(e.value).startswith(f"no space left on the device to write synthetic.npz in {tmp_path} (needs "
                                    "about 20.7 kB, ")
@@ -467,7 +467,7 @@ def test_a_full_disk_while_writing_outputs_keeps_the_previous_files(tmp_path, mo
     with pytest.raises(workdir_lib.NoSpaceError, match=r"to write config.json in .*\(needs about 10 bytes, "):
         workdir_lib.atomic_write(str(tmp_path / "config.json"), '{"ipc": 4}')
     assert snapshot(tmp_path) == before  # no half-written file, no temporary file
-    assert export.load_synthetic(npz).ipc == 2
+    assert synthetic_file.load_synthetic(npz).ipc == 2
 
 
 def test_a_full_disk_appending_the_config_history_is_one_line(tmp_path, monkeypatch):
@@ -572,9 +572,9 @@ def test_disk_full_is_told_apart_from_out_of_memory():
 
 def test_evaluate_on_a_truncated_synthetic_set_is_one_line(tmp_path):
     npz = str(tmp_path / "synthetic.npz")
-    export.save_synthetic(npz, np.zeros((10, 16, 16, 1)), np.arange(10), mean=[0.5], std=[0.25],
-                          class_names=[str(k) for k in range(10)], partition_factor=2, method="idm",
-                          dataset="digits")
+    synthetic_file.save_synthetic(npz, np.zeros((10, 16, 16, 1)), np.arange(10), mean=[0.5], std=[0.25],
+                                  class_names=[str(k) for k in range(10)], partition_factor=2, method="idm",
+                                  dataset="digits")
     os.truncate(npz, os.path.getsize(npz) // 2)
     out = run_main("--config=configs/quick.py", "--mode=evaluate", f"--synthetic={npz}",
                    f"--workdir={tmp_path / 'eval'}")

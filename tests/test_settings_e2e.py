@@ -14,7 +14,7 @@ from PIL import Image
 
 from configs import tinyimagenet
 from idm_jax import condense
-from idm_jax import export
+from idm_jax import synthetic_file
 from idm_jax import runner
 
 
@@ -46,7 +46,7 @@ def test_tinyimagenet_runs_as_the_release_on_a_tiny_folder(tiny_tree, tmp_path):
     c.eval.epochs, c.eval.num_seeds, c.eval.test_batch_size = 1, 1, 9
     c.log_every = 1
     summary = runner.run_condensation(c, str(tmp_path / "run"))
-    synset = export.load_synthetic(summary["synthetic"])
+    synset = synthetic_file.load_synthetic(summary["synthetic"])
     assert synset.images.shape == (3, 64, 64, 3) and synset.partition_factor == 2
     np.testing.assert_allclose(synset.mean, [0.485, 0.456, 0.406], rtol=1e-6)
     results = json.load(open(tmp_path / "run" / "results.json"))

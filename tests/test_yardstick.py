@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from idm_jax import config_check, data, evaluate, export, references, results, yardstick
+from idm_jax import config_check, data, evaluate, references, results, synthetic_file, yardstick
 
 E = math.e
 
@@ -192,10 +192,10 @@ def test_a_set_with_nan_or_infinite_pixels_is_refused_naming_the_file_and_count(
     arrays = {"images": images, "labels": np.arange(4, dtype=np.int32)}
     with pytest.raises(ValueError, match=r"synthetic set 'bad.npz': 5 of 256 values of 'images' are not finite "
                                          r"\(3 NaN, 2 infinite\)"):
-        export.synthetic_from_arrays(arrays, "bad.npz", _tiny_dataset())
+        synthetic_file.synthetic_from_arrays(arrays, "bad.npz", _tiny_dataset())
     arrays = {"images_normalized": images, "labels": np.arange(4, dtype=np.int32)}
     with pytest.raises(ValueError, match="'images_normalized' are not finite"):
-        export.synthetic_from_arrays(arrays, "bad.npz", _tiny_dataset())
+        synthetic_file.synthetic_from_arrays(arrays, "bad.npz", _tiny_dataset())
 
 
 def test_every_non_finite_array_is_counted_and_the_refused_action_named():
@@ -207,7 +207,7 @@ def test_every_non_finite_array_is_counted_and_the_refused_action_named():
     normalized[2, 2, 2] = -np.inf
     arrays = {"images": images, "images_normalized": normalized, "labels": np.arange(4, dtype=np.int32)}
     with pytest.raises(ValueError) as e:
-        export.synthetic_from_arrays(arrays, "bad.npz", _tiny_dataset(), action="export")
+        synthetic_file.synthetic_from_arrays(arrays, "bad.npz", _tiny_dataset(), action="export")
     assert str(e.value) == ("synthetic set 'bad.npz': 1 of 256 values of 'images' are not finite (1 NaN, "
                             "0 infinite); 2 of 256 values of 'images_normalized' are not finite (0 NaN, "
                             "2 infinite); refusing to export it")
@@ -219,7 +219,7 @@ def test_a_non_finite_mean_or_std_is_refused(key):
               "mean": np.asarray([0.5], np.float32), "std": np.asarray([0.25], np.float32)}
     arrays[key] = np.asarray([np.nan], np.float32)
     with pytest.raises(ValueError) as e:
-        export.synthetic_from_arrays(arrays, "bad.npz", _tiny_dataset(), action="evaluate")
+        synthetic_file.synthetic_from_arrays(arrays, "bad.npz", _tiny_dataset(), action="evaluate")
     assert str(e.value) == (f"synthetic set 'bad.npz': 1 of 1 values of {key!r} are not finite (1 NaN, "
                             "0 infinite); refusing to evaluate it")
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from idm_jax import export
+from idm_jax import synthetic_file
 
 IMPLEMENTATIONS = ("idm_jax", "release")
 
@@ -26,9 +26,9 @@ def release_snapshot_to_synthetic(snapshot_path: str, out_path: str, *, mean, st
     if images_nchw.ndim != 4:
         raise ValueError(f"{snapshot_path}: images_nchw must be [N, C, H, W], got {images_nchw.shape}")
     images = np.ascontiguousarray(images_nchw.transpose(0, 2, 3, 1))
-    return export.save_synthetic(out_path, images, labels, mean=mean, std=std, class_names=class_names,
-                                 partition_factor=partition_factor, method="idm (authors' release)",
-                                 dataset=dataset)
+    return synthetic_file.save_synthetic(out_path, images, labels, mean=mean, std=std, class_names=class_names,
+                                         partition_factor=partition_factor, method="idm (authors' release)",
+                                         dataset=dataset)
 
 
 def median_iteration_seconds(seconds: list[float]) -> float:
