@@ -25,32 +25,6 @@ def peak_memory_gib() -> float:
     return peak / 2**30
 
 
-def parse_sets(text: str) -> dict[str, int | float | str]:
-    """"idm.class_batch=1,idm.real_chunk_size=500" -> {"idm.class_batch": 1, ...} (numbers parsed)."""
-    out: dict[str, int | float | str] = {}
-    for item in filter(None, text.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set: bad entry {item!r}; expected key=value, e.g. idm.class_batch=1")
-        for cast in (int, float, str):
-            try:
-                out[key] = cast(value)
-                break
-            except ValueError:
-                continue
-    return out
-
-
-def apply_sets(config, text: str) -> None:
-    """Applies `--set` overrides ("idm.class_batch=1,...") to an ml_collections config in place.
-    A key the config does not have stops with its name (a typo must not be added silently)."""
-    for key, value in parse_sets(text).items():
-        try:
-            presets.set_dotted(config, key, value)
-        except ValueError as e:
-            raise SystemExit(f"--set: {e}") from None
-
-
 CONFIG_OVERRIDE = "--config."
 
 

@@ -59,6 +59,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -97,10 +98,10 @@ DRY_SETTINGS = {  # one program for all (the parts' processes share it through t
     "cifar100_ipc10": ("quick", 1, False),
 }
 # Small enough that a dry run compiles in seconds (the shapes of tests/test_condense.py).
-DRY_SETS = ("idm.batch_real=8,idm.batch_train=16,idm.model_train_steps=2,idm.net_num=4,"
-            "idm.net_generate_interval=2")
-CANDIDATES = (  # name, setting, config overrides, matmul precision (None = XLA's default)
-    ("true f32 (precision highest)", "cifar10_ipc10", "", "highest"),
+DRY_OVERRIDES = ("--config.idm.batch_real=8", "--config.idm.batch_train=16", "--config.idm.model_train_steps=2",
+                 "--config.idm.net_num=4", "--config.idm.net_generate_interval=2")
+CANDIDATES = (  # name, setting, config overrides (main.py's syntax), matmul precision (None = XLA's default)
+    ("true f32 (precision highest)", "cifar10_ipc10", (), "highest"),
 )
 PARTS = ("cifar10_ipc10", "cifar10_ipc1", "cifar10_ipc50", "cifar100_ipc10", "candidates", "eval", "release")
 # Seconds per part on the GPU: 8.1 minutes together, compilation included.
@@ -264,12 +265,13 @@ def relabelled_stand_in(ds, num_classes: int):
         class_names=tuple(f"stand_in_{c}" for c in range(num_classes)))
 
 
-def load_setting(config_name: str, ipc: int, sets: str):
-    """(config, dataset, step settings, device data, what stands in for the data or None)."""
+def load_setting(config_name: str, ipc: int, overrides: Sequence[str] = ()):
+    """(config, dataset, step settings, device data, what stands in for the data or None);
+    overrides: `--config.<field>=<value>` items, as main.py takes them."""
     from idm_jax import condense, data  # pylint: disable=g-import-not-at-top
 
     config = importlib.import_module(f"configs.{config_name}").get_config(str(ipc))
-    common.apply_sets(config, sets)
+    common.apply_config_overrides(config, list(overrides))
     stand_in = None
     try:
         ds = data.load_config_dataset(config)
@@ -278,7 +280,7 @@ def load_setting(config_name: str, ipc: int, sets: str):
             raise
         # The device has no network and no CIFAR-100 unless IDM_CIFAR100 names a copy.
         missing = f"{config.data.source}: {str(e)[:120]}"
-        config.data.source = importlib.import_module("configs.cifar10")._source()  # pylint: disable=protected-access
+        config.data.source = importlib.import_module("configs.cifar10").data_source()
         ds = relabelled_stand_in(data.load_config_dataset(config), 100)
         stand_in = f"CIFAR-10's {len(ds.train_labels)} training images relabelled into 100 classes ({missing})"
     s = condense.settings_from_config(config, ds)
@@ -351,7 +353,7 @@ def part_setting(args, rows: Rows, key: str) -> None:
     environment_row(rows)
     memory.after("backend started (jax.devices)")
     t0 = time.perf_counter()
-    config, ds, s, data, stand_in = load_setting(config_name, ipc, args.set)
+    config, ds, s, data, stand_in = load_setting(config_name, ipc, args.overrides)
     memory.after("dataset decoded and put on the device")
     state = condense.init_state(s, ds, 0, config.idm.init)
     memory.after("state initialised")
@@ -398,14 +400,15 @@ def part_candidates(args, rows: Rows) -> None:
     from idm_jax import condense  # pylint: disable=g-import-not-at-top
 
     environment_row(rows)
-    for name, key, sets, precision in CANDIDATES[:1] if args.dry_run else CANDIDATES:
+    for name, key, overrides, precision in CANDIDATES[:1] if args.dry_run else CANDIDATES:
         config_name, ipc, _ = (DRY_SETTINGS if args.dry_run else SETTINGS)[key]
-        config, ds, s, data, _ = load_setting(config_name, ipc, ",".join(filter(None, [args.set, sets])))
+        config, ds, s, data, _ = load_setting(config_name, ipc, [*args.overrides, *overrides])
         state = condense.init_state(s, ds, 0, config.idm.init)
         with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
             step, compile_s, _ = compiled_ahead(condense.make_step(s), state, data)
         seconds, state, _ = timed_calls(step, state, data, args.steps)
-        rows.add("candidate", candidate=name, setting=key, sets=sets, precision=precision, s_per_it=seconds,
+        rows.add("candidate", candidate=name, setting=key, overrides=list(overrides), precision=precision,
+                 s_per_it=seconds,
                  compile_s=compile_s)
 
 
@@ -417,7 +420,7 @@ def part_eval(args, rows: Rows) -> None:
 
     config_name, ipc, _ = (DRY_SETTINGS if args.dry_run else SETTINGS)["cifar10_ipc10"]
     environment_row(rows)
-    config, ds, _, _, _ = load_setting(config_name, ipc, args.set)
+    config, ds, _, _, _ = load_setting(config_name, ipc, args.overrides)
     ev = config.eval
     rng = np.random.default_rng(0)  # real images of each class stand in for a synthetic set
     idx = np.concatenate([rng.choice(np.flatnonzero(ds.train_labels == c), ipc, replace=False)
@@ -451,7 +454,7 @@ def part_release(args, rows: Rows) -> None:
     if not args.release:
         rows.add("release", s_per_it=None, note="no --release given")
         return
-    _, ds, _, _, _ = load_setting("cifar10", 10, "")
+    _, ds, _, _, _ = load_setting("cifar10", 10)
     out = os.path.join(args.out, "release")
     os.makedirs(out, exist_ok=True)
     data_npz = release_parity.stage_data(argparse.Namespace(data=os.path.join(out, "data.npz")), ds)
@@ -657,6 +660,7 @@ def run_part(args, argv: list[str], part: str, limit: int | None, env: dict) -> 
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    rest, overrides = common.split_config_overrides(argv)  # for every setting, e.g. --config.idm.class_batch=1
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "gpu_speed"))
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on the digits (CPU, the test suite)")
@@ -669,7 +673,6 @@ def main(argv=None) -> None:
     parser.add_argument("--dispatch", type=int, default=10, help="iterations per call in the dispatch row")
     parser.add_argument("--trace-steps", type=int, default=3)
     parser.add_argument("--eval-epochs", type=int, default=40, help="evaluation passes timed after the first")
-    parser.add_argument("--set", default="", help="config overrides for every setting, e.g. idm.class_batch=1")
     parser.add_argument("--release", default="", help="checkout of github uitrbn/IDM ('' = no release part)")
     parser.add_argument("--release-python", default=sys.executable)
     parser.add_argument("--release-iterations", type=int, default=25)
@@ -678,9 +681,8 @@ def main(argv=None) -> None:
                              "parts' files stay in --out")
     parser.add_argument("--command", default="", help="the command to record (default: this one)")
     parser.add_argument("--part", default="", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.dry_run:
-        args.set = ",".join(filter(None, [DRY_SETS, args.set]))
+    args = parser.parse_args(rest)
+    args.overrides = [*DRY_OVERRIDES, *overrides] if args.dry_run else overrides
     args.out = os.path.abspath(args.out)
     if not args.part:
         os.makedirs(args.out, exist_ok=True)

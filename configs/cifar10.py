@@ -12,14 +12,14 @@ import os
 from configs.base import first_existing, make_config
 
 
-def _source() -> str:
+def data_source() -> str:
   # Data outside the repository comes only through $IDM_CIFAR10 (docs/RUNNING.md) or
   # --config.data.source; without either, tfds downloads CIFAR-10.
   return first_existing([os.environ.get("IDM_CIFAR10", "")], "tfds:cifar10")
 
 
 DATASET = {
-    "data.source": _source(),
+    "data.source": data_source(),
     "data.normalization": "cifar10",
     "model": "ConvNet",
 }

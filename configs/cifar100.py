@@ -11,12 +11,12 @@ import os
 from configs.base import make_config
 
 
-def _source() -> str:
+def data_source() -> str:
   return os.environ.get("IDM_CIFAR100", "tfds:cifar100")
 
 
 DATASET = {
-    "data.source": _source(),
+    "data.source": data_source(),
     "data.normalization": "cifar100",
     "model": "ConvNet",
 }

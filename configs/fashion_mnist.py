@@ -12,12 +12,12 @@ from configs import mnist
 from configs.base import make_config
 
 
-def _source() -> str:
+def data_source() -> str:
   return os.environ.get("IDM_FASHION_MNIST", "tfds:fashion_mnist")
 
 
 DATASET = {
-    "data.source": _source(),
+    "data.source": data_source(),
     "data.normalization": "fashion_mnist",
     "model": "ConvNet",
 }

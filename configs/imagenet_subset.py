@@ -37,12 +37,12 @@ import os
 from configs.base import make_config
 
 
-def _source() -> str:
+def data_source() -> str:
   return os.environ.get("IDM_IMAGENET", os.environ.get("IDM_IMAGENET_SUBSET", "imagenet"))
 
 
 DATASET = {
-    "data.source": _source(),
+    "data.source": data_source(),
     "data.classes": "imagenet_subset",  # the release's 100 wnids, in its label order
     "data.normalization": "imagenet",
     "data.image_size": 224,

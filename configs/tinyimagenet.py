@@ -22,12 +22,12 @@ import os
 from configs.base import make_config
 
 
-def _source() -> str:
+def data_source() -> str:
   return os.environ.get("IDM_TINYIMAGENET", "tinyimagenet")
 
 
 DATASET = {
-    "data.source": _source(),
+    "data.source": data_source(),
     "data.normalization": "tinyimagenet",
     "model": "ConvNet",  # depth 3 on 64x64 (release); ConvNetD4 is DM's choice
     "eval.archs": "ConvNet",

@@ -142,9 +142,9 @@ def test_cifar100_without_its_data_is_timed_on_cifar10_shapes_relabelled(monkeyp
 
     monkeypatch.delenv("IDM_CIFAR100", raising=False)
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # tfds:cifar100 cannot load
-    monkeypatch.setattr(configs.cifar10, "_source", lambda: "/data/cifar10.tar.gz")
+    monkeypatch.setattr(configs.cifar10, "data_source", lambda: "/data/cifar10.tar.gz")
     monkeypatch.setattr(data, "load_config_dataset", load)
-    config, ds, s, device_data, stand_in = gpu_speed.load_setting("cifar100", 10, "")
+    config, ds, s, device_data, stand_in = gpu_speed.load_setting("cifar100", 10)
     assert stand_in.startswith("CIFAR-10's 250 training images relabelled into 100 classes (tfds:cifar100: loading")
     assert config.data.source == "/data/cifar10.tar.gz" and s.num_classes == 100 and len(ds.class_names) == 100
     np.testing.assert_array_equal(ds.train_labels, np.arange(250) % 100)  # round-robin: sizes differ by <= 1
