@@ -13,6 +13,7 @@ from idm_jax import coresets
 from idm_jax import data as data_lib
 from idm_jax import models
 from idm_jax import presets
+from idm_jax import sweep_table
 from idm_jax import trainer
 
 UPDATE_MODES = ("per_class", "joint")
@@ -231,20 +232,25 @@ def _check_continual(config) -> None:
 
 
 def _check_consistency(config) -> None:
-    """--mode=consistency's section (the sweep named by consistency.sets is looked up by the mode)."""
+    """--mode=consistency's section (consistency.sets names the sweep whose sets it condenses)."""
     if "consistency" not in config:
         return
     _positive_ints(config.consistency, "consistency.", ["max_k", "feature_epochs"])
     _require(isinstance(config.consistency.sets, str) and config.consistency.sets.strip(),
              f"consistency.sets must name a sweep, got {config.consistency.sets!r}")
+    _require(config.consistency.sets in sweep_table.SWEEPS,
+             f"consistency.sets: unknown sweep {config.consistency.sets!r}; valid: {', '.join(sweep_table.SWEEPS)}")
 
 
 def _check_sweep(config) -> None:
-    """--mode=sweep's section (the name is looked up in the mode's table of sweeps)."""
+    """--mode=sweep's section (its cells are checked against the sweep the mode runs: consistency
+    takes them from consistency.sets' sweep)."""
     if "sweep" not in config:
         return
     sw = config.sweep
     _require(isinstance(sw.name, str) and sw.name.strip(), f"sweep.name must name a sweep, got {sw.name!r}")
+    _require(sw.name in sweep_table.SWEEPS,
+             f"sweep.name: unknown sweep {sw.name!r}; valid: {', '.join(sweep_table.SWEEPS)}")
     _nonnegative_int(sw.iterations, "sweep.iterations", "0 = idm.iterations")
     _require(isinstance(sw.cells, str), f"sweep.cells must be comma-separated cell names, got {sw.cells!r}")
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from idm_jax import augment, config_check, data, measure, models, presets, synthetic_file, trainer
+from idm_jax import augment, config_check, data, measure, models, presets, sweep_table, synthetic_file, trainer
 from idm_jax import results as results_lib
 
 
@@ -129,10 +129,10 @@ def run_consistency(config: Any, workdir: str, synthetic: str | dict[str, str] |
         condensed = None
     else:
         sweep_name = str(config.consistency.sets)
-        sweep = sweeps.get_sweep(sweep_name)
+        sweep = sweep_table.get_sweep(sweep_name)
         budget = presets.section_iterations(config, "sweep")
         sets, condensed = {}, {"sweep": sweep_name, "iterations": budget}
-        for cell in sweeps.selected_cells(sweep, config.sweep.cells):
+        for cell in sweep_table.selected_cells(sweep, config.sweep.cells):
             out = sweeps.run_cell(config, os.path.join(workdir, "sets"), cell, sweep["cells"][cell],
                                   iterations=budget, evaluate_at_end=False)
             if out["interrupted"]:

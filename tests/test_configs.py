@@ -178,6 +178,8 @@ def test_dm_and_idm_presets_differ_only_where_they_should():
     ("consistency.sets", " ", "consistency.sets must name a sweep"),
     ("sweep.iterations", -5, "sweep.iterations must be an integer >= 0 .* got -5"),
     ("sweep.name", "", "sweep.name must name a sweep"),
+    ("sweep.name", "table9", "sweep.name: unknown sweep 'table9'; valid: table2, table3, fig5"),
+    ("consistency.sets", "fig9", "consistency.sets: unknown sweep 'fig9'; valid: table2"),
     ("baseline.method", "kcenter", "baseline.method must be one of .*'whole'.* got 'kcenter'"),
     ("baseline.train_epochs", 0, "baseline.train_epochs must be an integer >= 1, got 0"),
 ])

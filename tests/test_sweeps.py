@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from configs import cifar10, cifar100, quick
-from idm_jax import cell_status, condense, config_check, data as data_lib, pool, sweeps
+from idm_jax import cell_status, condense, config_check, data as data_lib, pool, sweep_table, sweeps
 from helpers import tiny_config
 
 
 def test_every_cell_of_every_sweep_is_a_valid_config():
     for base in (cifar10.get_config("10"), cifar100.get_config("10")):
-        for name, sweep in sweeps.SWEEPS.items():
+        for name, sweep in sweep_table.SWEEPS.items():
             for cell, overrides in sweep["cells"].items():
                 c = sweeps.cell_config(base, overrides, iterations=123)
                 config_check.validate(c)
@@ -25,7 +25,7 @@ def test_every_cell_of_every_sweep_is_a_valid_config():
 
 def test_cells_resolve_to_the_intended_overrides():
     base = cifar100.get_config("10")
-    t2 = sweeps.SWEEPS["table2"]["cells"]
+    t2 = sweep_table.SWEEPS["table2"]["cells"]
     dm = sweeps.cell_config(base, t2["DM"])
     assert (dm.method, dm.idm.use_queue, dm.idm.partition_factor, dm.idm.use_ce, dm.idm.lr_img) == \
         ("dm", False, 1, False, 1.0)
@@ -38,25 +38,25 @@ def test_cells_resolve_to_the_intended_overrides():
     assert full.to_dict() == base.to_dict()  # the preset itself
     assert base.idm.partition_factor == 2 and base.method == "idm"  # the base is not modified
     assert [sweeps.cell_config(base, o).idm.partition_factor
-            for o in sweeps.SWEEPS["table3"]["cells"].values()] == [1, 2, 3]
+            for o in sweep_table.SWEEPS["table3"]["cells"].values()] == [1, 2, 3]
     assert [sweeps.cell_config(base, o).idm.ce_weight
-            for o in sweeps.SWEEPS["fig5"]["cells"].values()] == [0.0, 0.05, 0.1, 0.2, 0.5, 1.0]
+            for o in sweep_table.SWEEPS["fig5"]["cells"].values()] == [0.0, 0.05, 0.1, 0.2, 0.5, 1.0]
     assert [sweeps.cell_config(base, o).idm.model_train_steps
-            for o in sweeps.SWEEPS["fig6"]["cells"].values()] == [1, 5, 10, 20, 50, 100]
+            for o in sweep_table.SWEEPS["fig6"]["cells"].values()] == [1, 5, 10, 20, 50, 100]
     assert [sweeps.cell_config(base, o).idm.net_num
-            for o in sweeps.SWEEPS["fig7"]["cells"].values()] == [5, 10, 20, 50, 100, 200]
-    e30 = sweeps.cell_config(base, sweeps.SWEEPS["fig3"]["cells"]["DM, pool E=30"])
+            for o in sweep_table.SWEEPS["fig7"]["cells"].values()] == [5, 10, 20, 50, 100, 200]
+    e30 = sweeps.cell_config(base, sweep_table.SWEEPS["fig3"]["cells"]["DM, pool E=30"])
     assert (e30.method, e30.idm.use_queue, e30.idm.pool_epochs) == ("dm", False, 30)
-    assert sweeps.SWEEPS["table2"]["paper"]["IDM (all three)"] == [45.1, 0.1]
+    assert sweep_table.SWEEPS["table2"]["paper"]["IDM (all three)"] == [45.1, 0.1]
 
 
 def test_bad_sweep_names_cells_and_keys_are_named():
     base = quick.get_config("1")
     with pytest.raises(ValueError, match="unknown sweep 'table9'"):
-        sweeps.get_sweep("table9")
+        sweep_table.get_sweep("table9")
     with pytest.raises(ValueError, match="sweep has no cell 'l=4'"):
-        sweeps.selected_cells(sweeps.SWEEPS["table3"], "l=1,l=4")
-    assert sweeps.selected_cells(sweeps.SWEEPS["table2"], "DM_model_sampling") == ["DM + model sampling"]
+        sweep_table.selected_cells(sweep_table.SWEEPS["table3"], "l=1,l=4")
+    assert sweep_table.selected_cells(sweep_table.SWEEPS["table2"], "DM_model_sampling") == ["DM + model sampling"]
     with pytest.raises(ValueError, match="config has no field 'idm.qeue'"):
         sweeps.cell_config(base, {"idm.qeue": 3})
     dm = quick.get_config("1,dm")
