@@ -168,7 +168,7 @@ def get_config() -> ml_collections.ConfigDict:
   # "taps", batched matmuls). "auto": "map" (idm_jax/backend.py).
   c.eval.seed_parallel = "auto"
   # How the evaluation networks' convs are computed: "xla", "matmul" (im2col weight gradient, the
-  # CPU's), "taps" (matmuls only); "auto": by backend (idm_jax/models.py). Values do not change.
+  # CPU's), "taps" (matmuls only); "auto": by backend (idm_jax/convs.py). Values do not change.
   c.eval.conv_impl = "auto"
   # "device": epochs run in a jitted loop (GPU/TPU); "host": one jitted step,
   # Python loop (CPU, where conv gradients inside loops are slow). "auto".

@@ -39,7 +39,7 @@ and the sections named below; benchmarks/ has the scripts that measure them):
   by side for concurrency and keeps all their activations alive at once. On CPU, XLA is told
   to schedule for memory (`use_cpu_memory_scheduler`) and each piece starts after the previous
   one (`sequenced`), so only one piece's activations are alive at a time; the per-tap weight
-  gradient (models.conv_weight_grad_matmul) saves more (docs/RESULTS.md#where-the-memory-went).
+  gradient (convs.conv_weight_grad_matmul) saves more (docs/RESULTS.md#where-the-memory-went).
 * Stacking classes into larger convolutions is slower per image on CPU than one class at a
   time (docs/RESULTS.md#condensation-speed); on GPU/TPU only memory bounds the chunk
   (`condense.auto_class_batch`).

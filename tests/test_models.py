@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from idm_jax import backend, models
+from idm_jax import backend, convs, models
 from idm_jax.models import (AlexNet, BasicBlock, ConvNet, MODEL_NAMES, ResNet18, VGG11, apply_model,
                             count_params, get_model, has_batch_stats, init_variables)
 
@@ -402,7 +402,7 @@ def test_conv_impls_match_xla_values_and_gradients(case, impl):
 def test_conv_weight_grad_matmul_against_numpy(im2col_max_columns, monkeypatch):
     # asymmetric padding (0 before, 2 after) and stride 2 on 5x6, kernel 2x3: the function alone,
     # both ways of computing it (narrow layers: one matmul; wide ones: a matmul per kernel tap)
-    monkeypatch.setattr(models, "IM2COL_MAX_COLUMNS", im2col_max_columns)
+    monkeypatch.setattr(convs, "IM2COL_MAX_COLUMNS", im2col_max_columns)
     rng = np.random.default_rng(10)
     x = rng.standard_normal((2, 5, 6, 3))
     strides, pads, (kh, kw) = (2, 2), ((0, 2), (0, 2)), (2, 3)
@@ -414,7 +414,7 @@ def test_conv_weight_grad_matmul_against_numpy(im2col_max_columns, monkeypatch):
     for i in range(kh):
         for j in range(kw):
             ref[i, j] = np.einsum("nabc,nabo->co", xp[:, i:i + 2 * ho:2, j:j + 2 * wo:2], g)
-    dk = models.conv_weight_grad_matmul(jnp.asarray(x, jnp.float32), jnp.asarray(g, jnp.float32),
+    dk = convs.conv_weight_grad_matmul(jnp.asarray(x, jnp.float32), jnp.asarray(g, jnp.float32),
                                         (kh, kw, 3, 4), strides, pads)
     assert dk.shape == (kh, kw, 3, 4)
     np.testing.assert_allclose(dk, ref, rtol=1e-5, atol=1e-5)
@@ -424,14 +424,14 @@ def test_conv_weight_grad_matmul_against_numpy(im2col_max_columns, monkeypatch):
 def test_conv_taps_against_numpy(im2col_max_columns, monkeypatch):
     # the forward conv as matmuls, on the shapes of the weight-gradient test above:
     # out[n, a, b, o] = sum_{i, j, c} xp[n, i + 2a, j + 2b, c] k[i, j, c, o]
-    monkeypatch.setattr(models, "IM2COL_MAX_COLUMNS", im2col_max_columns)
+    monkeypatch.setattr(convs, "IM2COL_MAX_COLUMNS", im2col_max_columns)
     rng = np.random.default_rng(14)
     x, kernel = rng.standard_normal((2, 5, 6, 3)), rng.standard_normal((2, 3, 3, 4))
     strides, pads = (2, 2), ((0, 2), (0, 2))
     xp = np.pad(x, ((0, 0), *pads, (0, 0)))
     ref = sum(np.einsum("nabc,co->nabo", xp[:, i:i + 2 * 3:2, j:j + 2 * 3:2], kernel[i, j])
               for i in range(2) for j in range(3))
-    out = models.conv_taps(jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32), strides, pads)
+    out = convs.conv_taps(jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32), strides, pads)
     assert out.shape == (2, 3, 3, 4)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
