@@ -14,6 +14,7 @@ from idm_jax import data as data_lib
 from idm_jax import models
 from idm_jax import presets
 from idm_jax import sweep_table
+from idm_jax import table1_plan
 from idm_jax import trainer
 
 UPDATE_MODES = ("per_class", "joint")
@@ -265,11 +266,13 @@ def _check_baseline(config) -> None:
 
 
 def _check_table1(config) -> None:
-    """--mode=table1's numbers (its cell, method and order lists are read by idm_jax/table1.py,
-    before any compute)."""
+    """--mode=table1's section: its cell, method and order lists and paces (idm_jax/table1_plan.py),
+    and its numbers."""
     if "table1" not in config:
         return
     t1 = config.table1
+    table1_plan.plan(table1_plan.parse_cells(t1.cells), table1_plan.parse_methods(t1.methods), t1.order)
+    table1_plan.parse_paces(t1.pace)
     _require(isinstance(t1.iterations, int) and t1.iterations >= 1,
              f"table1.iterations must be an integer >= 1, got {t1.iterations!r}")
     for name in ("budget_s", "tune_s", "startup_s", "eval_s", "export_max_mb"):

@@ -14,12 +14,8 @@ order given; `table1.order` puts named cells (`cifar10:10:idm`) first. Before th
 IDM cell, the step variants are timed (idm_jax.step_variants, `table1.tune_s` seconds) and the
 fastest is run by every later cell of that method (recorded in its row and command).
 
-With `table1.budget_s` > 0 a cell starts only when its estimate fits in what is left, else one
-line says why. The estimate: remaining iterations x seconds per iteration (from `table1.pace`,
-the cell's own metrics, the tuning table, or docs/gpu_speed.json's last figures, in that order)
-+ a fixed part: `table1.startup_s` plus the evaluation, scaled from an IPC-10 set's
-(`table1.eval_s`, else docs/gpu_speed.json's) by the images it trains on, its epochs, networks
-and architectures (an IPC-50 set costs 5x an IPC-10 set).
+With `table1.budget_s` > 0 a cell starts only when its estimate (idm_jax/table1_plan.py) fits in
+what is left, else one line says why.
 
 After every cell: <workdir>/table1.json (one row per cell: accuracy mean/std, networks, the
 paper's value, DD-Ranking scores, the variant, the command with the data it read), table1.md
@@ -30,12 +26,10 @@ results, cell.json and set) are copied there, within `table1.export_max_files` f
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import os
 import shutil
-import statistics
 import tarfile
 import time
 from collections.abc import Callable
@@ -48,92 +42,21 @@ from idm_jax import data as data_lib
 from idm_jax import presets
 from idm_jax import results as results_lib
 from idm_jax import step_variants
+from idm_jax import table1_plan
 from idm_jax import workdir as workdir_lib
 from idm_jax import publish
 from idm_jax.publish import RUN_INFO
 
-METHODS = ("random", "dm", "idm")  # cheapest first: an evaluation only, DM's cheap step, IDM's
-STEP_METHODS = ("idm", "dm")  # tuned in this order: IDM's step is most of Table 1's time
 IDM_TUNING_SHARE = 2 / 3  # of table1.tune_s; DM's step gets the rest
-EVAL_REFERENCE_IMAGES = 400  # CIFAR-10 IPC 10 at l = 2: the set docs/gpu_speed.json's evaluation times
-GPU_SPEED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "gpu_speed.json")
 TUNING = "tuning.json"
 LOG = "table1.log"
 
 
-@dataclasses.dataclass(frozen=True)
-class Cell:
-    config_name: str  # configs/<config_name>.py
-    ipc: int
-    method: str
-    dataset: str = ""  # the dataset's short name (publish.dataset_key); "" = config_name
-
-    @property
-    def name(self) -> str:
-        """Its folder: <dataset>_ipc<ipc>_<method>, e.g. cifar10_ipc10_idm or digits_ipc1_dm (the
-        form `python -m idm_jax.publish` expects)."""
-        return f"{self.dataset or self.config_name}_ipc{self.ipc}_{self.method}"
-
-    @property
-    def spec(self) -> str:
-        return f"{self.config_name}:{self.ipc}:{self.method}"
-
-    @property
-    def config_arg(self) -> str:
-        return f"{self.ipc},dm" if self.method == "dm" else str(self.ipc)
-
-
 # ----------------------------------------------------------------------------------------------
-# What to run
+# A cell's config and command
 
 
-def _items(text: str) -> list[str]:
-    return [item.strip() for item in str(text).split(",") if item.strip()]
-
-
-def parse_cells(text: str) -> list[tuple[str, int]]:
-    """"cifar10:1,cifar10:10" -> [("cifar10", 1), ("cifar10", 10)], each config file checked."""
-    cells = []
-    for item in _items(text):
-        name, sep, ipc = item.partition(":")
-        if not sep or not ipc.isdigit() or int(ipc) < 1:
-            raise ValueError(f"table1.cells: bad cell {item!r}; expected <config file name>:<ipc>, "
-                             "e.g. cifar10:10 or quick:1")
-        if not os.path.isfile(config_files.named_config_path(name)):
-            raise ValueError(f"table1.cells: no config file configs/{name}.py for cell {item!r}")
-        cells.append((name, int(ipc)))
-    if not cells:
-        raise ValueError("table1.cells is empty; e.g. --config.table1.cells=cifar10:10")
-    return cells
-
-
-def parse_methods(text: str) -> list[str]:
-    methods = _items(text)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ValueError(f"table1.methods: {','.join(unknown) or 'none given'}; expected some of "
-                         f"{','.join(METHODS)}")
-    return methods
-
-
-def plan(cells: list[tuple[str, int]], methods: list[str], order: str = "",
-         datasets: dict[str, str] | None = None) -> list[Cell]:
-    """The cells in the order they run: those named in `order` ("cifar10:10:idm,...") first, then
-    every Random cell, every DM cell and every IDM cell, each over `cells` in their order.
-    datasets: {config name: dataset short name} for the folders' names."""
-    datasets = datasets or {}
-    planned = [Cell(name, ipc, m, datasets.get(name, "")) for m in METHODS if m in methods for name, ipc in cells]
-    by_spec = {c.spec: c for c in planned}
-    first = []
-    for item in _items(order):
-        if item not in by_spec:
-            raise ValueError(f"table1.order: {item!r} is not among the cells to run "
-                             f"({', '.join(by_spec)})")
-        first.append(by_spec[item])
-    return list(dict.fromkeys(first + planned))
-
-
-def cell_config(cell: Cell, iterations: int, overrides: dict[str, Any], variant: dict[str, Any]):
+def cell_config(cell: table1_plan.Cell, iterations: int, overrides: dict[str, Any], variant: dict[str, Any]):
     """The cell's config: its file's get_config("<ipc>[,dm]"), the command's overrides, the
     iterations, the tuned variant (DM and IDM), locked like main.py's."""
     c = config_files.load_config_file(config_files.named_config_path(cell.config_name), cell.config_arg)
@@ -154,7 +77,8 @@ def dataset_key(config) -> str:
     return publish.dataset_key(str(config.data.source))
 
 
-def command_line(cell: Cell, cell_dir: str, config, overrides: dict[str, Any], variant: dict[str, Any]) -> str:
+def command_line(cell: table1_plan.Cell, cell_dir: str, config, overrides: dict[str, Any],
+                 variant: dict[str, Any]) -> str:
     """What a user types to run this cell alone, naming the data it read (data.source)."""
     words = ["python main.py", f"--config=configs/{cell.config_name}.py:{cell.config_arg}"]
     if cell.method == "random":
@@ -166,101 +90,6 @@ def command_line(cell: Cell, cell_dir: str, config, overrides: dict[str, Any], v
         fields.update(variant)
     words += [f"--config.{k}={v}" for k, v in fields.items()]
     return " ".join(words)
-
-
-# ----------------------------------------------------------------------------------------------
-# Estimates
-
-
-def gpu_speed_figures(path: str = GPU_SPEED) -> dict[str, Any]:
-    """docs/gpu_speed.json's last figures ({} when absent)."""
-    return cell_status.read_json(path) or {}
-
-
-def parse_paces(text: str) -> dict[str, float]:
-    """table1.pace "idm=0.1,dm=0.02" -> {"idm": 0.1, "dm": 0.02}."""
-    paces = {}
-    for item in _items(text):
-        method, sep, value = item.partition("=")
-        try:
-            paces[method] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep or method not in STEP_METHODS or paces.get(method, -1) <= 0:
-            raise ValueError(f"table1.pace: bad entry {item!r}; expected e.g. idm=0.1,dm=0.02 (s/iteration)")
-    return paces
-
-
-def metrics_pace(cell_dir: str) -> float | None:
-    """Median seconds per iteration logged in the cell's metrics.jsonl (a run started before)."""
-    rates = []
-    try:
-        with open(os.path.join(cell_dir, workdir_lib.METRICS)) as f:
-            for line in f:
-                try:
-                    rate = json.loads(line).get("it_per_s")
-                except ValueError:
-                    continue  # a row cut by a kill
-                if rate:
-                    rates.append(1.0 / float(rate))
-    except OSError:
-        return None
-    return statistics.median(rates) if rates else None
-
-
-def pace(cell: Cell, cell_dir: str, paces: dict[str, float], tuned: dict[str, float],
-         figures: dict[str, Any]) -> tuple[float | None, str]:
-    """(seconds per iteration, where it comes from) for a DM or IDM cell, or (None, why not)."""
-    if cell.method in paces:
-        return paces[cell.method], "table1.pace"
-    own = metrics_pace(cell_dir)
-    if own:
-        return own, "its own metrics"
-    if cell.spec in tuned:
-        return tuned[cell.spec], "the tuning table"
-    figure = figures.get(f"{cell.config_name}_ipc{cell.ipc}_s_per_it")
-    if figure:
-        return float(figure), "docs/gpu_speed.json" + (" (IDM's, an upper bound)" if cell.method == "dm" else "")
-    return None, "no pace known (no tuning figure, metrics or docs/gpu_speed.json figure; set table1.pace)"
-
-
-def eval_seconds(config, num_classes: int, partition_factor: int, reference_s: float) -> float:
-    """The evaluation's seconds: `reference_s` (5 networks x 1000 epochs of an IPC-10 set of
-    EVAL_REFERENCE_IMAGES images) scaled by the images trained on (ipc x classes x l^2), epochs,
-    networks and archs."""
-    images = config.ipc * num_classes * partition_factor ** 2
-    archs = len(_items(config.eval.archs))
-    return (reference_s * images / EVAL_REFERENCE_IMAGES * config.eval.epochs / 1000
-            * config.eval.num_seeds / 5 * archs)
-
-
-@dataclasses.dataclass(frozen=True)
-class Estimate:
-    seconds: float | None  # None: unknown
-    text: str  # how it was made, for the skip line
-
-
-def estimate(cell: Cell, config, cell_dir: str, done_its: int, num_classes: int, t1,
-             paces: dict[str, float], tuned: dict[str, float], figures: dict[str, Any]) -> Estimate:
-    """The seconds `cell` still needs (see the module docstring)."""
-    reference = float(t1.eval_s) or float(figures.get("eval_5nets_1000ep_ipc10_s") or 0.0)
-    l = 1 if cell.method == "random" else int(config.idm.partition_factor)
-    fixed = float(t1.startup_s) + eval_seconds(config, num_classes, l, reference)
-    if cell.method == "random":
-        return Estimate(fixed, f"{fixed:.0f} s fixed (start-up and the evaluation)")
-    its = max(0, int(config.idm.iterations) - done_its)
-    s_per_it, source = pace(cell, cell_dir, paces, tuned, figures)
-    if s_per_it is None:
-        return Estimate(None, f"{its} its, {source}")
-    need = its * s_per_it + fixed
-    return Estimate(need, f"{its} its x {s_per_it:.4f} s/it ({source}) + {fixed:.0f} s fixed = {need:.0f} s")
-
-
-def skip_line(cell: Cell, est: Estimate, left: float) -> str | None:
-    """The one line saying why `cell` does not start with `left` seconds left, or None."""
-    if est.seconds is not None and est.seconds <= left:
-        return None
-    return f"skip {cell.spec}: {est.text}" + (f" > {left:.0f} s left" if est.seconds is not None else "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,7 +127,7 @@ def _done_iterations(cell_dir: str) -> int:
     return checkpoints.latest_checkpoint(cell_dir) or 0
 
 
-def tune_steps(t1, cells: list[Cell], workdir: str, iterations: int, overrides: dict[str, Any], log,
+def tune_steps(t1, cells: list[table1_plan.Cell], workdir: str, iterations: int, overrides: dict[str, Any], log,
                time_fn: step_variants.TimeFn, clock, deadline: float | None) -> dict[str, Any]:
     """{method: {"cell", "rows", "pick"}}: the tuning table of the first unfinished cell of each
     step method, timed now or read back from <workdir>/tuning.json (a rerun does not time again)."""
@@ -307,7 +136,7 @@ def tune_steps(t1, cells: list[Cell], workdir: str, iterations: int, overrides: 
     budget = float(t1.tune_s)
     if budget <= 0:
         return tuning
-    for method in STEP_METHODS:
+    for method in table1_plan.STEP_METHODS:
         todo = [c for c in cells if c.method == method
                 and cell_status.finished_results(os.path.join(workdir, c.name), iterations) is None]
         if not todo or method in tuning:
@@ -360,11 +189,12 @@ def run_table1(config, workdir: str, *, overrides: dict[str, Any] | None = None,
     if iterations < 1:
         raise ValueError(f"table1.iterations must be >= 1, got {iterations}")
     overrides = _command_overrides(overrides)
-    specs = parse_cells(t1.cells)
+    specs = table1_plan.parse_cells(t1.cells)
+    table1_plan.check_config_files(specs)
     datasets = {name: dataset_key(config_files.load_config_file(config_files.named_config_path(name), str(ipc)))
                 for name, ipc in specs}
-    cells = plan(specs, parse_methods(t1.methods), t1.order, datasets)
-    paces = parse_paces(t1.pace)
+    cells = table1_plan.plan(specs, table1_plan.parse_methods(t1.methods), t1.order, datasets)
+    paces = table1_plan.parse_paces(t1.pace)
     for cell in cells:  # every cell's config is checked before any compute
         try:
             config_check.validate(cell_config(cell, iterations, overrides, {}))
@@ -375,7 +205,7 @@ def run_table1(config, workdir: str, *, overrides: dict[str, Any] | None = None,
     deadline = start + float(t1.budget_s) if float(t1.budget_s) > 0 else None
     tuning = tune_steps(t1, cells, workdir, iterations, overrides, log, time_fn, clock, deadline)
     tuned = tuned_paces(tuning)
-    figures = gpu_speed_figures()
+    figures = table1_plan.gpu_speed_figures()
     skipped: dict[str, str] = {}
     for cell in cells:
         cell_dir = os.path.join(workdir, cell.name)
@@ -390,8 +220,8 @@ def run_table1(config, workdir: str, *, overrides: dict[str, Any] | None = None,
         if deadline is not None:
             ds_classes = data_lib.load_config_dataset(c).num_classes
             done_its = 0 if cell.method == "random" else _done_iterations(cell_dir)
-            est = estimate(cell, c, cell_dir, done_its, ds_classes, t1, paces, tuned, figures)
-            line = skip_line(cell, est, deadline - clock())
+            est = table1_plan.estimate(cell, c, cell_dir, done_its, ds_classes, t1, paces, tuned, figures)
+            line = table1_plan.skip_line(cell, est, deadline - clock())
             if line:
                 log(line)
                 skipped[cell.spec] = line
@@ -430,7 +260,7 @@ def _accuracy(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return arch, archs[arch]
 
 
-def cell_row(cell: Cell, cell_dir: str, iterations: int, skipped: str | None) -> dict[str, Any]:
+def cell_row(cell: table1_plan.Cell, cell_dir: str, iterations: int, skipped: str | None) -> dict[str, Any]:
     """table1.json's row of a cell, from its results.json and cell.json."""
     info = cell_status.read_json(os.path.join(cell_dir, RUN_INFO)) or {}
     results = cell_status.finished_results(cell_dir, None if cell.method == "random" else iterations)
@@ -451,7 +281,7 @@ def cell_row(cell: Cell, cell_dir: str, iterations: int, skipped: str | None) ->
     return row
 
 
-def table(cells: list[Cell], workdir: str, iterations: int, tuning: dict[str, Any],
+def table(cells: list[table1_plan.Cell], workdir: str, iterations: int, tuning: dict[str, Any],
           skipped: dict[str, str]) -> dict[str, Any]:
     rows = [cell_row(c, os.path.join(workdir, c.name), iterations, skipped.get(c.spec)) for c in cells]
     return {"iterations": iterations, "complete": all(r["state"] == "done" for r in rows),

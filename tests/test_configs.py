@@ -180,6 +180,10 @@ def test_dm_and_idm_presets_differ_only_where_they_should():
     ("sweep.name", "", "sweep.name must name a sweep"),
     ("sweep.name", "table9", "sweep.name: unknown sweep 'table9'; valid: table2, table3, fig5"),
     ("consistency.sets", "fig9", "consistency.sets: unknown sweep 'fig9'; valid: table2"),
+    ("table1.cells", "cifar10:0", "table1.cells: bad cell 'cifar10:0'; expected <config file name>:<ipc>"),
+    ("table1.methods", "idm,kip", "table1.methods: kip; expected some of random,dm,idm"),
+    ("table1.order", "cifar10:10:kip", "table1.order: 'cifar10:10:kip' is not among the cells to run"),
+    ("table1.pace", "idm=fast", "table1.pace: bad entry 'idm=fast'"),
     ("baseline.method", "kcenter", "baseline.method must be one of .*'whole'.* got 'kcenter'"),
     ("baseline.train_epochs", 0, "baseline.train_epochs must be an integer >= 1, got 0"),
 ])

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from helpers import run_main
-from idm_jax import baselines, cell_status, config_check, config_files, runner, step_variants, table1
+from idm_jax import baselines, cell_status, config_check, config_files, runner, step_variants, table1, table1_plan
 from idm_jax import results as results_lib
 
 QUICK = config_files.named_config_path("quick")
@@ -69,23 +69,25 @@ class StandIns:
 
 def test_plan_runs_random_then_dm_then_idm_unless_an_order_is_given():
     cells = [("cifar10", 1), ("cifar10", 10)]
-    assert [c.spec for c in table1.plan(cells, ["idm", "random", "dm"])] == [
+    assert [c.spec for c in table1_plan.plan(cells, ["idm", "random", "dm"])] == [
         "cifar10:1:random", "cifar10:10:random", "cifar10:1:dm", "cifar10:10:dm", "cifar10:1:idm", "cifar10:10:idm"]
-    first = table1.plan(cells, ["random", "idm"], "cifar10:10:idm")
+    first = table1_plan.plan(cells, ["random", "idm"], "cifar10:10:idm")
     assert [c.spec for c in first] == ["cifar10:10:idm", "cifar10:1:random", "cifar10:10:random", "cifar10:1:idm"]
     assert first[0].name == "cifar10_ipc10_idm" and first[0].config_arg == "10"
     with pytest.raises(ValueError, match="table1.order: 'cifar10:10:dm' is not among the cells"):
-        table1.plan(cells, ["idm"], "cifar10:10:dm")
-    assert table1.parse_cells("cifar10:1, quick:10") == [("cifar10", 1), ("quick", 10)]
-    for bad, message in (("cifar10", "bad cell 'cifar10'"), ("cifar10:0", "bad cell"),
-                         ("nosuch:1", "no config file configs/nosuch.py")):
+        table1_plan.plan(cells, ["idm"], "cifar10:10:dm")
+    assert table1_plan.parse_cells("cifar10:1, quick:10") == [("cifar10", 1), ("quick", 10)]
+    for bad, message in (("cifar10", "bad cell 'cifar10'"), ("cifar10:0", "bad cell")):
         with pytest.raises(ValueError, match=message):
-            table1.parse_cells(bad)
+            table1_plan.parse_cells(bad)
+    table1_plan.check_config_files([("cifar10", 1), ("quick", 10)])
+    with pytest.raises(ValueError, match="no config file configs/nosuch.py for cell 'nosuch:1'"):
+        table1_plan.check_config_files(table1_plan.parse_cells("quick:1,nosuch:1"))
     with pytest.raises(ValueError, match="table1.methods: herding; expected some of random,dm,idm"):
-        table1.parse_methods("idm,herding")
-    assert table1.parse_paces("idm=0.1, dm=0.02") == {"idm": 0.1, "dm": 0.02}
+        table1_plan.parse_methods("idm,herding")
+    assert table1_plan.parse_paces("idm=0.1, dm=0.02") == {"idm": 0.1, "dm": 0.02}
     with pytest.raises(ValueError, match="table1.pace: bad entry 'idm=fast'"):
-        table1.parse_paces("idm=fast")
+        table1_plan.parse_paces("idm=fast")
 
 
 def test_cells_run_cheapest_first_the_table_reads_their_results_and_a_rerun_does_nothing(tmp_path, monkeypatch):
@@ -143,24 +145,24 @@ def test_a_cell_that_does_not_fit_the_budget_is_skipped_with_one_line(tmp_path, 
 def test_estimates_scale_the_evaluation_and_take_the_last_gpu_figures(tmp_path):
     c10 = config_files.load_config_file(config_files.named_config_path("cifar10"), "10")
     c50 = config_files.load_config_file(config_files.named_config_path("cifar10"), "50")
-    ten, fifty = (table1.eval_seconds(c, 10, 2, 30.0) for c in (c10, c50))
+    ten, fifty = (table1_plan.eval_seconds(c, 10, 2, 30.0) for c in (c10, c50))
     assert ten == pytest.approx(30.0) and fifty == pytest.approx(5 * ten)  # 400 vs 2,000 images
-    cell = table1.Cell("cifar10", 10, "idm")
+    cell = table1_plan.Cell("cifar10", 10, "idm")
     figures = {"cifar10_ipc10_s_per_it": 0.02, "eval_5nets_1000ep_ipc10_s": 30.0}
     t1 = c10.table1
-    est = table1.estimate(cell, c10, str(tmp_path), 0, 10, t1, {}, {}, figures)
+    est = table1_plan.estimate(cell, c10, str(tmp_path), 0, 10, t1, {}, {}, figures)
     assert est.seconds == pytest.approx(20000 * 0.02 + 30.0 + 30.0)
     assert est.text == "20000 its x 0.0200 s/it (docs/gpu_speed.json) + 60 s fixed = 460 s"
-    assert table1.skip_line(cell, est, 500.0) is None
-    assert table1.skip_line(cell, est, 400.0).endswith("= 460 s > 400 s left")
-    tuned = table1.estimate(cell, c10, str(tmp_path), 15000, 10, t1, {}, {"cifar10:10:idm": 0.01}, figures)
+    assert table1_plan.skip_line(cell, est, 500.0) is None
+    assert table1_plan.skip_line(cell, est, 400.0).endswith("= 460 s > 400 s left")
+    tuned = table1_plan.estimate(cell, c10, str(tmp_path), 15000, 10, t1, {}, {"cifar10:10:idm": 0.01}, figures)
     assert tuned.seconds == pytest.approx(5000 * 0.01 + 60.0) and "(the tuning table)" in tuned.text
-    unknown = table1.estimate(cell, c10, str(tmp_path), 0, 10, t1, {}, {}, {})
-    assert unknown.seconds is None and table1.skip_line(cell, unknown, 1e9).startswith(
+    unknown = table1_plan.estimate(cell, c10, str(tmp_path), 0, 10, t1, {}, {}, {})
+    assert unknown.seconds is None and table1_plan.skip_line(cell, unknown, 1e9).startswith(
         "skip cifar10:10:idm: 20000 its, no pace known")
     with open(tmp_path / "metrics.jsonl", "w") as f:  # a started cell's own pace comes first
         f.write('{"step": 10, "it_per_s": 50.0}\n{"step": 20, "it_per_s": 25.0}\n{"step": 30, "it_per_s": 2')
-    assert table1.metrics_pace(str(tmp_path)) == pytest.approx(0.03)
+    assert table1_plan.metrics_pace(str(tmp_path)) == pytest.approx(0.03)
 
 
 def _fake_timings(fast):
