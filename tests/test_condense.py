@@ -71,6 +71,7 @@ def test_class_chunks_give_the_same_step_as_all_classes_at_once(digits, setup):
     assert float(np.abs(np.asarray(new_all.syn.images) - before).max()) > 1e-4  # a real update
 
 
+@pytest.mark.slow  # compiles the queue training twice (~40 s on 2 cores); test_models.py checks the vmapped step
 def test_queue_members_trained_batched_without_convolutions_equal_one_after_another(digits, setup):
     """The queue training's forms: members one after another with the CPU's convs (the default
     everywhere), and batched with vmap over convs written as matmuls ("taps": no grouped

@@ -335,6 +335,7 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path):
     assert not workdir.exists() or os.listdir(workdir) == []  # nothing written (the lock released)
 
 
+@pytest.mark.slow  # a real main.py run, interrupted twice: about a minute on 2 cores
 def test_ctrl_c_while_restoring_or_compiling_says_what_is_kept(tmp_path):
     env = compile_cache_env(tmp_path / "compile_cache")
     workdir = str(tmp_path / "run")
