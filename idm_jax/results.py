@@ -182,3 +182,25 @@ def finish_results(workdir: str, results: dict[str, Any]) -> dict[str, Any]:
     """Writes results.json and results.md in workdir and logs the markdown table."""
     write_report(workdir, "results", results, results_markdown(results))
     return results
+
+
+def combine_runs(run_results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results dict over several condensations: every evaluation network of every run.
+
+    The release runs 5 condensations and evaluates each with 5 networks; the paper's mean and
+    std are over those 25 networks. Per arch: all accuracies, their mean and std (ddof 0, as
+    np.std), num_seeds = networks in all, and each run's own mean in run_means.
+    """
+    if not run_results:
+        raise ValueError("combine_runs needs at least one run's results")
+    first = run_results[0]
+    archs = {}
+    for arch in first["archs"]:
+        per_run = [r["archs"][arch] for r in run_results]
+        accs = [float(a) for r in per_run for a in r["accuracies"]]
+        archs[arch] = {**per_run[0], "accuracies": accs, "mean": float(np.mean(accs)),
+                       "std": float(np.std(accs)), "num_seeds": len(accs),
+                       "run_means": [float(r["mean"]) for r in per_run],
+                       "train_seconds": float(sum(r.get("train_seconds", 0.0) for r in per_run))}
+    return {**{k: v for k, v in first.items() if k not in ("archs", "synthetic")}, "runs": len(run_results),
+            "synthetic": [r.get("synthetic") for r in run_results], "archs": archs}

@@ -455,34 +455,12 @@ def _check_in_range(state, run: _Run) -> None:
         f"(now {run.s.lr_img:g}) and start over (--restart or a new --workdir)")
 
 
-def combine_runs(run_results: list[dict[str, Any]]) -> dict[str, Any]:
-    """One results dict over several condensations: every evaluation network of every run.
-
-    The release runs 5 condensations and evaluates each with 5 networks; the paper's mean and
-    std are over those 25 networks. Per arch: all accuracies, their mean and std (ddof 0, as
-    np.std), num_seeds = networks in all, and each run's own mean in run_means.
-    """
-    if not run_results:
-        raise ValueError("combine_runs needs at least one run's results")
-    first = run_results[0]
-    archs = {}
-    for arch in first["archs"]:
-        per_run = [r["archs"][arch] for r in run_results]
-        accs = [float(a) for r in per_run for a in r["accuracies"]]
-        archs[arch] = {**per_run[0], "accuracies": accs, "mean": float(np.mean(accs)),
-                       "std": float(np.std(accs)), "num_seeds": len(accs),
-                       "run_means": [float(r["mean"]) for r in per_run],
-                       "train_seconds": float(sum(r.get("train_seconds", 0.0) for r in per_run))}
-    return {**{k: v for k, v in first.items() if k not in ("archs", "synthetic")}, "runs": len(run_results),
-            "synthetic": [r.get("synthetic") for r in run_results], "archs": archs}
-
-
 def run_repeated(config, workdir: str) -> dict[str, Any]:
     """config.runs condensations (seeds seed, seed+1, ...) in workdir/run_<i>, then one table.
 
     Each run is an ordinary resumable run_condensation with its final evaluation; rerunning
     the command skips finished runs and resumes an interrupted one. workdir/results.json holds
-    the accuracies of all runs' evaluation networks together (see combine_runs).
+    the accuracies of all runs' evaluation networks together (see results.combine_runs).
     """
     if not config.eval.at_end:
         raise ValueError(f"runs={config.runs} combines the runs' final evaluations; set eval.at_end=True")
@@ -502,7 +480,7 @@ def run_repeated(config, workdir: str) -> dict[str, Any]:
         if "results" not in summary:  # stopped by a signal: checkpoint saved
             return {**summary, "run": i}
         results.append(summary["results"])
-    combined = combine_runs(results)
+    combined = results_lib.combine_runs(results)
     if distributed.is_main():
         results_lib.finish_results(workdir, combined)
     return {"step": int(config.idm.iterations), "runs": config.runs, "results": combined}

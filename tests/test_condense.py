@@ -19,6 +19,7 @@ from helpers import tiny_config
 from idm_jax import condense
 from idm_jax import data as data_lib
 from idm_jax import synthetic_file
+from idm_jax import results as results_lib
 from idm_jax import runner
 from idm_jax import checkpoints
 
@@ -369,7 +370,7 @@ def test_combine_runs_pools_every_network_of_every_run():
     run = lambda accs: {"method": "idm", "dataset": "digits", "ipc": 1, "synthetic": "s.npz",
                         "archs": {"ConvNetD2": {"accuracies": accs, "mean": float(np.mean(accs)),
                                                 "std": float(np.std(accs)), "epochs": 2, "train_seconds": 1.5}}}
-    combined = runner.combine_runs([run([50.0, 52.0]), run([60.0, 62.0])])
+    combined = results_lib.combine_runs([run([50.0, 52.0]), run([60.0, 62.0])])
     r = combined["archs"]["ConvNetD2"]
     assert r["accuracies"] == [50.0, 52.0, 60.0, 62.0] and r["num_seeds"] == 4
     assert r["mean"] == pytest.approx(56.0) and r["std"] == pytest.approx(np.std([50, 52, 60, 62]))
